@@ -1,0 +1,101 @@
+"""Shared launcher plumbing for every kernel in ``kernels/``: the one place that decides
+whether a call runs the Triton kernel or the PyTorch reference, and the argument checks
+every launcher performs before it launches anything.
+
+Backend rule (used by every op):
+* all tensors on CUDA                      -> Triton kernel
+* CPU tensors and ``TRITON_INTERPRET=1``    -> Triton kernel under the interpreter
+* CPU tensors otherwise, ``fallback=True``  -> PyTorch reference, silently
+* CPU tensors otherwise                     -> ``ValueError`` naming the problem
+
+``TRITON_INTERPRET`` is read once, when ``kernels`` is imported, because ``triton.jit``
+decides at decoration time whether a kernel is compiled or interpreted.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+try:  # triton is a Linux x86-64 dependency; elsewhere only the references exist
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only on machines without triton
+    HAS_TRITON = False
+
+
+def use_triton(op: str, *tensors: Optional[torch.Tensor], fallback: bool = False) -> bool:
+    """True when ``op`` should launch its Triton kernel for these tensors, False when it should
+    run the PyTorch reference (only with ``fallback=True``); raises ``ValueError`` otherwise."""
+    ts = [t for t in tensors if t is not None]
+    devices = {t.device for t in ts}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    dev = next(iter(devices)) if devices else torch.device("cpu")
+    if not HAS_TRITON:
+        if fallback:
+            return False
+        raise ValueError(f"{op}: triton is not installed; pass fallback=True to run the PyTorch reference")
+    if dev.type == "cuda":
+        return True
+    if INTERPRET and dev.type == "cpu":
+        return True
+    if fallback:
+        return False
+    raise ValueError(
+        f"{op}: tensors are on {dev}; the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set "
+        f"before importing kernels, for the interpreter). Pass fallback=True to run the PyTorch reference."
+    )
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor, allowed: Iterable[torch.dtype] = SUPPORTED_DTYPES) -> None:
+    allowed = tuple(allowed)
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise ValueError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
+
+
+def check_same_dtype(op: str, **tensors: Optional[torch.Tensor]) -> torch.dtype:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dtypes = {v.dtype for _, v in items}
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{k}={str(v.dtype).replace('torch.', '')}" for k, v in items)
+        raise ValueError(f"{op}: dtypes must match, got {desc}")
+    return items[0][1].dtype
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
+    """``shape`` entries may be ``None`` (any size)."""
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected {want}")
+
+
+def check_out(op: str, out: Optional[torch.Tensor], shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    if out is None:
+        return
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(
+            f"{op}: out must be a contiguous {str(dtype).replace('torch.', '')} tensor of shape {tuple(shape)} "
+            f"on {device}, got {str(out.dtype).replace('torch.', '')} {tuple(out.shape)} on {out.device}"
+        )
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device; the interpreter counts as Hopper (sm_90) so that it runs
+    the configuration an H100 would pick."""
+    if device.type == "cuda" and not INTERPRET:
+        return torch.cuda.get_device_capability(device)
+    return (9, 0)
+
+
+def tf32_allowed() -> bool:
+    """fp32 GEMMs follow torch's own switch: IEEE fp32 unless the user enabled TF32 for matmuls."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)

@@ -1,0 +1,37 @@
+"""Tolerances per dtype and comparison helpers: the single place tests (and benchmarks'
+correctness checks) take their tolerances from."""
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) for an output of this dtype compared with the fp32-math reference cast to the
+# same dtype.  One rounding of the output is 2**-24 (fp32), 2**-11 (fp16), 2**-8 (bf16) relative;
+# the bounds leave room for a few roundings plus a different fp32 summation order.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+# Gradients pass through more roundings (and reductions over the batch): a fixed, stated factor.
+GRAD_FACTOR = 4.0
+
+
+def tolerance(dtype: torch.dtype, factor: float = 1.0) -> dict:
+    atol, rtol = TOLERANCES[dtype]
+    return {"atol": atol * factor, "rtol": rtol * factor}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, factor: float = 1.0, msg: str = "") -> None:
+    """Compare with the tolerance of ``actual``'s dtype; NaN anywhere fails."""
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{msg} output holds NaN (an element was not written?)"
+    torch.testing.assert_close(
+        actual.float().cpu(), expected.to(actual.dtype).float().cpu(), **tolerance(actual.dtype, factor), msg=msg or None
+    )
+
+
+def nan_like(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """An output buffer pre-filled with NaN, so that an element the kernel forgets to write fails."""
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
