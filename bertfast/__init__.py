@@ -30,6 +30,10 @@ _LAZY = {
     "mean_pool": "bertfast.pooling",
     "ScalarMix": "bertfast.pooling",
     "SentenceEncoder": "bertfast.sentence",
+    "optimize": "bertfast.integration",
+    "restore": "bertfast.integration",
+    "register_attention": "bertfast.integration",
+    "CudaGraphRunner": "bertfast.cuda_graphs",
 }
 
 __all__ = [

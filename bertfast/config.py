@@ -19,6 +19,9 @@ from typing import Any, Dict, Optional, Union
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 POSITION_EMBEDDING_TYPES = ("absolute", "sinusoidal")
 
+# Fields that choose how the model runs, not what it computes: not saved in config.json.
+RUNTIME_FIELDS = ("backend", "unpad")
+
 # Keys that describe the file rather than the model: to_dict sets them itself.
 _WRITTEN_BY_TO_DICT = ("model_type", "architectures", "num_labels")
 
@@ -51,6 +54,9 @@ class BertConfig:
     id2label: Optional[Dict[int, str]] = None
     label2id: Optional[Dict[str, int]] = None
     problem_type: Optional[str] = None  # sequence classification: None (inferred), "regression", ...
+    # run-time choices, not part of a checkpoint (never written to config.json):
+    backend: str = "auto"  # "torch" (reference), "triton" (kernels), "auto" (triton on CUDA, torch elsewhere)
+    unpad: bool = True  # triton backend: run layers on packed tokens when a padding mask is given
     # config.json keys bertfast does not use, kept so that to_dict writes them back
     extra: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -87,6 +93,10 @@ class BertConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"BertConfig: {name} must be a probability in [0, 1], got {v!r}")
+        from bertfast.backend import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"BertConfig: backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ValueError(f"BertConfig: layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
@@ -151,7 +161,7 @@ class BertConfig:
         d["architectures"] = list(architectures)
         d["model_type"] = "bert"
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "num_labels", "id2label", "label2id"):
+            if f.name in ("extra", "num_labels", "id2label", "label2id") or f.name in RUNTIME_FIELDS:
                 continue
             d[f.name] = getattr(self, f.name)
         # transformers derives num_labels from id2label: always write the label maps

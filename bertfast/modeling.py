@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bertfast import backend, fast
 from bertfast.config import BertConfig
 
 # ----------------------------------------------------------------------------- outputs
@@ -165,7 +166,12 @@ def validate_inputs(
     dtype: torch.dtype,
 ) -> Tuple[int, int]:
     """Every check on the model's inputs, before any computation; raises ValueError naming the
-    problem.  Returns (B, S)."""
+    problem.  Returns (B, S).
+
+    Checks of tensor *values* (id ranges, 0/1 masks) read the values on the host.  While
+    ``torch.compile`` traces the model they are skipped (a host read would break the graph):
+    validate inputs eagerly, or run the model once uncompiled, when they may be bad."""
+    values = not torch.compiler.is_compiling()
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds (got both or neither)")
     if input_ids is not None:
@@ -194,25 +200,24 @@ def validate_inputs(
         raise ValueError(
             f"sequence length {S} is longer than max_position_embeddings={config.max_position_embeddings}"
         )
+    device = (input_ids if input_ids is not None else inputs_embeds).device
+    # value checks, gathered so that the host reads every statistic in one synchronisation:
+    # (tensor, upper bound, message taking the offending value)
+    ranges = []
     if input_ids is not None:
-        lo, hi = torch.aminmax(input_ids)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids holds token id {bad} outside the vocabulary [0, vocab_size={config.vocab_size})")
+        ranges.append((input_ids, config.vocab_size,
+                       lambda bad: f"input_ids holds token id {bad} outside the vocabulary [0, vocab_size={config.vocab_size})"))
+    for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids), ("attention_mask", attention_mask)):
+        if torch.is_tensor(t) and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}")
 
     if token_type_ids is not None:
         if not torch.is_tensor(token_type_ids) or not _is_int(token_type_ids):
             raise ValueError("token_type_ids must be an integer tensor")
         if tuple(token_type_ids.shape) != (B, S):
             raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected {(B, S)} like input_ids")
-        lo, hi = torch.aminmax(token_type_ids)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= config.type_vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"token_type_ids holds token type {bad} outside [0, type_vocab_size={config.type_vocab_size})"
-            )
+        ranges.append((token_type_ids, config.type_vocab_size,
+                       lambda bad: f"token_type_ids holds token type {bad} outside [0, type_vocab_size={config.type_vocab_size})"))
 
     if position_ids is not None:
         if not torch.is_tensor(position_ids) or not _is_int(position_ids):
@@ -224,13 +229,8 @@ def validate_inputs(
             raise ValueError(
                 f"position_ids has shape {tuple(position_ids.shape)}; expected ({B}, {S}), (1, {S}) or ({S},)"
             )
-        lo, hi = torch.aminmax(position_ids)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= config.max_position_embeddings:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"position_ids holds position {bad} outside [0, max_position_embeddings={config.max_position_embeddings})"
-            )
+        ranges.append((position_ids, config.max_position_embeddings,
+                       lambda bad: f"position_ids holds position {bad} outside [0, max_position_embeddings={config.max_position_embeddings})"))
 
     if attention_mask is not None:
         if not torch.is_tensor(attention_mask):
@@ -243,8 +243,9 @@ def validate_inputs(
             if attention_mask.dtype != torch.bool:
                 if attention_mask.is_complex():
                     raise ValueError(f"attention_mask has dtype {_dtype_name(attention_mask.dtype)}")
-                if ((attention_mask != 0) & (attention_mask != 1)).any():
-                    raise ValueError("a 2-D attention_mask must hold only 0 and 1 (1 = attend, 0 = padding)")
+                not01 = ((attention_mask != 0) & (attention_mask != 1)).any().to(torch.int64)
+                ranges.append((not01[None], 1,
+                               lambda bad: "a 2-D attention_mask must hold only 0 and 1 (1 = attend, 0 = padding)"))
         elif attention_mask.dim() == 4:
             if attention_mask.dtype != dtype:
                 raise ValueError(
@@ -262,6 +263,12 @@ def validate_inputs(
                 f"attention_mask must have 2 dims (batch, seq_len) or 4 (additive, broadcastable to "
                 f"(batch, heads, seq_len, seq_len)), got shape {tuple(attention_mask.shape)}"
             )
+    if values and ranges:
+        stats = torch.stack([m.to(torch.int64) for t, _, _ in ranges for m in torch.aminmax(t)]).tolist()  # one host read
+        for i, (_, bound, message) in enumerate(ranges):
+            lo, hi = int(stats[2 * i]), int(stats[2 * i + 1])
+            if lo < 0 or hi >= bound:
+                raise ValueError(message(lo if lo < 0 else hi))
     return B, S
 
 
@@ -536,6 +543,26 @@ class BertPreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         pass
 
+    # --- backend switch (the choice itself lives in bertfast/backend.py)
+    def set_backend(self, name: str, unpad: Optional[bool] = None):
+        """Switch in place between "torch", "triton" and "auto"; the module tree, parameters and
+        state dict do not change.  ``unpad`` toggles padding-free execution (triton backend)."""
+        backend.check_backend(name)
+        self.config.backend = name
+        if unpad is not None:
+            self.config.unpad = bool(unpad)
+        for m in self.modules():  # heads and their encoder share one config, but be safe
+            cfg = getattr(m, "config", None)
+            if isinstance(cfg, BertConfig):
+                cfg.backend = name
+                if unpad is not None:
+                    cfg.unpad = bool(unpad)
+        return self
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
+
     # --- conveniences
     @property
     def dtype(self) -> torch.dtype:
@@ -579,6 +606,12 @@ class BertModel(BertPreTrainedModel):
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.init_weights()
 
+    def uses_triton(self, input_ids=None, output_attentions: bool = False) -> bool:
+        """Whether a forward with these inputs runs the Triton kernels (see bertfast/backend.py)."""
+        if input_ids is None or output_attentions:  # inputs_embeds / attention probabilities: torch path
+            return False
+        return backend.resolve(self.config.backend, input_ids.device) == "triton"
+
     def forward(
         self,
         input_ids=None,
@@ -592,9 +625,17 @@ class BertModel(BertPreTrainedModel):
     ):
         dtype = self.embeddings.LayerNorm.weight.dtype
         validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dtype)
-        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, C)
-        mask = additive_mask_from(attention_mask, x.dtype)  # (B, 1, 1, S) / 4-D / None
-        x, hidden_states, attentions = self.encoder(x, mask, bool(output_hidden_states), bool(output_attentions))
+        if self.uses_triton(input_ids, output_attentions):
+            # fused kernels, padding-free when a padding mask is given (bertfast/fast.py)
+            x, hidden_states = fast.encoder_forward(
+                self, input_ids, attention_mask, token_type_ids, position_ids,
+                unpad=self.config.unpad, output_hidden_states=bool(output_hidden_states),
+            )
+            attentions = None
+        else:
+            x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, C)
+            mask = additive_mask_from(attention_mask, x.dtype)  # (B, 1, 1, S) / 4-D / None
+            x, hidden_states, attentions = self.encoder(x, mask, bool(output_hidden_states), bool(output_attentions))
         pooled = self.pooler(x) if self.pooler is not None else None  # (B, C)
         out = BaseModelOutputWithPooling(
             last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions

@@ -1,8 +1,8 @@
 """bertfast's Triton kernels, one file per op.
 
 Each op ``name`` has a PyTorch twin ``name_reference`` (fp32 math, cast back to the input
-dtype) that tests check the kernel against.  Names are resolved lazily so that importing
-``kernels`` does not import every op (or triton) until one is used.
+dtype) that tests check the kernel against.  ``TRITON_INTERPRET=1`` must be set before this
+package is imported for the kernels to run under the interpreter (see kernels/_common.py).
 """
 from __future__ import annotations
 
@@ -40,13 +40,9 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        mod = importlib.import_module(f"kernels.{_EXPORTS[name]}")
-        return getattr(mod, name)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+# Imported eagerly: each op's module has the op's own name (kernels/linear.py holds linear), and
+# importing a submodule binds its name on the package, which would shadow a lazy lookup.
+for _name, _module in _EXPORTS.items():
+    if HAS_TRITON or _module == "padding":
+        globals()[_name] = getattr(importlib.import_module(f"kernels.{_module}"), _name)
+del _name, _module

@@ -13,6 +13,8 @@ decides at decoration time whether a kernel is compiled or interpreted.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from typing import Iterable, Optional
 
@@ -29,6 +31,33 @@ try:  # triton is a Linux x86-64 dependency; elsewhere only the references exist
     HAS_TRITON = True
 except Exception:  # pragma: no cover - exercised only on machines without triton
     HAS_TRITON = False
+
+
+_TRUSTED = contextvars.ContextVar("bertfast_kernels_trusted", default=False)
+
+
+@contextlib.contextmanager
+def trusted_inputs():
+    """Inside this block, launchers skip the checks that read tensor *values* on the host (id
+    ranges, cu_seqlens monotonicity, 0/1 masks): the caller has validated them already.  Shape,
+    dtype and device checks still run.  Used by the model (which validates its inputs once per
+    forward) so that a forward makes no per-layer host synchronisation and can be captured in a
+    CUDA graph."""
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def check_values() -> bool:
+    """Whether launchers should run their value checks (host reads) now."""
+    if _TRUSTED.get():
+        return False
+    try:
+        return not torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - very old torch
+        return True
 
 
 def use_triton(op: str, *tensors: Optional[torch.Tensor], fallback: bool = False) -> bool:

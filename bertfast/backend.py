@@ -1,0 +1,56 @@
+"""The one place that decides which implementation runs a forward pass.
+
+* ``"torch"``  : the plain PyTorch reference path (bertfast/modeling.py), any device.
+* ``"triton"`` : the Triton kernels (bertfast/fast.py over kernels/), CUDA tensors; on CPU only
+  under ``TRITON_INTERPRET=1`` (the interpreter: for tests, not for speed).
+* ``"auto"``   : triton for CUDA tensors when triton is importable, torch elsewhere.
+
+Some requests always take the torch path, whatever the backend, because the fused kernels do
+not produce what they ask for: ``output_attentions=True`` (the fused attention never forms the
+(S, S) probabilities) and ``inputs_embeds`` (no token ids to gather).  Training with
+``attention_probs_dropout_prob > 0`` keeps the Triton GEMM / LayerNorm kernels and runs the
+attention core with PyTorch SDPA (the fused kernel has no dropout).
+"""
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_runs_on(device: torch.device) -> tuple[bool, str]:
+    """(can the Triton kernels run on tensors of this device?, why not)."""
+    import kernels
+
+    if not kernels.HAS_TRITON:
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        if kernels.INTERPRET:
+            return True, ""
+        return True, ""
+    if device.type == "cpu" and kernels.INTERPRET:
+        return True, ""
+    return False, f"the Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret them on CPU"
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for a forward on ``device``; raises ValueError if ``name`` is
+    ``"triton"`` and the kernels cannot run there."""
+    check_backend(name)
+    if name == "torch":
+        return "torch"
+    ok, why = triton_runs_on(device)
+    if name == "auto":
+        # auto never picks the interpreter: it is for tests, not speed
+        import kernels
+
+        return "triton" if ok and device.type == "cuda" and not kernels.INTERPRET else "torch"
+    if not ok:
+        raise ValueError(f"backend='triton': {why}")
+    return "triton"

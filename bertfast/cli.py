@@ -1,0 +1,371 @@
+"""The ``bertfast`` command line (also ``python -m bertfast``).
+
+    bertfast encode TEXT... [--file FILE] [--model PATH|minilm] [--device cpu|cuda]
+                            [--dtype float32|float16|bfloat16] [--json] [--batch-size N]
+    bertfast similarity TEXT_A TEXT_B [--model ...] [--device ...] [--dtype ...]
+    bertfast info
+    bertfast bench ...      (bertfast.bench)
+    bertfast profile ...    (bertfast.profiling)
+
+Expected failures (a missing model, a bad argument, no CUDA, ...) print one line
+``bertfast: error: ...`` on stderr and exit 1 (2 for usage errors); anything else is a bug and
+shows its traceback.  ``--debug`` shows the traceback of expected failures too.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+from typing import Callable, Optional, Sequence
+
+PROG = "bertfast"
+
+# subcommands whose implementation lives in another module, imported only when used:
+# name -> (module, one-line help).  The module provides add_arguments(parser) and run(args) -> int.
+LAZY_COMMANDS = {
+    "bench": ("bertfast.bench", "benchmark bertfast against transformers"),
+    "profile": ("bertfast.profiling", "profile one forward pass"),
+}
+
+# how many values of each embedding the default preview shows
+PREVIEW_VALUES = 6
+
+
+class CLIError(ValueError):
+    """An expected failure with a message meant for the user."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line: ``bertfast: error: ...`` (exit 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{PROG}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(msg: object) -> str:
+    text = " ".join(str(msg).split())
+    return text or "unknown error"
+
+
+def _expected_errors() -> tuple:
+    """Exception types reported as one line rather than a traceback."""
+    errors: list = [CLIError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError,
+                    UnicodeDecodeError]
+    try:  # CheckpointError subclasses ValueError; listed for clarity should that ever change
+        from bertfast.loading import CheckpointError
+
+        errors.append(CheckpointError)
+    except Exception:
+        pass
+    return tuple(errors)
+
+
+# ---------------------------------------------------------------------------- argument types
+def _dtype_arg(value: str):
+    from bertfast.sentence import DTYPE_NAMES, parse_dtype
+
+    try:
+        parse_dtype(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {value!r} (choose from {', '.join(DTYPE_NAMES)})"
+        ) from None
+    return value
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm", metavar="PATH|NAME",
+                   help="model directory or name (default: minilm, the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--device", default=None, metavar="cpu|cuda",
+                   help="device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default=None, type=_dtype_arg, metavar="float32|float16|bfloat16",
+                   help="weights and activations dtype (default: float32)")
+    p.add_argument("--max-length", type=_positive_int, default=None, metavar="N",
+                   help="truncate texts to N tokens (default: the model's max_seq_length)")
+    p.add_argument("--backend", default=None, metavar="auto|torch|triton",
+                   help="forward-pass implementation (default: the model's, i.e. auto: Triton on CUDA, "
+                        "PyTorch elsewhere)")
+
+
+# ---------------------------------------------------------------------------- encode
+def _read_lines(source: str) -> list[str]:
+    if source == "-":
+        data = sys.stdin.read()
+    else:
+        try:
+            with open(source, encoding="utf-8") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CLIError(f"file not found: {source}") from None
+        except IsADirectoryError:
+            raise CLIError(f"{source} is a directory, not a file") from None
+        except UnicodeDecodeError as e:
+            raise CLIError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise CLIError(f"cannot read {source}: {e.strerror or e}") from None
+    return [line.strip() for line in data.splitlines() if line.strip()]
+
+
+def _collect_texts(args) -> list[str]:
+    texts: list[str] = []
+    stdin_used = False
+    for t in args.texts:
+        if t == "-":
+            if stdin_used:
+                continue
+            stdin_used = True
+            texts.extend(_read_lines("-"))
+        else:
+            texts.append(t)
+    for f in args.file or []:
+        if f == "-" and stdin_used:
+            continue
+        stdin_used = stdin_used or f == "-"
+        texts.extend(_read_lines(f))
+    if not texts:
+        raise CLIError("no texts to encode: give TEXT arguments, --file FILE, or - to read stdin")
+    return texts
+
+
+def _make_encoder(args):
+    from bertfast.sentence import SentenceEncoder
+
+    return SentenceEncoder(args.model, device=args.device, dtype=args.dtype, max_length=args.max_length,
+                           backend=args.backend)
+
+
+def _preview(text: str, width: int = 70) -> str:
+    t = " ".join(text.split())
+    return t if len(t) <= width else t[: width - 3] + "..."
+
+
+def cmd_encode(args) -> int:
+    texts = _collect_texts(args)  # before loading the model: a bad file fails fast
+    enc = _make_encoder(args)
+    progress = True if args.progress else (False if args.progress is False else None)
+    emb = enc.encode(texts, batch_size=args.batch_size, normalize=not args.no_normalize,
+                     show_progress=progress).cpu()
+    out = sys.stdout
+    if args.json:
+        json.dump([{"text": t, "embedding": e} for t, e in zip(texts, emb.tolist())], out)
+        out.write("\n")
+        return 0
+    dim = emb.shape[1]
+    norms = emb.norm(dim=1)
+    for i, (t, e) in enumerate(zip(texts, emb)):
+        vals = ", ".join(f"{v:+.4f}" for v in e[:PREVIEW_VALUES].tolist())
+        more = ", ..." if dim > PREVIEW_VALUES else ""
+        out.write(f"[{i}] {_preview(t)}\n")
+        out.write(f"    dim={dim} norm={float(norms[i]):.4f} [{vals}{more}]\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------- similarity
+def cmd_similarity(args) -> int:
+    for name, t in (("TEXT_A", args.text_a), ("TEXT_B", args.text_b)):
+        if not t.strip():
+            raise CLIError(f"{name} is empty")
+    enc = _make_encoder(args)
+    sim = enc.similarity(args.text_a, args.text_b)
+    print(f"{sim:.6f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- info
+def _triton_version() -> tuple[Optional[str], str]:
+    try:
+        import triton
+
+        return getattr(triton, "__version__", "unknown"), ""
+    except Exception as e:  # ImportError, or a broken install
+        return None, _one_line(f"{type(e).__name__}: {e}")
+
+
+def _backend_report(torch, triton_version: Optional[str], triton_error: str) -> list[tuple[str, bool, str]]:
+    rows = []
+    # Triton on the GPU
+    if triton_version is None:
+        rows.append(("Triton on GPU", False, f"triton is not importable ({triton_error})"))
+    elif not torch.cuda.is_available():
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        rows.append(("Triton on GPU", False, why))
+    elif getattr(torch.version, "hip", None):
+        rows.append(("Triton on GPU", False, "ROCm build: kernels are written and checked for NVIDIA sm_80 / sm_90"))
+    else:
+        caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        if all(c >= (8, 0) for c in caps):
+            rows.append(("Triton on GPU", True, "CUDA device(s) with compute capability "
+                         + ", ".join(f"{a}.{b}" for a, b in caps)))
+        else:
+            rows.append(("Triton on GPU", False, "compute capability "
+                         + ", ".join(f"{a}.{b}" for a, b in caps) + " < 8.0 (kernels target sm_80+)"))
+    # Triton interpreter
+    if triton_version is None:
+        rows.append(("Triton interpreter", False, "triton is not importable"))
+    else:
+        on = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+        rows.append(("Triton interpreter", True,
+                     "TRITON_INTERPRET=1 is set: kernels run on CPU tensors (slow; for tests)" if on else
+                     "set TRITON_INTERPRET=1 to run kernels on CPU tensors (slow; for tests)"))
+    rows.append(("PyTorch", True, "plain PyTorch path, any device"))
+    return rows
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        bf_version = version("bertfast")
+    except Exception:
+        bf_version = "unknown"
+    triton_version, triton_error = _triton_version()
+    lines = [
+        f"bertfast {bf_version}",
+        f"python   {platform.python_version()} ({sys.executable})",
+        f"torch    {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else " (no CUDA)"),
+        f"triton   {triton_version}" if triton_version else f"triton   not installed ({triton_error})",
+        "devices:",
+        f"  cpu: {platform.machine() or 'unknown'}, {os.cpu_count()} cores visible, "
+        f"torch threads={torch.get_num_threads()}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"  cuda:{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+    else:
+        lines.append("  cuda: not available" + (" (torch built without CUDA)" if torch.version.cuda is None else ""))
+    lines.append("backends:")
+    for name, ok, why in _backend_report(torch, triton_version, triton_error):
+        lines.append(f"  {name + ':':20s}{'yes' if ok else 'no ':3s}  {why}")
+    try:
+        from bertfast.loading import resolve_model_path
+
+        path = resolve_model_path("minilm")
+        lines.append(f"default model: minilm -> {path}")
+    except Exception as e:
+        lines.append(f"default model: minilm -> not available ({_one_line(e)})")
+    print("\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------- bench / profile
+def _lazy_runner(name: str, module: str, error: Optional[str]) -> Callable:
+    def run(args) -> int:
+        if error is not None:
+            print(f"{PROG}: error: '{name}' is not available ({error})", file=sys.stderr)
+            return 2
+        return importlib.import_module(module).run(args)
+
+    return run
+
+
+def _first_command(argv: Sequence[str]) -> Optional[str]:
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The full parser.  The bench / profile modules are imported only when ``argv`` selects
+    them (so that ``bertfast encode`` never imports them)."""
+    parser = _Parser(prog=PROG, description="bertfast: a fast BERT encoder (Triton on GPU, PyTorch on CPU)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    parser.unavailable_commands = {}  # lazy command -> why its module cannot be imported
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("encode", help="embed texts (mean pooling + L2 normalisation)",
+                       description="Embed texts and print a preview (or --json).")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed; '-' reads one text per line from stdin")
+    p.add_argument("--file", "-f", action="append", metavar="FILE",
+                   help="read texts from FILE, one per line ('-' for stdin); repeatable")
+    _add_model_args(p)
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="texts per batch (default 32)")
+    p.add_argument("--json", action="store_true", help='print [{"text": ..., "embedding": [...]}, ...]')
+    p.add_argument("--no-normalize", action="store_true", help="skip the L2 normalisation")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="always show a progress line on stderr")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="never show progress (default: shown for many texts on a terminal)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("similarity", help="cosine similarity of two texts",
+                       description="Print the cosine similarity of the embeddings of two texts.")
+    p.add_argument("text_a", metavar="TEXT_A")
+    p.add_argument("text_b", metavar="TEXT_B")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_similarity)
+
+    p = sub.add_parser("info", help="versions, devices, usable backends, default model",
+                       description="Print versions, devices, which backends can run here and the default model path.")
+    p.set_defaults(func=cmd_info)
+
+    selected = _first_command(list(argv) if argv is not None else sys.argv[1:])
+    for name, (module, help_text) in LAZY_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=f"{help_text} ({module})")
+        error = None
+        if selected == name:
+            try:
+                importlib.import_module(module).add_arguments(p)
+            except ImportError as e:
+                error = _one_line(f"cannot import {module}: {e}")
+            except AttributeError as e:
+                error = _one_line(f"{module} has no add_arguments(): {e}")
+            if error is not None:  # main() ignores whatever follows, then reports "not available"
+                parser.unavailable_commands[name] = error
+        p.set_defaults(func=_lazy_runner(name, module, error))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``bertfast`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "command", None) not in parser.unavailable_commands:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, or a usage error already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `bertfast encode ... | head`): stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except Exception:
+            pass
+        return 141
+    except Exception as e:
+        if args.debug or not isinstance(e, _expected_errors()):
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The ``bertfast`` command line: encode / similarity / info / bench / profile, and one-line
+errors (``bertfast: error: ...``, non-zero exit, no traceback) for every expected failure."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bertfast import cli
+from bertfast.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny inputs: one intra-op thread avoids OpenMP spin-waiting on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run_module(*args, input=None, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "bertfast", *args], cwd=ROOT, input=input, capture_output=True, text=True,
+        timeout=timeout, env=env,
+    )
+
+
+def _assert_one_line_error(rc, err, expect=None):
+    assert rc != 0
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("bertfast: error: "), err
+    if expect is not None:
+        assert expect in lines[0], err
+
+
+# ---------------------------------------------------------------------------- encode
+def test_encode_preview(capsys):
+    assert main(["encode", "A man is eating food.", "Someone is having a meal.", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("dim=384 norm=1.0000") == 2
+    assert "[0] A man is eating food." in out and "[1] Someone is having a meal." in out
+
+
+def test_encode_json_file_and_stdin(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "texts.txt"
+    f.write_text("first line\n\nsecond line\n", encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin\n"))
+    assert main(["encode", "inline", "-", "--file", str(f), "--json", "--batch-size", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["text"] for d in data] == ["inline", "from stdin", "first line", "second line"]
+    for d in data:
+        assert len(d["embedding"]) == 384
+        assert abs(sum(v * v for v in d["embedding"]) - 1.0) < 1e-4
+    # the same text gives the same embedding as the library
+    from bertfast import SentenceEncoder
+
+    ref = SentenceEncoder("minilm", device="cpu").encode("inline")
+    torch.testing.assert_close(torch.tensor(data[0]["embedding"]), ref)
+
+
+def test_encode_no_normalize(capsys):
+    assert main(["encode", "hello world", "--json", "--no-normalize", "--backend", "torch"]) == 0
+    emb = json.loads(capsys.readouterr().out)[0]["embedding"]
+    assert abs(sum(v * v for v in emb) - 1.0) > 1e-3
+
+
+# ---------------------------------------------------------------------------- similarity
+def test_similarity(capsys):
+    assert main(["similarity", "A man is eating food.", "Someone is having a meal."]) == 0
+    para = float(capsys.readouterr().out.strip())
+    assert main(["similarity", "A man is eating food.", "The new movie is awesome."]) == 0
+    unrelated = float(capsys.readouterr().out.strip())
+    assert -1.0 <= unrelated < para <= 1.0
+    assert para > 0.5
+
+
+# ---------------------------------------------------------------------------- info / help
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch    {torch.__version__}" in out
+    assert "triton" in out
+    assert "Triton on GPU:" in out and "Triton interpreter:" in out
+    assert "PyTorch:" in out and "yes" in out
+    assert "default model: minilm -> " in out
+    if not torch.cuda.is_available():
+        assert "Triton on GPU:      no" in out
+
+
+def test_help_lists_all_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("encode", "similarity", "info", "bench", "profile"):
+        assert cmd in out
+    assert main([]) == 2  # no command: help on stderr
+
+
+def test_lazy_command_not_available(monkeypatch, capsys):
+    monkeypatch.setitem(cli.LAZY_COMMANDS, "bench", ("bertfast._no_such_module", "benchmark"))
+    assert main(["bench", "--whatever", "x"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "not available" in lines[0], err
+
+
+def test_lazy_command_dispatch(monkeypatch, capsys, tmp_path):
+    mod = tmp_path / "fake_bench_mod.py"
+    mod.write_text(
+        "def add_arguments(p):\n    p.add_argument('--n', type=int, default=1)\n"
+        "def run(args):\n    print('ran', args.n)\n    return 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.LAZY_COMMANDS, "profile", ("fake_bench_mod", "profile"))
+    assert main(["profile", "--n", "7"]) == 3
+    assert capsys.readouterr().out.strip() == "ran 7"
+
+
+# ---------------------------------------------------------------------------- expected failures
+def _failures(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    bad_model = tmp_path / "not_a_model"
+    bad_model.mkdir()
+    cases = {
+        "missing-model-dir": (["encode", "hi", "--model", str(tmp_path / "nope")], None),
+        "dir-without-checkpoint": (["encode", "hi", "--model", str(bad_model)], None),
+        "unknown-dtype": (["encode", "hi", "--dtype", "float64"], "unknown dtype 'float64'"),
+        "empty-text-list": (["encode"], "no texts to encode"),
+        "empty-file": (["encode", "--file", str(empty)], "no texts to encode"),
+        "file-not-found": (["encode", "--file", str(tmp_path / "missing.txt")], "file not found"),
+        "bad-batch-size": (["encode", "hi", "--batch-size", "0"], "positive integer"),
+        "max-length-too-big": (["encode", "hi", "--max-length", "100000"], "max_position_embeddings"),
+        "similarity-missing-arg": (["similarity", "only one"], None),
+        "unknown-command": (["frobnicate"], None),
+        "unknown-backend": (["encode", "hi", "--backend", "cuda-magic"], "cuda-magic"),
+    }
+    if not torch.cuda.is_available():
+        cases["cuda-without-cuda"] = (["encode", "hi", "--device", "cuda"], "CUDA is not available")
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing-model-dir", "dir-without-checkpoint", "unknown-dtype", "empty-text-list", "empty-file",
+     "file-not-found", "bad-batch-size", "max-length-too-big", "similarity-missing-arg", "unknown-command",
+     "unknown-backend", "cuda-without-cuda"],
+)
+def test_expected_failure_is_one_line(case, tmp_path, capsys, monkeypatch):
+    cases = _failures(tmp_path)
+    if case not in cases:
+        pytest.skip("CUDA is available here")
+    argv, expect = cases[case]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    rc = main(argv)
+    captured = capsys.readouterr()
+    _assert_one_line_error(rc, captured.err, expect)
+    assert captured.out == ""
+
+
+def test_unexpected_error_keeps_traceback(monkeypatch):
+    def boom(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_info", boom)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info"])
+
+
+def test_debug_shows_traceback_for_expected_errors():
+    with pytest.raises(ValueError, match="unknown dtype|CUDA|no texts"):
+        main(["--debug", "encode"])
+
+
+# ---------------------------------------------------------------------------- real processes
+def test_python_m_bertfast_info_and_encode_stdin():
+    proc = _run_module("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "PyTorch:" in proc.stdout
+    proc = _run_module("encode", "-", "--json", input="hello\nworld\n")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [d["text"] for d in data] == ["hello", "world"] and len(data[0]["embedding"]) == 384
+
+
+def test_process_errors_are_one_line(tmp_path):
+    proc = _run_module("encode", "hi", "--model", str(tmp_path / "nope"))
+    _assert_one_line_error(proc.returncode, proc.stderr)
