@@ -32,6 +32,10 @@ class KernelSpec:
     num_stages: int = 2
     expect_tensor_cores: bool = False  # GEMM kernels: assert wgmma (sm_90) / mma (sm_80)
     label: str = ""  # short description of the configuration for the table
+    # arguments the launch may specialise as divisible by 16 (aligned pointers, strides and
+    # sizes that are multiples of 16: what the runtime JIT builds for BERT shapes).  Empty: the
+    # generic kernel.  Ops list both variants where both can run.
+    divisible: tuple = ()
 
     @property
     def name(self) -> str:
@@ -108,7 +112,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
     from triton.compiler import ASTSource
 
     res = CompileResult(
-        op=spec.op, kernel=spec.name, label=spec.label, arch=arch, num_warps=spec.num_warps,
+        op=spec.op, kernel=spec.name, label=spec.label + (" aligned" if spec.divisible else ""), arch=arch, num_warps=spec.num_warps,
         num_stages=spec.num_stages, ok=False, expect_tensor_cores=spec.expect_tensor_cores,
     )
     fn = spec.fn
@@ -116,7 +120,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
         res.error = "kernel was decorated under TRITON_INTERPRET=1; compile in a process without it"
         return res
     try:
-        src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible}
+        src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
         k = triton.compile(
             src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
         )
