@@ -118,6 +118,11 @@ def load_impls(model_dir: Path, which: list[str]) -> dict:
 
         m = FastBert.from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
         impls["bertfast"] = m
+    if "bertfast-padded" in which:  # unpad=False: every layer on the padded batch
+        from bertfast.modeling import BertModel as FastBert
+
+        m = FastBert.from_pretrained(model_dir, dtype=torch.float32, device="cpu").eval()
+        impls["bertfast-padded"] = m.set_backend(m.config.backend, unpad=False)
     for attn in ("eager", "sdpa"):
         if f"hf-{attn}" in which:
             import transformers
@@ -207,8 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    ap.add_argument("--impl", nargs="+", default=["bertfast", "hf-eager", "hf-sdpa"],
-                    choices=["bertfast", "hf-eager", "hf-sdpa"])
+    ap.add_argument("--impl", nargs="+", default=["bertfast", "bertfast-padded", "hf-eager", "hf-sdpa"],
+                    choices=["bertfast", "bertfast-padded", "hf-eager", "hf-sdpa"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                     help="directory for cpu-<host>-<date>.json, or a .json file path; '' to skip writing")
     ap.add_argument("--atol", type=float, default=1e-3, help="fail when outputs differ by more than this")
@@ -246,12 +251,12 @@ def main(argv=None) -> int:
     fastest_hf = min(hf, key=hf.get) if hf else None
 
     print()
-    print(f"{'impl':10s} {'median ms':>10s} {'min ms':>8s} {'p25 ms':>8s} {'p75 ms':>8s} "
+    print(f"{'impl':15s} {'median ms':>10s} {'min ms':>8s} {'p25 ms':>8s} {'p75 ms':>8s} "
           f"{'vs ' + (fastest_hf or '-'):>14s}")
     for k, v in times.items():
         q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0]] * 3
         ratio = f"{med[k] / med[fastest_hf]:.2f}x" if fastest_hf else "-"
-        print(f"{k:10s} {med[k]:10.2f} {min(v):8.2f} {q[0]:8.2f} {q[2]:8.2f} {ratio:>14s}")
+        print(f"{k:15s} {med[k]:10.2f} {min(v):8.2f} {q[0]:8.2f} {q[2]:8.2f} {ratio:>14s}")
     print()
     bad = []
     for k, d in agreement.items():
