@@ -87,7 +87,7 @@ def fused_qkv(attn_self) -> tuple[torch.Tensor, torch.Tensor]:
     ``load_state_dict``, ``.to()``, an optimizer step or any in-place change."""
     lins = (attn_self.query, attn_self.key, attn_self.value)
     params = [p for lin in lins for p in (lin.weight, lin.bias)]
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         return torch.cat([lin.weight for lin in lins]), torch.cat([lin.bias for lin in lins])
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
     cached = attn_self.__dict__.get("_bertfast_qkv")
