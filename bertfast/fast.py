@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kernels._common import trusted_inputs
+
 try:  # triton is a Linux x86-64 dependency; without it only the torch backend exists
     from kernels import ops
 except ImportError:  # pragma: no cover
@@ -178,8 +180,17 @@ def encoder_forward(
     output_hidden_states: bool = False,
 ) -> tuple[torch.Tensor, Optional[tuple]]:
     """Embeddings + every layer on the kernels.  ``model`` has ``.config.hidden_act``,
-    ``.embeddings`` and ``.encoder.layer`` with transformers' names.  Inputs are assumed validated (the caller's
-    job, before this).  Returns (last_hidden_state (B, S, C), hidden_states or None)."""
+    ``.embeddings`` and ``.encoder.layer`` with transformers' names.  Inputs are assumed
+    validated (the caller's job, before this): the kernels run in trusted mode, with no per-layer
+    host reads.  Returns (last_hidden_state (B, S, C), hidden_states or None)."""
+    args = (model, input_ids, attention_mask, token_type_ids, position_ids, unpad, output_hidden_states)
+    if torch.compiler.is_compiling():  # value checks are off while tracing anyway
+        return _encoder_forward(*args)
+    with trusted_inputs():
+        return _encoder_forward(*args)
+
+
+def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_ids, unpad, output_hidden_states):
     emb = model.embeddings
     act = model.config.hidden_act
     if act not in _FUSED_ACTIVATIONS and act not in _TORCH_ACTIVATIONS:
@@ -189,11 +200,12 @@ def encoder_forward(
     B, S = input_ids.shape
     causal = is_causal(layers[0].attention.self) if len(layers) else False
     mask = attention_mask
-    if mask is not None and mask.dim() == 2 and not torch.compiler.is_compiling() and bool(mask.all()):
+    # host reads are possible unless torch.compile traces or a CUDA graph is being captured
+    host = not torch.compiler.is_compiling() and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
+    if mask is not None and mask.dim() == 2 and host and bool(mask.all()):
         mask = None  # no padding anywhere: the plain path
     attn_dropout = training and len(layers) and attention_dropout_p(layers[0].attention.self) > 0
-    varlen = (bool(unpad) and mask is not None and mask.dim() == 2 and not attn_dropout
-              and not torch.compiler.is_compiling())  # packing has data-dependent shapes
+    varlen = bool(unpad) and mask is not None and mask.dim() == 2 and not attn_dropout and host  # data-dependent
     ln = emb.LayerNorm
     table = position_table(emb)
     pad_idx = getattr(emb.word_embeddings, "padding_idx", None)

@@ -52,12 +52,9 @@ def trusted_inputs():
 
 def check_values() -> bool:
     """Whether launchers should run their value checks (host reads) now."""
-    if _TRUSTED.get():
+    if torch.compiler.is_compiling():  # first: dynamo cannot trace a ContextVar read
         return False
-    try:
-        return not torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - very old torch
-        return True
+    return not _TRUSTED.get()
 
 
 def use_triton(op: str, *tensors: Optional[torch.Tensor], fallback: bool = False) -> bool:
