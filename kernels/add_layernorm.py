@@ -33,6 +33,7 @@ from kernels._layernorm import (
     triton,
     short_dtype,
     triton_ptr_type,
+    with_aligned,
 )
 
 OP = "add_layernorm"
@@ -310,7 +311,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                                         label=label))
                 specs.append(KernelSpec(OP, _add_layernorm_bwd_kernel, bwd_sig, bwd_const, cfg.bwd_num_warps, 1,
                                         label=bwd_label))
-    return specs
+    # plus the variant the JIT builds when N % 16 == 0 (rows contiguous, so strides == N)
+    return with_aligned(specs, ("N", "stride_x", "stride_r", "stride_y", "stride_dy", "stride_dx"))
 
 
 # --------------------------------------------------------------------------------------------
