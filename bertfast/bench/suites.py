@@ -688,8 +688,9 @@ def _graph_runner(model) -> Callable:
         raise Unavailable(f"bertfast.CudaGraphRunner(model) failed: {type(e).__name__}: {e}") from None
 
 
+# CUDA graphs need static shapes, so the graph runner always runs the padded path (no "-unpad-graphs")
 ENCODER_IMPLS = ("hf-eager", "hf-sdpa", "hf-compile", "bertfast-torch", "bertfast-triton", "bertfast-triton-unpad",
-                 "bertfast-triton-graphs", "bertfast-triton-unpad-graphs")
+                 "bertfast-triton-graphs")
 
 
 def encoder_cases(models: Sequence[str], shapes: Sequence[tuple], device: torch.device, dtype: torch.dtype,
