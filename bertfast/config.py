@@ -56,7 +56,7 @@ class BertConfig:
     problem_type: Optional[str] = None  # sequence classification: None (inferred), "regression", ...
     # run-time choices, not part of a checkpoint (never written to config.json):
     backend: str = "auto"  # "torch" (reference), "triton" (kernels), "auto" (triton on CUDA, torch elsewhere)
-    unpad: bool = True  # triton backend: run layers on packed tokens when a padding mask is given
+    unpad: bool = True  # run layers on packed real tokens when a padding mask is given (triton; torch on CPU)
     # config.json keys bertfast does not use, kept so that to_dict writes them back
     extra: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

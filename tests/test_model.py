@@ -160,7 +160,10 @@ def test_mask_forms_agree():
         for mm in (m.bool(), m.float(), m.int()):
             torch.testing.assert_close(model(ids, attention_mask=mm).last_hidden_state, ref, atol=0, rtol=0)
         additive = (1.0 - m.float())[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, S)
-        torch.testing.assert_close(model(ids, attention_mask=additive).last_hidden_state, ref, atol=1e-6, rtol=1e-6)
+        # a 4-D mask runs on the padded batch, a 2-D one padding-free (zeros at padding): real tokens agree
+        real = m.bool()
+        torch.testing.assert_close(model(ids, attention_mask=additive).last_hidden_state[real], ref[real],
+                                   atol=1e-6, rtol=1e-6)
         # the padding tokens do not influence the real ones
         ids2 = ids.clone()
         ids2[0, 5:] = 7
@@ -177,9 +180,10 @@ def test_sdpa_and_explicit_attention_agree_with_grad():
     ids = torch.randint(1, 100, (2, 10))
     m = torch.ones(2, 10)
     m[1, 6:] = 0
-    a = model(ids, attention_mask=m)
-    b = model(ids, attention_mask=m, output_attentions=True)
-    assert (a.last_hidden_state - b.last_hidden_state).abs().max().item() <= 1e-5
+    a = model(ids, attention_mask=m)  # padding-free: zeros at padding
+    b = model(ids, attention_mask=m, output_attentions=True)  # padded batch
+    real = m.bool()
+    assert (a.last_hidden_state - b.last_hidden_state)[real].abs().max().item() <= 1e-5
     for p in b.attentions:
         torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5, rtol=0)
     (a.last_hidden_state.sum() + a.pooler_output.sum()).backward()
