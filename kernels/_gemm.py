@@ -1,0 +1,416 @@
+"""Private GEMM core shared by ``linear`` and ``qkv_projection``.
+
+One Triton kernel computes ``out = act(x @ weight.T + bias)`` for x (M, K) and weight (N, K)
+(nn.Linear's layout) with an fp32 accumulator.  Its epilogue either stores a plain row-major
+(M, N) result or, with ``HEAD_SPLIT``, scatters each output element straight into the
+(3, B, H, S, D) head-split layout of a fused QKV projection.
+
+This module is also the single place that decides the block sizes: ``gemm_configs`` holds the
+finite list of configurations per (architecture, dtype, precision) and ``pick_config`` is the one
+deterministic rule that chooses among them.  ``gemm_specs`` turns the same lists into the
+``KernelSpec`` entries the compile check needs, so the check covers exactly what can run.
+
+Two launcher guarantees keep every configuration spill-free and let the compile check see the
+code that really runs:
+* operands are 16-byte aligned with K in whole 16-byte units (``_align_operands`` copies / pads
+  the rare operand that is not), so the kernel can *state* that with ``tl.multiple_of`` instead
+  of depending on Triton's runtime specialization: loads are always 16-byte vectors / cp.async;
+* stores use one 64-bit base per tile plus 32-bit offsets inside the tile (``launch_gemm``
+  refuses, with ValueError, a problem whose tile span would not fit), which keeps the epilogue
+  (bias + GELU + optional pre-activation store) inside the register budget on sm_80.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kernels._common import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+# Activation codes (constexpr ACTIVATION of the kernel).
+ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
+ACTIVATIONS = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
+
+# Streaming multiprocessors of the reference chip of each architecture (H100 SXM, A100); only
+# used to estimate wave quantization, so a different SKU of the same family is fine.
+_SM_COUNT = {9: 132, 10: 148, 8: 108}
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+    # Relative throughput of one SM running this tile (bigger tiles reuse operands more);
+    # only used by ``pick_config`` to trade tile efficiency against wave quantization.
+    efficiency: float = 1.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k}"
+
+    def shared_bytes(self, elsize: int) -> int:
+        """Estimate of the operand ring buffer in shared memory."""
+        return self.num_stages * (self.block_m + self.block_n) * self.block_k * elsize
+
+
+C = GemmConfig
+# --- Hopper (sm_90): 8-warp (two warpgroup) 128-row tiles lower tl.dot to wgmma; BLOCK_K 64 in
+# fp16/bf16 is one 128-byte swizzled row per stage.  128x256 is the big-N tile (145 KiB ring,
+# 3 stages); 128x128 with 4 stages (129 KiB) for GEMMs whose 128x256 grid would leave a wave
+# mostly idle; 64x128 with one warpgroup keeps the SMs busy for small M.  wgmma keeps the
+# accumulator out of the way of the epilogue: none of these spill even with GELU + the
+# pre-activation store.
+_SM90_HALF = (
+    C(128, 256, 64, num_warps=8, num_stages=3, efficiency=1.00),
+    C(128, 128, 64, num_warps=8, num_stages=4, efficiency=0.90),
+    C(64, 128, 64, num_warps=4, num_stages=4, efficiency=0.70),
+)
+# tf32: fp32 operands take twice the shared memory, so BLOCK_K halves (still 128 bytes a row).
+_SM90_TF32 = (
+    C(128, 256, 32, num_warps=8, num_stages=3, efficiency=1.00),
+    C(128, 128, 32, num_warps=8, num_stages=4, efficiency=0.90),
+    C(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.70),
+)
+# IEEE fp32 has no tensor-core path: tl.dot becomes FMAs from registers, so tiles must be small
+# enough that both operand slices and the accumulator stay in registers without spilling
+# (128x128 tiles reach 255 registers and spill in the head-split epilogue on sm_80; with
+# BLOCK_K 16 ptxas settles on 128 registers and spills a few bytes in the erf-GELU epilogue).
+_SM90_FP32 = (
+    C(128, 64, 32, num_warps=8, num_stages=3, efficiency=1.00),
+    C(64, 64, 32, num_warps=4, num_stages=3, efficiency=0.85),
+)
+# --- Ampere (sm_80): mma.sync keeps the whole accumulator in registers, so the tile is capped
+# at 128x128 with 8 warps (64 fp32 accumulators a thread): 128x256/8 warps and 128x128/4 warps
+# (128 a thread) spill 1-2 KB once the epilogue adds GELU and the pre-activation store.
+# BLOCK_K 32 with 4 stages is the usual cp.async depth on A100 (48 KiB ring).
+_SM80_HALF = (
+    C(128, 128, 32, num_warps=8, num_stages=4, efficiency=1.00),
+    C(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.75),
+)
+_SM80_TF32 = (
+    C(128, 128, 32, num_warps=8, num_stages=4, efficiency=1.00),
+    C(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.75),
+)
+_SM80_FP32 = _SM90_FP32
+del C
+
+_TABLES = {
+    "sm90": {"half": _SM90_HALF, "tf32": _SM90_TF32, "ieee": _SM90_FP32},
+    "sm80": {"half": _SM80_HALF, "tf32": _SM80_TF32, "ieee": _SM80_FP32},
+}
+
+
+def _family(capability: tuple[int, int]) -> str:
+    # Hopper and datacenter Blackwell (>= 227 KiB shared memory) take the Hopper list; A100
+    # takes the Ampere list; consumer parts (sm_86/89/120, ~99 KiB) take a trimmed Ampere list.
+    if capability[0] in (9, 10):
+        return "sm90"
+    if capability == (8, 0):
+        return "sm80"
+    return "small"
+
+
+def precision_of(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """'half' (fp16/bf16 tensor cores), 'tf32' or 'ieee' (fp32 FMA)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "half"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def gemm_configs(dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool) -> tuple[GemmConfig, ...]:
+    """Every configuration ``pick_config`` may return for this dtype on this architecture."""
+    prec = precision_of(dtype, allow_tf32)
+    fam = _family(capability)
+    if fam != "small":
+        return _TABLES[fam][prec]
+    elsize = 2 if prec == "half" else 4
+    out = []
+    for c in _TABLES["sm80"][prec]:  # drop stages until the ring fits ~99 KiB
+        stages = c.num_stages
+        while stages > 2 and GemmConfig(c.block_m, c.block_n, c.block_k, c.num_warps, stages).shared_bytes(elsize) > 96 * 1024:
+            stages -= 1
+        out.append(GemmConfig(c.block_m, c.block_n, c.block_k, c.num_warps, stages, c.group_m, c.efficiency))
+    return tuple(out)
+
+
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool) -> GemmConfig:
+    """The one deterministic block-size rule.
+
+    Estimated time of a configuration = (number of waves of tiles over the SMs) x (tile area /
+    tile efficiency); ties go to the earlier (bigger) tile.  Big GEMMs therefore take the
+    largest tile unless its last wave would leave most SMs idle; small M takes the small tile.
+    K does not change the choice (every tile walks the whole K), it is accepted so the rule
+    can grow split-K later without changing callers.
+    """
+    configs = gemm_configs(dtype, capability, allow_tf32)
+    sms = _SM_COUNT.get(capability[0], 108)
+    best, best_cost = configs[0], math.inf
+    for c in configs:
+        tiles = -(-M // c.block_m) * -(-N // c.block_n)
+        waves = -(-tiles // sms)
+        cost = waves * c.block_m * c.block_n / c.efficiency
+        if cost < best_cost * 0.999:
+            best, best_cost = c, cost
+    return best
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gelu_erf(z):
+        # exact GELU: z * Phi(z)
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+    @triton.jit
+    def _gelu_tanh(z):
+        # 0.5 * z * (1 + tanh(u)) == z * sigmoid(2u), u = sqrt(2/pi) * (z + 0.044715 z^3);
+        # the sigmoid form needs only exp and is finite for every z.
+        u2 = 1.5957691216057308 * (z + 0.044715 * z * z * z)
+        return z / (1.0 + tl.exp(-u2))
+
+    @triton.jit
+    def gemm_kernel(
+        x_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr,
+        M, N, K,
+        stride_xm, stride_wn, stride_om,
+        SEQ, HEAD_DIM, HIDDEN,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+        HEAD_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ):
+        """out = act(x @ w.T + bias).  x: (M, K), w: (N, K), both with unit stride along K.
+
+        HEAD_SPLIT: N = 3*HIDDEN; rows are m = b*SEQ + s, columns n = which*HIDDEN + h*HEAD_DIM + d,
+        and the element goes to out[which, b, h, s, d] of a contiguous (3, B, H, SEQ, HEAD_DIM).
+        Column tiles never straddle q / k / v: each of the three parts has its own column tiles.
+        Otherwise out is (M, N) with row stride stride_om.
+        STORE_PRE: also store the pre-activation (x @ w.T + bias) to pre_ptr, laid out as out.
+        DOT_UPCAST: interpreter only (never compiled for a GPU): the Triton interpreter's tl.dot
+        multiplies bf16 operands as their raw uint16 bit patterns, so bf16 tiles are widened to
+        fp32 first (exact; the products and fp32 sums are what the tensor cores compute)."""
+        if HEAD_SPLIT:
+            n_part = HIDDEN
+            parts = 3
+        else:
+            n_part = N
+            parts = 1
+        # ---- tile ordering: GROUP_M row-tiles share each column sweep, so the weight columns
+        # and x rows a group touches stay in L2 while the group runs.
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_per_part = tl.cdiv(n_part, BLOCK_N)
+        per_group = GROUP_M * tiles_per_part * parts
+        group = pid // per_group
+        m_first = group * GROUP_M
+        rows_in_group = tl.minimum(tiles_m - m_first, GROUP_M)
+        local = pid - group * per_group
+        pid_m = m_first + local % rows_in_group
+        pid_n = local // rows_in_group
+        which = pid_n // tiles_per_part  # q / k / v (always 0 without HEAD_SPLIT)
+        m0 = pid_m * BLOCK_M
+        n0 = (pid_n - which * tiles_per_part) * BLOCK_N  # first column within the part
+
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = m0 + rm < M
+        n_ok = n0 + rn < n_part
+        # Rows / columns past the edge read row 0 instead (their results are never stored), so
+        # only the K tail needs a load mask.
+        rows = tl.where(m_ok, m0 + rm, 0)
+        cols = tl.where(n_ok, which * n_part + n0 + rn, 0)
+        x_ptrs = x_ptr + (rows.to(tl.int64) * stride_xm)[:, None] + offs_k[None, :]
+        w_ptrs = w_ptr + (cols.to(tl.int64) * stride_wn)[None, :] + offs_k[:, None]  # (BK, BN) of w.T
+        # The launcher guarantees (copying into a K-padded buffer otherwise) that x and w start
+        # 16-byte aligned and that their row strides and K are whole 16-byte units: every row of
+        # both tiles starts 16-byte aligned and the K tail ends on a 16-byte boundary, so loads
+        # are 16-byte vectors / cp.async whatever the runtime specialization sees.
+        VEC: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
+        x_ptrs = tl.multiple_of(x_ptrs, [16, 16])
+        w_ptrs = tl.multiple_of(w_ptrs, [16, 16])
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_left = tl.multiple_of(K - k0, VEC)
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if DOT_UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+        # ---- epilogue: bias, (pre-activation), activation, store
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + which * n_part + n0 + rn, mask=n_ok, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+
+        # Addresses: one 64-bit base per tile plus 32-bit offsets within the tile (the launcher
+        # checks that a tile's span fits in int32), which keeps the epilogue's registers low.
+        if HEAD_SPLIT:
+            b0 = m0 // SEQ
+            s0 = m0 - b0 * SEQ
+            base = (which.to(tl.int64) * M + b0.to(tl.int64) * SEQ) * HIDDEN + s0.to(tl.int64) * HEAD_DIM
+            b_idx = (m0 + rm) // SEQ
+            s_idx = (m0 + rm) - b_idx * SEQ
+            row_off = (b_idx - b0) * (SEQ * HIDDEN) + (s_idx - s0) * HEAD_DIM
+            h_idx = (n0 + rn) // HEAD_DIM
+            col_off = h_idx * (SEQ * HEAD_DIM) + (n0 + rn - h_idx * HEAD_DIM)
+        else:
+            base = m0.to(tl.int64) * stride_om + n0
+            row_off = rm * stride_om
+            col_off = rn
+        offs = row_off[:, None] + col_off[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+
+        if STORE_PRE:
+            tl.store(pre_ptr + base + offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        if ACTIVATION == 1:
+            acc = _gelu_erf(acc)
+        elif ACTIVATION == 2:
+            acc = _gelu_tanh(acc)
+        tl.store(out_ptr + base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _align_operands(x2: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Make the promise the kernel's load hints rely on true: both operands start 16-byte
+    aligned, their row strides and K are whole 16-byte units.  Everything torch allocates for
+    BERT-sized layers already is (no copy); otherwise the offending operand is copied, with K
+    zero-padded to the next 16 bytes (zeros add nothing to the product).  Returns (x2, w, K)."""
+    K = x2.shape[1]
+    vec = 16 // x2.element_size()
+
+    def ok(t):
+        return t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) % vec == 0)
+
+    if K % vec == 0:
+        return (x2 if ok(x2) else x2.contiguous()), (w if ok(w) else w.contiguous()), K
+    Kp = K + vec - K % vec
+
+    def pad(t):
+        buf = torch.zeros((t.shape[0], Kp), dtype=t.dtype, device=t.device)
+        buf[:, :K] = t
+        return buf
+
+    return pad(x2), pad(w), Kp
+
+
+def launch_gemm(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out: torch.Tensor,
+    *,
+    activation: int = ACT_NONE,
+    pre: Optional[torch.Tensor] = None,
+    head_split: Optional[tuple[int, int, int]] = None,
+    config: Optional[GemmConfig] = None,
+) -> torch.Tensor:
+    """Launch ``gemm_kernel``.  Callers have already validated everything: x2 (M, K) and weight
+    (N, K) with unit stride along K, same dtype and device, M, N > 0.  ``out`` (and ``pre``) are
+    contiguous: (M, N) row-major, or (3, B, H, S, D) when ``head_split = (S, D, hidden)``."""
+    from kernels._common import INTERPRET, cuda_capability, tf32_allowed
+
+    M, K = x2.shape
+    N = weight.shape[0]
+    allow_tf32 = tf32_allowed()
+    cap = cuda_capability(x2.device)
+    cfg = config or pick_config(M, N, K, x2.dtype, cap, allow_tf32)
+    prec = precision_of(x2.dtype, allow_tf32)
+    upcast = INTERPRET and x2.dtype == torch.bfloat16
+    if head_split is not None:
+        seq, head_dim, hidden = head_split
+        n_part, parts = hidden, 3
+        span = (2 * seq + cfg.block_m) * hidden  # largest in-tile offset of the head-split store
+    else:
+        seq, head_dim, hidden = 1, 1, 1
+        n_part, parts = N, 1
+        span = cfg.block_m * N
+    if span >= 2**31:
+        raise ValueError(
+            f"GEMM of {M}x{N}x{K}: one output tile spans {span} elements, more than the kernel's 32-bit in-tile "
+            f"offsets allow" + (f" (sequence length {seq} x hidden {hidden} is too large)" if head_split else "")
+        )
+    x2, weight, K = _align_operands(x2, weight)
+    grid = (triton.cdiv(M, cfg.block_m) * parts * triton.cdiv(n_part, cfg.block_n),)
+    args = (
+        x2, weight, bias if bias is not None else out, out, pre if pre is not None else out,
+        M, N, K,
+        x2.stride(0), weight.stride(0), N,
+        seq, head_dim, hidden,
+    )
+    kwargs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PRE=pre is not None,
+        HEAD_SPLIT=head_split is not None, INPUT_PRECISION="ieee" if prec == "ieee" or upcast else "tf32",
+        DOT_UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if x2.device.type == "cuda":
+        with torch.cuda.device(x2.device):
+            gemm_kernel[grid](*args, **kwargs)
+    else:
+        gemm_kernel[grid](*args, **kwargs)
+    return out
+
+
+def gemm_specs(op: str, arch: int, flag_sets: list[dict]) -> list:
+    """KernelSpecs for every (dtype, precision, configuration) the launcher can pick on ``arch``
+    times every flag combination in ``flag_sets`` (dicts of HAS_BIAS / ACTIVATION / STORE_PRE /
+    HEAD_SPLIT), each twice: the generic kernel, and its "aligned" twin with every pointer and
+    integer argument 16-divisible, which is what Triton's JIT specialises for BERT shapes
+    (16-byte aligned allocations, hidden / intermediate sizes and usually B*S multiples of 16).
+
+    Labels: dtype ("tf32" for fp32 with TF32 allowed), BLOCK_MxBLOCK_NxBLOCK_K, then "b" (bias),
+    "erf" / "tanh" (exact / tanh GELU), "z" (pre-activation Z stored for the backward), joined
+    by "+"; the compile check appends "aligned" to the 16-divisible twin."""
+    from dataclasses import replace
+
+    from kernels._compile import KernelSpec
+
+    cap = (arch // 10, arch % 10)
+    specs = []
+    for dtype, allow_tf32 in (
+        (torch.float16, False), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False),
+    ):
+        prec = precision_of(dtype, allow_tf32)
+        t = _TL_NAME[dtype]
+        sig = {
+            "x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "out_ptr": f"*{t}", "pre_ptr": f"*{t}",
+            "M": "i32", "N": "i32", "K": "i32",
+            "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
+            "SEQ": "i32", "HEAD_DIM": "i32", "HIDDEN": "i32",
+        }
+        for cfg in gemm_configs(dtype, cap, allow_tf32):
+            for flags in flag_sets:
+                const = dict(
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                    HAS_BIAS=False, ACTIVATION=ACT_NONE, STORE_PRE=False, HEAD_SPLIT=False,
+                    INPUT_PRECISION="ieee" if prec == "ieee" else "tf32", DOT_UPCAST=False,
+                )
+                const.update(flags)
+                s = dict(sig)
+                s.update({k: "constexpr" for k in const})
+                parts = [("b", const["HAS_BIAS"]), ({ACT_GELU: "erf", ACT_GELU_TANH: "tanh"}.get(const["ACTIVATION"], ""), True),
+                         ("z", const["STORE_PRE"])]
+                tags = "+".join(name for name, on in parts if on and name)
+                label = f"{'tf32' if prec == 'tf32' else t} {cfg.label}" + (f" {tags}" if tags else "")
+                spec = KernelSpec(
+                    op=op, fn=gemm_kernel, signature=s, constexprs=const, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages, expect_tensor_cores=prec != "ieee", label=label,
+                )
+                specs += [spec, replace(spec, divisible=tuple(sig))]
+    return specs
