@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from bertfast.bench.harness import _cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # 32 sentences from 3 to ~90 words: the length mix a sentence-embedding service sees.
@@ -186,17 +188,6 @@ def profile_impls(impls: dict, batch: dict, rows: int) -> dict:
     return tables
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _out_path(out: str, host: str, stamp: str) -> Path:
     p = Path(out)
     if p.suffix == ".json":
@@ -234,7 +225,7 @@ def main(argv=None) -> int:
     print(f"model      {model_dir}")
     print(f"batch      {b} x {t} tokens (real lengths {int(lengths.min())}..{int(lengths.max())}, "
           f"mean {lengths.float().mean():.1f}; {100 * (1 - lengths.sum().item() / (b * t)):.0f}% padding), fp32")
-    print(f"machine    {_cpu_model()}, {os.cpu_count()} cores visible, torch threads={torch.get_num_threads()}")
+    print(f"machine    {_cpu_name()}, {os.cpu_count()} cores visible, torch threads={torch.get_num_threads()}")
     print(f"versions   torch {torch.__version__}, python {platform.python_version()}", end="")
     try:
         import transformers
@@ -273,7 +264,7 @@ def main(argv=None) -> int:
         "benchmark": "bench_cpu",
         "date": now.isoformat(timespec="seconds"),
         "host": host,
-        "cpu": _cpu_model(),
+        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
