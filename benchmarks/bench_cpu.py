@@ -243,11 +243,12 @@ def main(argv=None) -> int:
 
     print()
     print(f"{'impl':15s} {'median ms':>10s} {'min ms':>8s} {'p25 ms':>8s} {'p75 ms':>8s} "
-          f"{'vs ' + (fastest_hf or '-'):>14s}")
+          f"{'time / ' + (fastest_hf or '-'):>16s} {'speedup':>8s}")
     for k, v in times.items():
         q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0]] * 3
-        ratio = f"{med[k] / med[fastest_hf]:.2f}x" if fastest_hf else "-"
-        print(f"{k:15s} {med[k]:10.2f} {min(v):8.2f} {q[0]:8.2f} {q[2]:8.2f} {ratio:>14s}")
+        ratio = f"{med[k] / med[fastest_hf]:.2f}" if fastest_hf else "-"
+        speedup = f"{med[fastest_hf] / med[k]:.2f}x" if fastest_hf else "-"
+        print(f"{k:15s} {med[k]:10.2f} {min(v):8.2f} {q[0]:8.2f} {q[2]:8.2f} {ratio:>16s} {speedup:>8s}")
     print()
     bad = []
     for k, d in agreement.items():
@@ -263,6 +264,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "bench_cpu",
         "date": now.isoformat(timespec="seconds"),
+        "command": " ".join(["python3", "benchmarks/bench_cpu.py", *sys.argv[1:]]),
         "host": host,
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),

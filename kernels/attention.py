@@ -150,10 +150,12 @@ if HAS_TRITON:
         return row0.to(tl.int64), seqlen, kv_len
 
     @triton.jit
-    def _fwd_step(acc, m_i, l_i, q, k_base, v_base, msk_base, start_n, offs_m, offs_d, row_ok, kv_end,
-                  seqlen, sks, svs, smq, smk, qk_scale,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                  BOUNDS: tl.constexpr, IEEE: tl.constexpr):
+    def _kv_scores(q, k_base, v_base, msk_base, start_n, offs_m, offs_d, row_ok, kv_end, sks, svs, smq, smk,
+                   qk_scale, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                   BOUNDS: tl.constexpr, IEEE: tl.constexpr):
+        # the K and V tiles starting at key start_n, and the masked scores s = q k^T * qk_scale
+        # (log2 units) of the query tile: -inf where a key is masked (padding, key mask,
+        # additive -inf, past kv_end, causal).  BOUNDS: this tile needs bounds / causal masking.
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * sks + offs_d[None, :]
         v_ptrs = v_base + offs_n[:, None] * svs + offs_d[None, :]
@@ -183,6 +185,15 @@ if HAS_TRITON:
             if CAUSAL:
                 ok = ok & (offs_m[:, None] >= offs_n[None, :])
             s = tl.where(ok, s, float("-inf"))
+        return k, v, s
+
+    @triton.jit
+    def _fwd_step(acc, m_i, l_i, q, k_base, v_base, msk_base, start_n, offs_m, offs_d, row_ok, kv_end,
+                  seqlen, sks, svs, smq, smk, qk_scale,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                  BOUNDS: tl.constexpr, IEEE: tl.constexpr):
+        k, v, s = _kv_scores(q, k_base, v_base, msk_base, start_n, offs_m, offs_d, row_ok, kv_end, sks, svs,
+                             smq, smk, qk_scale, BLOCK_N, CAUSAL, MASK_KIND, BOUNDS, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if BOUNDS or MASK_KIND >= 1:
             # a row with no visible key so far keeps m = -inf: shift by 0 instead (p = 0)
@@ -368,35 +379,8 @@ if HAS_TRITON:
                  sks, svs, smq, smk, qk_scale,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                  BOUNDS: tl.constexpr, IEEE: tl.constexpr):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * sks + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * svs + offs_d[None, :]
-        if BOUNDS:
-            kv_ok = offs_n < kv_end
-            k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = _mm(q, tl.trans(k), IEEE) * qk_scale
-        if MASK_KIND == 2:
-            mp = msk_base + offs_m[:, None] * smq + offs_n[None, :] * smk
-            if BOUNDS:
-                mval = tl.load(mp, mask=row_ok[:, None] & kv_ok[None, :], other=0.0)
-            else:
-                mval = tl.load(mp, mask=row_ok[:, None], other=0.0)
-            s = _add_mask(s, mval)
-        if MASK_KIND == 1:
-            if BOUNDS:
-                km = tl.load(msk_base + offs_n * smk, mask=kv_ok, other=0)
-            else:
-                km = tl.load(msk_base + offs_n * smk)
-            s = tl.where((km != 0)[None, :], s, float("-inf"))
-        if BOUNDS:
-            ok = kv_ok[None, :]
-            if CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(ok, s, float("-inf"))
+        k, v, s = _kv_scores(q, k_base, v_base, msk_base, start_n, offs_m, offs_d, row_ok, kv_end, sks, svs,
+                             smq, smk, qk_scale, BLOCK_N, CAUSAL, MASK_KIND, BOUNDS, IEEE)
         p = tl.math.exp2(s - m[:, None]) * il[:, None]
         dp = _mm(do, tl.trans(v), IEEE)
         ds = p * (dp - dl[:, None])
