@@ -3,7 +3,7 @@ configuration the launchers can pick, compiled for sm_90 and sm_80 on any machin
 
     python benchmarks/resource_table.py                     # print the table (sm_90 and sm_80)
     python benchmarks/resource_table.py --arch 90 --op linear attention
-    python benchmarks/resource_table.py --save              # also write benchmarks/results/<date>_resource-table.{md,json}
+    python benchmarks/resource_table.py --save              # also write benchmarks/results/<date>_resource-table_<archs>_triton-<version>.{md,json}
 
 A thin wrapper over ``python -m kernels.compile_check`` (``kernels.compile_check.run`` / ``table``).
 Exit status 1 when a configuration has a problem (does not compile, spills, too much shared
@@ -32,6 +32,8 @@ def main(argv=None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])],
                                env=env)
+    import triton
+
     from kernels.compile_check import problems, run, table
 
     results = run(args.op, tuple(args.arch), args.jobs)
@@ -41,11 +43,12 @@ def main(argv=None) -> int:
     print(f"\n{len(results)} configurations, {len(bad)} with problems")
     if args.save:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}_resource-table_sm{'-sm'.join(map(str, args.arch))}")
+        stem = os.path.join(args.out, f"{datetime.date.today().isoformat()}_resource-table_sm{'-sm'.join(map(str, args.arch))}"
+                                      f"_triton-{triton.__version__}")
         with open(stem + ".md", "w", encoding="utf-8") as f:
             f.write(f"# Kernel resource table ({', '.join('sm_%d' % a for a in args.arch)})\n\n")
             f.write(f"`python benchmarks/resource_table.py --arch {' '.join(map(str, args.arch))}`, "
-                    f"{datetime.date.today().isoformat()}\n\n```\n{text}\n```\n\n"
+                    f"{datetime.date.today().isoformat()}, triton {triton.__version__} (its bundled ptxas)\n\n```\n{text}\n```\n\n"
                     f"{len(results)} configurations, {len(bad)} with problems\n")
         with open(stem + ".json", "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

@@ -65,21 +65,20 @@ class GemmConfig:
 
 C = GemmConfig
 # --- Hopper (sm_90): 8-warp (two warpgroup) 128-row tiles lower tl.dot to wgmma; BLOCK_K 64 in
-# fp16/bf16 is one 128-byte swizzled row per stage.  128x256 is the big-N tile (145 KiB ring,
-# 3 stages); 128x128 with 4 stages (129 KiB) for GEMMs whose 128x256 grid would leave a wave
-# mostly idle; 64x128 with one warpgroup keeps the SMs busy for small M.  wgmma keeps the
-# accumulator out of the way of the epilogue: none of these spill even with GELU + the
-# pre-activation store.
+# fp16/bf16 is one 128-byte swizzled row per stage.  128x128 with 4 stages (129 KiB ring) is the
+# big tile; 64x128 with one warpgroup keeps the SMs busy for small M.  A 128x256 tile (128 fp32
+# accumulators a thread) compiles without spills under triton 3.9 but spills 0.1 - 1.7 KB under
+# triton 3.6, whose ptxas the GPU machines run, even with only a bias in the epilogue, so it is
+# not offered.  Under triton 3.6 the 128x128 tile still spills ~150 B in one rare variant: the
+# erf-GELU + pre-activation store (training) when N or K is not a multiple of 16.
 _SM90_HALF = (
-    C(128, 256, 64, num_warps=8, num_stages=3, efficiency=1.00),
-    C(128, 128, 64, num_warps=8, num_stages=4, efficiency=0.90),
-    C(64, 128, 64, num_warps=4, num_stages=4, efficiency=0.70),
+    C(128, 128, 64, num_warps=8, num_stages=4, efficiency=1.00),
+    C(64, 128, 64, num_warps=4, num_stages=4, efficiency=0.75),
 )
 # tf32: fp32 operands take twice the shared memory, so BLOCK_K halves (still 128 bytes a row).
 _SM90_TF32 = (
-    C(128, 256, 32, num_warps=8, num_stages=3, efficiency=1.00),
-    C(128, 128, 32, num_warps=8, num_stages=4, efficiency=0.90),
-    C(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.70),
+    C(128, 128, 32, num_warps=8, num_stages=4, efficiency=1.00),
+    C(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.75),
 )
 # IEEE fp32 has no tensor-core path: tl.dot becomes FMAs from registers, so tiles must be small
 # enough that both operand slices and the accumulator stay in registers without spilling
@@ -164,6 +163,14 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[in
     return best
 
 
+# M (rows = tokens, arbitrary with padding-free packing) and SEQ (sequence length) are never
+# specialised on divisibility by 16 (nor on == 1): the kernel the JIT builds does not depend on
+# them, so the two variants gemm_specs lists (fully generic, and 16-divisible sizes and strides
+# apart from M and SEQ) are the ones that run.  Under triton 3.6 the fully generic variant of
+# the erf-GELU + pre-activation epilogue spills; the other one does not.
+_NOT_SPECIALIZED = ("M", "SEQ")
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -178,7 +185,7 @@ if HAS_TRITON:
         u2 = 1.5957691216057308 * (z + 0.044715 * z * z * z)
         return z / (1.0 + tl.exp(-u2))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=list(_NOT_SPECIALIZED))
     def gemm_kernel(
         x_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr,
         M, N, K,
@@ -371,8 +378,8 @@ def gemm_specs(op: str, arch: int, flag_sets: list[dict]) -> list:
     """KernelSpecs for every (dtype, precision, configuration) the launcher can pick on ``arch``
     times every flag combination in ``flag_sets`` (dicts of HAS_BIAS / ACTIVATION / STORE_PRE /
     HEAD_SPLIT), each twice: the generic kernel, and its "aligned" twin with every pointer and
-    integer argument 16-divisible, which is what Triton's JIT specialises for BERT shapes
-    (16-byte aligned allocations, hidden / intermediate sizes and usually B*S multiples of 16).
+    integer argument but M and SEQ (never specialised) 16-divisible, which is what Triton's JIT
+    builds for BERT shapes (16-byte aligned allocations, hidden / intermediate sizes multiples of 16).
 
     Labels: dtype ("tf32" for fp32 with TF32 allowed), BLOCK_MxBLOCK_NxBLOCK_K, then "b" (bias),
     "erf" / "tanh" (exact / tanh GELU), "z" (pre-activation Z stored for the backward), joined
@@ -412,5 +419,5 @@ def gemm_specs(op: str, arch: int, flag_sets: list[dict]) -> list:
                     op=op, fn=gemm_kernel, signature=s, constexprs=const, num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages, expect_tensor_cores=prec != "ieee", label=label,
                 )
-                specs += [spec, replace(spec, divisible=tuple(sig))]
+                specs += [spec, replace(spec, divisible=tuple(a for a in sig if a not in _NOT_SPECIALIZED))]
     return specs
