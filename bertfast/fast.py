@@ -202,18 +202,25 @@ def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_
     mask = attention_mask
     # host reads are possible unless torch.compile traces or a CUDA graph is being captured
     host = not torch.compiler.is_compiling() and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
-    if mask is not None and mask.dim() == 2 and host and bool(mask.all()):
-        mask = None  # no padding anywhere: the plain path
     attn_dropout = training and len(layers) and attention_dropout_p(layers[0].attention.self) > 0
-    varlen = bool(unpad) and mask is not None and mask.dim() == 2 and not attn_dropout and host  # data-dependent
+    varlen = False  # data-dependent, so only where the host may read the mask
+    if mask is not None and mask.dim() == 2 and host:
+        if unpad and not attn_dropout:
+            _, indices, cu_seqlens, max_seqlen = ops.unpad(input_ids[..., None], mask)
+            full = indices.numel() == B * S  # known on the host after unpad: no extra read
+            varlen = not full
+        else:
+            full = bool(mask.all())
+        if full:
+            mask = None  # no padding anywhere: the plain path
     ln = emb.LayerNorm
     table = position_table(emb)
     pad_idx = getattr(emb.word_embeddings, "padding_idx", None)
     if varlen:
-        _, indices, cu_seqlens, max_seqlen = ops.unpad(input_ids[..., None], mask)
         if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device)
-        pos = position_ids.expand(B, S).reshape(-1)[indices][None]  # (1, T)
+            pos = (indices % S)[None]  # (1, T)
+        else:
+            pos = position_ids.expand(B, S).reshape(-1)[indices][None]  # (1, T)
         ids = input_ids.reshape(-1)[indices][None]  # (1, T)
         tts = token_type_ids.reshape(-1)[indices][None] if token_type_ids is not None else None
         x = ops.embeddings_layernorm(ids, tts, pos, emb.word_embeddings.weight, table,

@@ -22,7 +22,7 @@ code that really runs:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -76,10 +76,7 @@ _SM90_HALF = (
     C(64, 128, 64, num_warps=4, num_stages=4, efficiency=0.75),
 )
 # tf32: fp32 operands take twice the shared memory, so BLOCK_K halves (still 128 bytes a row).
-_SM90_TF32 = (
-    C(128, 128, 32, num_warps=8, num_stages=4, efficiency=1.00),
-    C(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.75),
-)
+_SM90_TF32 = tuple(replace(c, block_k=c.block_k // 2) for c in _SM90_HALF)
 # IEEE fp32 has no tensor-core path: tl.dot becomes FMAs from registers, so tiles must be small
 # enough that both operand slices and the accumulator stay in registers without spilling
 # (128x128 tiles reach 255 registers and spill in the head-split epilogue on sm_80; with
@@ -96,10 +93,7 @@ _SM80_HALF = (
     C(128, 128, 32, num_warps=8, num_stages=4, efficiency=1.00),
     C(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.75),
 )
-_SM80_TF32 = (
-    C(128, 128, 32, num_warps=8, num_stages=4, efficiency=1.00),
-    C(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.75),
-)
+_SM80_TF32 = _SM80_HALF  # BLOCK_K 32 is already 128 bytes a row in fp32
 _SM80_FP32 = _SM90_FP32
 del C
 
@@ -135,10 +129,9 @@ def gemm_configs(dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bo
     elsize = 2 if prec == "half" else 4
     out = []
     for c in _TABLES["sm80"][prec]:  # drop stages until the ring fits ~99 KiB
-        stages = c.num_stages
-        while stages > 2 and GemmConfig(c.block_m, c.block_n, c.block_k, c.num_warps, stages).shared_bytes(elsize) > 96 * 1024:
-            stages -= 1
-        out.append(GemmConfig(c.block_m, c.block_n, c.block_k, c.num_warps, stages, c.group_m, c.efficiency))
+        while c.num_stages > 2 and c.shared_bytes(elsize) > 96 * 1024:
+            c = replace(c, num_stages=c.num_stages - 1)
+        out.append(c)
     return tuple(out)
 
 
@@ -384,8 +377,6 @@ def gemm_specs(op: str, arch: int, flag_sets: list[dict]) -> list:
     Labels: dtype ("tf32" for fp32 with TF32 allowed), BLOCK_MxBLOCK_NxBLOCK_K, then "b" (bias),
     "erf" / "tanh" (exact / tanh GELU), "z" (pre-activation Z stored for the backward), joined
     by "+"; the compile check appends "aligned" to the 16-divisible twin."""
-    from dataclasses import replace
-
     from kernels._compile import KernelSpec
 
     cap = (arch // 10, arch % 10)

@@ -150,6 +150,29 @@ if HAS_TRITON:
         return row0.to(tl.int64), seqlen, kv_len
 
     @triton.jit
+    def _key_bounds(start_m, seqlen, kv_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        # key loop bounds of the query tile starting at start_m: keys [0, full_end) need no
+        # masking, [full_end, kv_end) do (bounds, causal diagonal); both 0 for a query tile past
+        # the end of its sequence (varlen)
+        kv_end = kv_len
+        if CAUSAL:
+            kv_end = tl.minimum(kv_end, start_m + BLOCK_M)
+            full_end = tl.minimum(kv_len, start_m + 1)
+        else:
+            full_end = kv_len
+        kv_end = tl.where(start_m < seqlen, kv_end, 0)
+        full_end = tl.where(start_m < seqlen, (full_end // BLOCK_N) * BLOCK_N, 0)
+        return full_end, kv_end
+
+    @triton.jit
+    def _mask_base(MASK, b64, h64, smb, smh, MASK_KIND: tl.constexpr):
+        # the additive 4-D mask has a head stride; the 2-D key mask does not
+        if MASK_KIND == 2:
+            return MASK + b64 * smb + h64 * smh
+        else:
+            return MASK + b64 * smb
+
+    @triton.jit
     def _kv_scores(q, k_base, v_base, msk_base, start_n, offs_m, offs_d, row_ok, kv_end, sks, svs, smq, smk,
                    qk_scale, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                    BOUNDS: tl.constexpr, IEEE: tl.constexpr):
@@ -231,20 +254,9 @@ if HAS_TRITON:
         q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         k_base = K + b64 * skb + h64 * skh + row0 * sks
         v_base = V + b64 * svb + h64 * svh + row0 * svs
-        if MASK_KIND == 2:
-            msk_base = MASK + b64 * smb + h64 * smh
-        else:
-            msk_base = MASK + b64 * smb
+        msk_base = _mask_base(MASK, b64, h64, smb, smh, MASK_KIND)
 
-        # key loop bounds: [0, full_end) needs no masking, [full_end, kv_end) does
-        kv_end = kv_len
-        if CAUSAL:
-            kv_end = tl.minimum(kv_end, start_m + BLOCK_M)
-            full_end = tl.minimum(kv_len, start_m + 1)
-        else:
-            full_end = kv_len
-        kv_end = tl.where(start_m < seqlen, kv_end, 0)  # varlen: query tile past this sequence
-        full_end = tl.where(start_m < seqlen, (full_end // BLOCK_N) * BLOCK_N, 0)
+        full_end, kv_end = _key_bounds(start_m, seqlen, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -337,10 +349,7 @@ if HAS_TRITON:
         q_base = Q + b64 * sqb + h64 * sqh + row0 * sqs
         do_base = DO + b64 * sdob + h64 * sdoh + row0 * sdos
         st_base = b64 * stb + h64 * sth + row0 * sts
-        if MASK_KIND == 2:
-            msk_base = MASK + b64 * smb + h64 * smh
-        else:
-            msk_base = MASK + b64 * smb
+        msk_base = _mask_base(MASK, b64, h64, smb, smh, MASK_KIND)
 
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -417,19 +426,9 @@ if HAS_TRITON:
         dl = tl.load(DELTA + st, mask=row_ok, other=0.0)
         k_base = K + b64 * skb + h64 * skh + row0 * sks
         v_base = V + b64 * svb + h64 * svh + row0 * svs
-        if MASK_KIND == 2:
-            msk_base = MASK + b64 * smb + h64 * smh
-        else:
-            msk_base = MASK + b64 * smb
+        msk_base = _mask_base(MASK, b64, h64, smb, smh, MASK_KIND)
 
-        kv_end = kv_len
-        if CAUSAL:
-            kv_end = tl.minimum(kv_end, start_m + BLOCK_M)
-            full_end = tl.minimum(kv_len, start_m + 1)
-        else:
-            full_end = kv_len
-        kv_end = tl.where(start_m < seqlen, kv_end, 0)
-        full_end = tl.where(start_m < seqlen, (full_end // BLOCK_N) * BLOCK_N, 0)
+        full_end, kv_end = _key_bounds(start_m, seqlen, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
 
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start_n in range(0, full_end, BLOCK_N):
