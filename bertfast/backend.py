@@ -13,6 +13,8 @@ attention core with PyTorch SDPA (the fused kernel has no dropout).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -54,3 +56,43 @@ def resolve(name: str, device: torch.device) -> str:
     if not ok:
         raise ValueError(f"backend='triton': {why}")
     return "triton"
+
+
+def kernel_unsupported(config, dtype: torch.dtype) -> Optional[str]:
+    """Why the Triton kernels cannot run a BERT encoder with this config and parameter dtype (a
+    sentence naming the property), or None when they can.  ``config``: a bertfast or transformers
+    BertConfig.  Head sizes come from the attention kernel's own definition
+    (``kernels.attention.supports_head_dim``), activations from bertfast/fast.py."""
+    from bertfast import fast
+    from kernels._common import SUPPORTED_DTYPES
+
+    act = getattr(config, "hidden_act", None)
+    if not isinstance(act, str) or (act not in fast._FUSED_ACTIVATIONS and act not in fast._TORCH_ACTIVATIONS):
+        return f"hidden_act {act!r} is not supported by the kernels"
+    pet = getattr(config, "position_embedding_type", "absolute")
+    if pet not in (None, "absolute", "sinusoidal"):
+        return f"position_embedding_type {pet!r} is not supported by the kernels (absolute or sinusoidal)"
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    if not heads or hidden % heads:
+        return f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+    from kernels.attention import HEAD_DIMS, supports_head_dim
+
+    if not supports_head_dim(hidden // heads):
+        return (f"head size {hidden // heads} (hidden_size {hidden} / {heads} heads) is not supported by the "
+                f"attention kernel (head sizes {', '.join(map(str, HEAD_DIMS))})")
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {str(dtype).replace('torch.', '')} is not supported by the kernels"
+    return None
+
+
+def resolve_for(name: str, device: torch.device, config, dtype: torch.dtype) -> str:
+    """``resolve`` for a model: ``"auto"`` also takes the torch path when the kernels cannot run
+    this config / dtype (``kernel_unsupported``); an explicit ``"triton"`` refuses it by name."""
+    choice = resolve(name, device)
+    if choice == "triton":
+        why = kernel_unsupported(config, dtype)
+        if why is not None:
+            if name == "triton":
+                raise ValueError(f"backend='triton': {why}")
+            return "torch"
+    return choice

@@ -76,37 +76,152 @@ def _dtype_arg(value: str):
     return value
 
 
-def _positive_int(value: str) -> int:
+def _int_at_least(lo: int, what: str):
+    """An argparse type: an integer >= lo, else a one-line error naming the value."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = None
+        if n is None or n < lo:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return n
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, "an integer >= 0")
+
+# public names: bertfast.bench and bertfast.profiling use them in their add_arguments
+positive_int = _positive_int
+nonnegative_int = _nonnegative_int
+
+
+def _cuda_unavailable_reason() -> Optional[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+
+
+def _device_arg(value: str) -> str:
+    """cpu, cuda or cuda:N that this machine has; refused at parse time otherwise (meta included)."""
+    import torch
+
+    from bertfast.sentence import parse_device
+
     try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+        torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}; use cpu, cuda or cuda:N") from None
+    try:
+        dev = parse_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if dev.type not in ("cpu", "cuda"):
+        why = " (meta tensors hold no data)" if dev.type == "meta" else ""
+        raise argparse.ArgumentTypeError(f"device {value!r} is not supported{why}; use cpu, cuda or cuda:N")
+    return value
+
+
+def bench_device_arg(value: str) -> str:
+    """``--device`` of bench / profile (choices auto, cuda, cpu): cuda refused here without CUDA."""
+    if value == "cuda":
+        why = _cuda_unavailable_reason()
+        if why is not None:
+            raise argparse.ArgumentTypeError(f"cuda requested but CUDA is not available ({why})")
+    return value
+
+
+def _backend_arg(value: str) -> str:
+    from bertfast.backend import BACKENDS
+
+    if value not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"unknown backend {value!r} (choose from {', '.join(BACKENDS)})")
+    return value
+
+
+def out_dir_arg(value: str) -> str:
+    """An output directory: may not exist yet, but may not be an existing file (nor under one)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a directory, got an empty string")
+    p = os.path.abspath(os.path.expanduser(value))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise argparse.ArgumentTypeError(f"{value} is an existing file, not a directory")
+    parent = os.path.dirname(p)
+    while parent and not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if parent and os.path.exists(parent) and not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{value}: {parent} is a file, so the directory cannot be created")
+    return value
+
+
+def _model_arg(value: str) -> str:
+    """A checkpoint directory (or known name) holding config.json and a weights file."""
+    from bertfast.loading import CONFIG_NAME, CheckpointError, find_weights_file, resolve_model_path
+
+    try:
+        d = resolve_model_path(value)
+        if not (d / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{d / CONFIG_NAME}: missing {CONFIG_NAME}")
+        find_weights_file(d)
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _text_arg(value: str) -> str:
+    """A TEXT argument: refused when the shell passed bytes that are not UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{value.encode('utf-8', 'replace').decode()[:40]!r} is not valid UTF-8 "
+                                         f"text") from None
+    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm", metavar="PATH|NAME",
+    p.add_argument("--model", default="minilm", type=_model_arg, metavar="PATH|NAME",
                    help="model directory or name (default: minilm, the bundled all-MiniLM-L6-v2)")
-    p.add_argument("--device", default=None, metavar="cpu|cuda",
+    p.add_argument("--device", default=None, type=_device_arg, metavar="cpu|cuda",
                    help="device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, type=_dtype_arg, metavar="float32|float16|bfloat16",
                    help="weights and activations dtype (default: float32)")
     p.add_argument("--max-length", type=_positive_int, default=None, metavar="N",
                    help="truncate texts to N tokens (default: the model's max_seq_length)")
-    p.add_argument("--backend", default=None, metavar="auto|torch|triton",
+    p.add_argument("--backend", default=None, type=_backend_arg, metavar="auto|torch|triton",
                    help="forward-pass implementation (default: the model's, i.e. auto: Triton on CUDA, "
                         "PyTorch elsewhere)")
 
 
 # ---------------------------------------------------------------------------- encode
+def _read_stdin() -> str:
+    """stdin as UTF-8 text, read as bytes where possible (text mode may decode with
+    surrogateescape, which lets invalid bytes through as lone surrogates)."""
+    buf = getattr(sys.stdin, "buffer", None)
+    if buf is not None:
+        raw = buf.read()
+        try:
+            return raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise CLIError(f"stdin is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    data = sys.stdin.read()
+    try:
+        data.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CLIError(f"stdin is not UTF-8 text (undecodable byte at character {e.start})") from None
+    return data
+
+
 def _read_lines(source: str) -> list[str]:
     if source == "-":
-        data = sys.stdin.read()
+        data = _read_stdin()
     else:
         try:
-            with open(source, encoding="utf-8") as f:
+            with open(source, encoding="utf-8-sig") as f:
                 data = f.read()
         except FileNotFoundError:
             raise CLIError(f"file not found: {source}") from None
@@ -292,7 +407,8 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 
     p = sub.add_parser("encode", help="embed texts (mean pooling + L2 normalisation)",
                        description="Embed texts and print a preview (or --json).")
-    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed; '-' reads one text per line from stdin")
+    p.add_argument("texts", nargs="*", type=_text_arg, metavar="TEXT",
+                   help="texts to embed; '-' reads one text per line from stdin")
     p.add_argument("--file", "-f", action="append", metavar="FILE",
                    help="read texts from FILE, one per line ('-' for stdin); repeatable")
     _add_model_args(p)
@@ -308,8 +424,8 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 
     p = sub.add_parser("similarity", help="cosine similarity of two texts",
                        description="Print the cosine similarity of the embeddings of two texts.")
-    p.add_argument("text_a", metavar="TEXT_A")
-    p.add_argument("text_b", metavar="TEXT_B")
+    p.add_argument("text_a", type=_text_arg, metavar="TEXT_A")
+    p.add_argument("text_b", type=_text_arg, metavar="TEXT_B")
     _add_model_args(p)
     p.set_defaults(func=cmd_similarity)
 

@@ -13,9 +13,14 @@ Per layer (x: (T, C) packed tokens, or (B, S, C) padded)::
     h   = linear(x, Wi, bi, activation="gelu")               # bias + GELU in the GEMM epilogue
     x   = add_layernorm(linear(h, Wo2), x, ln2, x_bias=bo2)
 
-Padding-free execution (flash-attention's bert_padding idea): the token ids are gathered once
-(``kernels.unpad``), every layer runs on the packed real tokens, and the output is scattered back
-once (``kernels.pad``), padded positions zero.
+Padding-free execution (flash-attention's bert_padding idea): the token ids are gathered once,
+every layer runs on the packed real tokens, and the output is scattered back once
+(``kernels.pad``), padded positions zero.  The layout is a ``kernels.padding.Packing`` computed
+once per forward by the caller: bertfast's ``BertModel`` decides padded vs packed in one place
+(``bertfast.modeling.plan_forward``, which also keeps exactness: see its docstring) and passes
+``packing=`` (a Packing, or None for the padded batch); then this module reads nothing on the
+host.  ``bertfast.optimize`` makes the same decision with the same function.  Without
+``packing=`` the layout is derived here from the mask with ``unpad`` (one host read).
 
 Training: hidden dropout is applied to each projection's output (bias included) before the
 add + LayerNorm kernel, exactly as the reference.  The fused attention kernel has no dropout: with
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._common import trusted_inputs
+from kernels.padding import Packing
 
 try:  # triton is a Linux x86-64 dependency; without it only the torch backend exists
     from kernels import ops
@@ -40,6 +46,9 @@ except ImportError:  # pragma: no cover
 # hidden_act -> activation fused into the up-projection GEMM (None: applied by torch after it)
 _FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _TORCH_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "swish": F.silu}
+
+
+_AUTO = object()  # encoder_forward(packing=...) left out
 
 
 @dataclass
@@ -81,25 +90,16 @@ def attention_dropout_p(attn_self) -> float:
 
 
 def fused_qkv(attn_self) -> tuple[torch.Tensor, torch.Tensor]:
-    """The concatenated [query; key; value] weight (3C, C) and bias (3C,).
+    """The concatenated [query; key; value] weight (3C, C) and bias (3C,): a ``torch.cat`` of the
+    three Linear parameters, built at every call (differentiable when gradients are enabled).
 
-    With gradients enabled it is a differentiable ``torch.cat`` of the three Linear parameters
-    (gradients flow back to them; the checkpoint format is untouched).  Without, it is a cached
-    copy keyed on the parameters' storage and version counters, so it is rebuilt after
-    ``load_state_dict``, ``.to()``, an optimizer step or any in-place change."""
+    Deliberately not cached: a cache keyed on the parameters' identity (storage pointer, version
+    counter) misses writes that bypass the version counter (through a numpy view, ``.data``,
+    DLPack, another process), and then silently runs stale weights.  The copy costs one read and
+    one write of 3C x C weights per layer per forward (bert-base fp16: 3.5 MB per layer), small
+    against the layer's GEMMs except at the tiniest batches."""
     lins = (attn_self.query, attn_self.key, attn_self.value)
-    params = [p for lin in lins for p in (lin.weight, lin.bias)]
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-        return torch.cat([lin.weight for lin in lins]), torch.cat([lin.bias for lin in lins])
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-    cached = attn_self.__dict__.get("_bertfast_qkv")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            w = torch.cat([lin.weight for lin in lins])
-            b = torch.cat([lin.bias for lin in lins])
-        cached = (key, w, b)
-        attn_self.__dict__["_bertfast_qkv"] = cached
-    return cached[1], cached[2]
+    return torch.cat([lin.weight for lin in lins]), torch.cat([lin.bias for lin in lins])
 
 
 def position_table(embeddings) -> torch.Tensor:
@@ -178,19 +178,36 @@ def encoder_forward(
     *,
     unpad: bool = True,
     output_hidden_states: bool = False,
-) -> tuple[torch.Tensor, Optional[tuple]]:
+    packing=_AUTO,
+    return_packed: bool = False,
+    layer_fn=None,
+):
     """Embeddings + every layer on the kernels.  ``model`` has ``.config.hidden_act``,
     ``.embeddings`` and ``.encoder.layer`` with transformers' names.  Inputs are assumed
     validated (the caller's job, before this): the kernels run in trusted mode, with no per-layer
-    host reads.  Returns (last_hidden_state (B, S, C), hidden_states or None)."""
-    args = (model, input_ids, attention_mask, token_type_ids, position_ids, unpad, output_hidden_states)
+    host reads.
+
+    ``packing``: the caller's decision, a ``kernels.padding.Packing`` (run the packed real
+    tokens, varlen attention) or None (run the padded batch with ``attention_mask`` as given:
+    a 2-D 0/1 mask, a 4-D additive one, or None for no padding); no host read here then.  Left
+    out, the layout is derived from the mask (``unpad`` and no attention dropout: packed).
+
+    ``layer_fn(layer, x, batch, training)``: runs one layer (default ``layer_forward``; e.g. a
+    gradient-checkpointed wrapper of it).
+
+    Returns (last_hidden_state (B, S, C), hidden_states or None), plus, with ``return_packed``,
+    the last layer's output as the layers produced it ((T, C) packed, or (B, S, C)) and the
+    Packing used (or None)."""
+    args = (model, input_ids, attention_mask, token_type_ids, position_ids, unpad, output_hidden_states, packing,
+            return_packed, layer_fn)
     if torch.compiler.is_compiling():  # value checks are off while tracing anyway
         return _encoder_forward(*args)
     with trusted_inputs():
         return _encoder_forward(*args)
 
 
-def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_ids, unpad, output_hidden_states):
+def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_ids, unpad, output_hidden_states,
+                     packing=_AUTO, return_packed=False, layer_fn=None):
     emb = model.embeddings
     act = model.config.hidden_act
     if act not in _FUSED_ACTIVATIONS and act not in _TORCH_ACTIVATIONS:
@@ -200,19 +217,23 @@ def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_
     B, S = input_ids.shape
     causal = is_causal(layers[0].attention.self) if len(layers) else False
     mask = attention_mask
-    # host reads are possible unless torch.compile traces or a CUDA graph is being captured
-    host = not torch.compiler.is_compiling() and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
-    attn_dropout = training and len(layers) and attention_dropout_p(layers[0].attention.self) > 0
-    varlen = False  # data-dependent, so only where the host may read the mask
-    if mask is not None and mask.dim() == 2 and host:
-        if unpad and not attn_dropout:
-            _, indices, cu_seqlens, max_seqlen = ops.unpad(input_ids[..., None], mask)
-            full = indices.numel() == B * S  # known on the host after unpad: no extra read
-            varlen = not full
-        else:
-            full = bool(mask.all())
-        if full:
-            mask = None  # no padding anywhere: the plain path
+    if packing is _AUTO:  # no decision from the caller: derive the layout from the mask
+        packing = None
+        # host reads are possible unless torch.compile traces or a CUDA graph is being captured
+        host = not torch.compiler.is_compiling() and not (
+            input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
+        attn_dropout = training and len(layers) and attention_dropout_p(layers[0].attention.self) > 0
+        if mask is not None and mask.dim() == 2 and host:  # data-dependent: only where the host may read
+            if unpad and not attn_dropout:
+                packing = Packing.from_mask(mask)  # one host read; None when nothing is padded
+                full = packing is None
+            else:
+                full = bool(mask.all())
+            if full:
+                mask = None  # no padding anywhere: the plain path
+    varlen = packing is not None
+    if varlen:
+        indices, cu_seqlens, max_seqlen = packing.indices, packing.cu_seqlens, packing.max_seqlen
     ln = emb.LayerNorm
     table = position_table(emb)
     pad_idx = getattr(emb.word_embeddings, "padding_idx", None)
@@ -231,6 +252,13 @@ def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_
         x = ops.embeddings_layernorm(input_ids, token_type_ids, position_ids, emb.word_embeddings.weight, table,
                                      emb.token_type_embeddings.weight, ln.weight, ln.bias, ln.eps,
                                      padding_idx=pad_idx)  # (B, S, C)
+        if causal and mask is not None and mask.dim() == 4 and mask.is_floating_point():
+            # an additive mask: fold the causal part in at the same finite value (as the torch
+            # path and transformers do), so that a query that sees no real key (a padded first
+            # token) gets the uniform softmax over every key, not only key 0 of the kernel's -inf
+            future = torch.ones(S, S, dtype=torch.bool, device=mask.device).triu_(1)  # (S, S)
+            mask = mask.masked_fill(future, torch.finfo(mask.dtype).min)  # (B|1, 1|H, S, S)
+            causal = False
         batch = _Batch(B, S, False, mask, causal=causal, hidden_act=act)
     x = F.dropout(x, emb.dropout.p, training=True) if training and emb.dropout.p > 0 else x
 
@@ -238,9 +266,13 @@ def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_
         return ops.pad(h, batch.indices, B, S) if batch.varlen else h
 
     hidden = [restore(x)] if output_hidden_states else None
+    run_layer = layer_fn if layer_fn is not None else layer_forward
     for layer in layers:
-        x = layer_forward(layer, x, batch, training)
+        x = run_layer(layer, x, batch, training)
         if hidden is not None:
             hidden.append(restore(x))
     last = hidden[-1] if hidden is not None else restore(x)
-    return last, (tuple(hidden) if hidden is not None else None)
+    hidden = tuple(hidden) if hidden is not None else None
+    if return_packed:
+        return last, hidden, x, packing
+    return last, hidden

@@ -7,9 +7,33 @@
 ``optimize`` finds the BertModel inside (a ``BertModel``, any ``BertFor*`` model, or a
 sentence-transformers model wrapping one) and gives it a forward that runs bertfast's kernels
 (bertfast/fast.py) on the *same* parameters: nothing is copied, so fine-tuning and
-``save_pretrained`` behave as before.  Requests the kernels do not serve (``output_attentions``,
-``inputs_embeds``, cross-attention, a KV cache, CPU tensors outside the interpreter) go to the
-original forward unchanged.
+``save_pretrained`` behave as before.
+
+A drop-in means the same answers as transformers' own forward:
+
+* The same arguments, read the way transformers reads them: ``output_hidden_states`` (a flag, or
+  a selection of layers such as ``[0, 2, -1]``), ``output_attentions``, ``return_dict`` and
+  ``use_cache`` given as arguments or taken from the config, ``past_key_values`` / ``cache``,
+  and any other keyword transformers passes down.  The same return type, keys and tuple order.
+* Whatever the kernels do not produce goes to transformers' original forward, untouched:
+  attention probabilities, ``inputs_embeds``, cross-attention inputs, a KV cache (a decoder
+  with ``use_cache``), a non-2-D mask, ``is_causal`` overrides, keywords bertfast does not know
+  with a value, CPU tensors under ``backend="auto"``, and gradient checkpointing where the fast
+  path cannot recompute per layer.  Model properties the kernels lack (head size, activation,
+  dtype) run the original forward under ``backend="auto"`` and raise ``ValueError`` naming
+  them under ``backend="triton"`` (at ``optimize`` and at the forward, before any kernel).
+* Padding-free execution (``unpad=True``) leaves padded positions' outputs uncomputed.  Where
+  something reads them, the padded computation runs instead: the pooler when a row's first
+  token is padding (left padding), and the losses of transformers heads that read padded
+  positions (question answering with ``start_positions`` / ``end_positions``, per-token
+  ``labels`` other than -100 at padded positions, for a decoder also the label after a padded
+  position: the causal LM loss scores logits i against label i + 1; ``optimize`` wraps the
+  head's forward to hand its labels to the encoder).  For a decoder those cases take the
+  original forward: a padded query that sees no key has no single answer (transformers' eager
+  and SDPA differ there).  The decision is ``bertfast.modeling.plan_forward``'s, as for
+  bertfast's own models: one host read per forward, shared with the input checks.
+* Gradient checkpointing (``model.gradient_checkpointing_enable()``) recomputes each layer in
+  the backward with the layer's own checkpoint function, on the kernels.
 
 ``register_attention()`` adds ``"bertfast"`` to transformers' attention interface, so
 ``from_pretrained(..., attn_implementation="bertfast")`` runs the fused attention kernel inside
@@ -19,7 +43,9 @@ transformers stays optional: it is imported only by these functions.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
+import inspect
 from typing import Optional
 
 import torch
@@ -29,6 +55,21 @@ from bertfast import backend as _backend
 from bertfast import fast
 
 _ORIGINAL = "_bertfast_original_forward"
+_HEAD_ORIGINAL = "_bertfast_original_head_forward"
+
+# set by an optimized head's forward to (bert, what its loss reads: per-token labels, QA
+# positions); the bert forward inside hands them to its plan (bertfast.modeling.plan_forward),
+# which decides in the same host read as the input checks whether the padded computation runs
+_HEAD_LOSS = contextvars.ContextVar("bertfast_head_loss", default=None)
+
+# keywords of transformers' BertModel.forward served on the kernel path when they carry a value
+_SERVED = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# read here with transformers' own rules
+_FLAGS = ("output_attentions", "output_hidden_states", "return_dict", "use_cache")
+# only the heads' losses read it (transformers passes the heads' kwargs on to the encoder)
+_HARMLESS = ("num_items_in_batch",)
+# a head's forward keywords whose loss may read padded positions
+_LABEL_ARGS = ("labels", "start_positions", "end_positions")
 
 
 def find_bert(model: torch.nn.Module) -> torch.nn.Module:
@@ -43,48 +84,96 @@ def find_bert(model: torch.nn.Module) -> torch.nn.Module:
                      "(expected a transformers BertModel, BertFor* model or a sentence-transformers model of one)")
 
 
-def _check_supported(bert) -> None:
-    cfg = bert.config
-    act = getattr(cfg, "hidden_act", None)
-    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish"):
-        raise ValueError(f"bertfast.optimize: hidden_act {act!r} is not supported")
-    pet = getattr(cfg, "position_embedding_type", "absolute")
-    if pet not in (None, "absolute"):
-        raise ValueError(f"bertfast.optimize: position_embedding_type {pet!r} is not supported (only 'absolute')")
-    if getattr(cfg, "add_cross_attention", False):
-        raise ValueError("bertfast.optimize: models with cross-attention are not supported")
-    if cfg.hidden_size // cfg.num_attention_heads not in (32, 64, 128):
-        raise ValueError(f"bertfast.optimize: head size {cfg.hidden_size // cfg.num_attention_heads} is not "
-                         "supported by the attention kernel (32, 64 or 128)")
+def kernel_unsupported(bert, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why bertfast's kernels cannot run this transformers BERT encoder (a sentence naming the
+    property), or None when they can: ``bertfast.backend.kernel_unsupported`` on its config and
+    parameter dtype."""
+    if dtype is None:
+        dtype = bert.embeddings.LayerNorm.weight.dtype
+    return _backend.kernel_unsupported(bert.config, dtype)
 
 
-def optimize(model: torch.nn.Module, *, unpad: bool = True, backend: str = "auto") -> torch.nn.Module:
+def _param_names(fn) -> tuple:
+    """Names of ``fn``'s positional-or-keyword parameters (self excluded for bound methods)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # pragma: no cover
+        return ()
+    return tuple(n for n, p in sig.parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _bind(names: tuple, args: tuple, kwargs: dict) -> Optional[dict]:
+    """args + kwargs as one dict of keywords; None when they do not bind (the original forward
+    then raises transformers' own error)."""
+    if len(args) > len(names):
+        return None
+    bound = dict(kwargs)
+    for name, value in zip(names, args):
+        if name in bound:
+            return None
+        bound[name] = value
+    return bound
+
+
+def optimize(model: torch.nn.Module, *, unpad=True, backend: str = "auto") -> torch.nn.Module:
     """Accelerate a transformers BERT model in place; returns the same object.
 
-    ``backend="auto"`` runs the kernels on CUDA inputs and transformers' forward elsewhere;
-    ``"triton"`` insists on the kernels (on CPU only under TRITON_INTERPRET=1)."""
+    ``unpad``: ``True`` (padding-free where exact, else the padded batch), ``"always"`` (always
+    padding-free: masked semantics, opt-in, as bertfast's ``config.unpad``) or ``False``.
+
+    ``backend="auto"`` runs the kernels on CUDA inputs the kernels support and transformers'
+    forward elsewhere; ``"triton"`` insists on the kernels (on CPU only under TRITON_INTERPRET=1)
+    and raises ``ValueError`` for a model they cannot run."""
     _backend.check_backend(backend)
     bert = find_bert(model)
-    _check_supported(bert)
-    if _ORIGINAL in bert.__dict__:  # already optimized: update the options
-        bert._bertfast_options = {"unpad": bool(unpad), "backend": backend}
-        return model
-    original = bert.forward  # bound method of the class
-    bert._bertfast_options = {"unpad": bool(unpad), "backend": backend}
-    bert.__dict__[_ORIGINAL] = original
-    bert.forward = functools.wraps(original)(functools.partial(_fast_forward, bert))
+    if backend == "triton":
+        why = kernel_unsupported(bert)
+        if why is not None:
+            raise ValueError(f"bertfast.optimize(backend='triton'): {why}")
+    from bertfast.config import unpad_mode
+
+    try:
+        unpad_mode(unpad)  # True (exact padding-free), "always" (masked semantics) or False
+    except ValueError as e:
+        raise ValueError(f"bertfast.optimize: {e}") from None
+    opts = {"unpad": unpad if unpad == "always" else bool(unpad), "backend": backend}
+    if _ORIGINAL not in bert.__dict__:
+        original = bert.forward  # bound method of the class
+        bert.__dict__[_ORIGINAL] = original
+        bert.__dict__["_bertfast_params"] = _param_names(original)
+        bert.forward = functools.wraps(original)(functools.partial(_fast_forward, bert))
+    bert._bertfast_options = opts  # a plain dict: bertfast.cuda_graphs flips "unpad" for captures
+    _wrap_head(model, bert)
     return model
 
 
+def _wrap_head(model, bert) -> None:
+    """Let the head's forward hand what its loss reads (labels, QA positions) to the encoder's plan."""
+    if model is bert or _HEAD_ORIGINAL in model.__dict__:
+        return
+    original = model.forward
+    names = _param_names(original)
+    if not any(n in names for n in _LABEL_ARGS):
+        return
+    model.__dict__[_HEAD_ORIGINAL] = original
+    model.__dict__["_bertfast_head_params"] = names
+    model.forward = functools.wraps(original)(functools.partial(_head_forward, model, bert))
+
+
 def restore(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo ``optimize``: the model's own forward again, caches dropped."""
+    """Undo ``optimize``: the model's own forward (and the head's) again."""
     bert = find_bert(model)
     if _ORIGINAL in bert.__dict__:
         del bert.__dict__[_ORIGINAL]
         bert.__dict__.pop("forward", None)
         bert.__dict__.pop("_bertfast_options", None)
-    for m in bert.modules():
-        m.__dict__.pop("_bertfast_qkv", None)
+        bert.__dict__.pop("_bertfast_params", None)
+    for m in model.modules():
+        if _HEAD_ORIGINAL in m.__dict__:
+            del m.__dict__[_HEAD_ORIGINAL]
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_bertfast_head_params", None)
     return model
 
 
@@ -92,38 +181,187 @@ def is_optimized(model: torch.nn.Module) -> bool:
     return _ORIGINAL in find_bert(model).__dict__
 
 
-def _fast_forward(bert, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                  inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                  output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+# ----------------------------------------------------------------------------- exact padding
+
+
+def _head_forward(head, bert, *args, **kwargs):
+    """The head's own forward, with what its loss reads handed to the encoder's plan (no host
+    read here): per-token ``labels`` and whether QA positions are given."""
+    original = head.__dict__[_HEAD_ORIGINAL]
+    if _ORIGINAL not in bert.__dict__ or torch.compiler.is_compiling():  # traced: no host read, nothing to plan
+        return original(*args, **kwargs)
+    bound = _bind(head.__dict__.get("_bertfast_head_params", ()), args, kwargs)
+    if bound is None:
+        return original(*args, **kwargs)  # transformers' own error
+    loss = {"labels": bound.get("labels"),
+            "reads_all_positions": bound.get("start_positions") is not None or bound.get("end_positions") is not None}
+    token = _HEAD_LOSS.set((bert, loss))
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _HEAD_LOSS.reset(token)
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+def _checkpointing(bert) -> bool:
+    """Whether transformers would checkpoint some layer of this forward (GradientCheckpointingLayer:
+    the layer's flag, training mode, gradients enabled)."""
+    return bert.training and torch.is_grad_enabled() and any(
+        getattr(layer, "gradient_checkpointing", False) for layer in bert.encoder.layer)
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_takes_layer_fn(fn) -> bool:
+    try:
+        return "layer_fn" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _layer_call(layer, x, batch, training):
+    return fast.layer_forward(layer, x, batch, training)
+
+
+def checkpointed_layer(layer, x, batch, training):
+    """One layer on the kernels, recomputed in the backward when the layer is checkpointed
+    (its ``_gradient_checkpointing_func``: ``torch.utils.checkpoint.checkpoint`` with the
+    model's checkpointing kwargs, RNG state preserved so dropout replays the same masks)."""
+    if getattr(layer, "gradient_checkpointing", False) and training and torch.is_grad_enabled():
+        ckpt = getattr(layer, "_gradient_checkpointing_func", None)
+        if ckpt is None:
+            from torch.utils.checkpoint import checkpoint
+
+            ckpt = functools.partial(checkpoint, use_reentrant=False)
+        return ckpt(functools.partial(_layer_call, layer, batch=batch, training=training), x)
+    return fast.layer_forward(layer, x, batch, training)
+
+
+# ----------------------------------------------------------------------------- the forward
+
+
+def _fast_forward(bert, *args, **kwargs):
     original = bert.__dict__[_ORIGINAL]
+    route = _route(bert, args, kwargs)
+    out = _kernel_forward(bert, route) if route is not None else None
+    if out is None:
+        return original(*args, **kwargs)
+    return out
+
+
+def _route(bert, args, kwargs) -> Optional[dict]:
+    """The kernel path's inputs, or None: transformers' original forward serves this call.  No
+    host read here (the padding decision is ``_kernel_forward``'s plan)."""
+    bound = _bind(bert.__dict__.get("_bertfast_params", ()), args, kwargs)
+    if bound is None:
+        return None
+    cfg = bert.config
+    if "is_causal" in bound or hasattr(cfg, "is_causal"):  # merge_with_config_defaults' causal override
+        return None
+    for name, value in bound.items():
+        if name in _SERVED or name in _FLAGS or name in _HARMLESS:
+            continue
+        if value is not None:  # inputs_embeds, encoder states, a cache, flash varlen kwargs, anything unknown
+            return None
+    input_ids = bound.get("input_ids")
+    mask = bound.get("attention_mask")
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+        return None
+    if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
+        return None
+    # output flags exactly as transformers' capture_outputs reads them: a keyword given (even None)
+    # wins over the config
+    if bound.get("output_attentions", getattr(cfg, "output_attentions", False)):
+        return None  # the fused attention never forms the probabilities
+    # use_cache as merge_with_config_defaults and BertModel.forward resolve it
+    use_cache = bound.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(cfg, "use_cache", None)
+    if use_cache and getattr(bert, "gradient_checkpointing", False) and bert.training and torch.is_grad_enabled():
+        use_cache = False
+    if use_cache and getattr(cfg, "is_decoder", False):
+        return None  # transformers returns a KV cache
     opts = bert._bertfast_options
-    cache_used = any(kwargs.get(k) is not None for k in ("cache", "past_key_values")) or kwargs.get("use_cache")
-    eligible = (input_ids is not None and inputs_embeds is None and encoder_hidden_states is None
-                and not output_attentions and not cache_used
-                and (attention_mask is None or attention_mask.dim() == 2))
-    if eligible:
-        eligible = _backend.resolve(opts["backend"], input_ids.device) == "triton"
-    if not eligible:
-        return original(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        position_ids=position_ids, inputs_embeds=inputs_embeds,
-                        encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                        return_dict=return_dict, **kwargs)
+    if _backend.resolve(opts["backend"], input_ids.device) != "triton":
+        return None
+    why = kernel_unsupported(bert)
+    if why is not None:
+        if opts["backend"] == "triton":
+            raise ValueError(f"bertfast.optimize(backend='triton'): {why}")
+        return None
+    checkpoint = _checkpointing(bert)
+    if checkpoint and not _fast_takes_layer_fn(fast.encoder_forward):
+        return None  # the fast path cannot recompute per layer: transformers' layers do
+    layers = bert.encoder.layer
+    causal = bool(len(layers)) and fast.is_causal(layers[0].attention.self)
+    attention_dropout = bool(bert.training and len(layers) and fast.attention_dropout_p(layers[0].attention.self) > 0)
+    return {
+        "input_ids": input_ids, "attention_mask": mask, "token_type_ids": bound.get("token_type_ids"),
+        "position_ids": bound.get("position_ids"), "unpad": opts["unpad"], "checkpoint": checkpoint,
+        "causal": causal, "attention_dropout": attention_dropout,
+        "output_hidden_states": bound.get("output_hidden_states", getattr(cfg, "output_hidden_states", False)),
+        "return_dict": bound.get("return_dict", getattr(cfg, "return_dict", True)),
+    }
+
+
+def _hidden_selection(bert, ohs, num_hidden_states: int) -> Optional[set]:
+    """The hidden-state indices ``output_hidden_states`` selects (None: all), as transformers'
+    capture_outputs resolves them."""
+    try:
+        from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
+    except ImportError:  # older transformers: a flag only
+        return None
+    selected = selected_hidden_states(ohs)
+    if selected is None:
+        return None
+    return resolve_hidden_states_indices(bert, selected)
+
+
+def _head_loss(bert, input_ids) -> dict:
+    """What the loss of the optimized head around this forward reads (``_head_forward``):
+    plan_forward's ``labels`` (per-token ones only, as the mask's shape) and ``reads_all_positions``."""
+    ctx = None if torch.compiler.is_compiling() else _HEAD_LOSS.get()
+    if ctx is None or ctx[0] is not bert:
+        return {}
+    loss = ctx[1]
+    labels = loss["labels"]
+    per_token = torch.is_tensor(labels) and tuple(labels.shape) == tuple(input_ids.shape)
+    return {"labels": labels if per_token else None, "reads_all_positions": loss["reads_all_positions"]}
+
+
+def _kernel_forward(bert, route: dict):
+    """The forward on the kernels, as planned by ``bertfast.modeling.plan_forward`` (input checks
+    and the padded / packed decision in one host read); None where transformers' original
+    forward must serve it (a decoder whose padded positions are read)."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-    from bertfast.modeling import validate_inputs
+    from bertfast.modeling import plan_forward
 
+    ids, mask, tts, pos = route["input_ids"], route["attention_mask"], route["token_type_ids"], route["position_ids"]
     dtype = bert.embeddings.LayerNorm.weight.dtype
-    # transformers' config has the field names validate_inputs reads
-    validate_inputs(bert.config, input_ids, attention_mask, token_type_ids, position_ids, None, dtype)
-    if output_hidden_states is None:
-        output_hidden_states = getattr(bert.config, "output_hidden_states", False)
-    last, hidden = fast.encoder_forward(bert, input_ids, attention_mask, token_type_ids, position_ids,
-                                        unpad=opts["unpad"], output_hidden_states=bool(output_hidden_states))
+    causal = route["causal"]
+    # transformers' config has the field names plan_forward reads (config.unpad: optimize's option)
+    plan = plan_forward(bert.config, ids, mask, tts, pos, None, dtype, triton=True, causal=causal,
+                        attention_dropout=route["attention_dropout"],
+                        reads_first_token=getattr(bert, "pooler", None) is not None,
+                        shifted_labels=bool(getattr(bert.config, "is_decoder", False)),
+                        unpad=route["unpad"], **_head_loss(bert, ids))
+    if causal and plan.reads_padding:
+        return None  # a padded query before the first real token sees no key: transformers decides
+    ohs = route["output_hidden_states"]
+    extra = {"layer_fn": checkpointed_layer} if route["checkpoint"] else {}
+    last, hidden = fast.encoder_forward(bert, ids, plan.mask, tts, pos, unpad=plan.packing is not None,
+                                        packing=plan.packing, output_hidden_states=bool(ohs), **extra)
     pooled = bert.pooler(last) if getattr(bert, "pooler", None) is not None else None
-    out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled,
-                                                       hidden_states=hidden)
-    if return_dict is False:
+    out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled)
+    if ohs:
+        hidden = list(hidden)
+        selection = _hidden_selection(bert, ohs, len(hidden))
+        if selection is not None:
+            hidden = [h if i in selection else None for i, h in enumerate(hidden)]
+        out["hidden_states"] = tuple(hidden)
+    if route["return_dict"] is False:
         return out.to_tuple()
     return out
 
@@ -134,21 +372,37 @@ def _fast_forward(bert, input_ids=None, attention_mask=None, token_type_ids=None
 def bertfast_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """transformers attention-interface function: query/key/value (B, H, S, D), attention_mask
-    the 2-D (B, S) padding mask (bertfast registers flash-attention style mask creation) or None;
-    returns ((B, S, H, D), None)."""
+    the 2-D (B, S) padding mask (bertfast registers flash-attention style mask creation), a 4-D
+    mask, or None; returns ((B, S, H, D), None).  Causal attention (``is_causal``, else the
+    module's ``is_causal``) is applied in every mode, padding mask or not, dropout or not."""
     import kernels
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     if query.shape[-2] != key.shape[-2]:
         raise ValueError("attn_implementation='bertfast' supports self-attention over the whole sequence only "
                          "(no KV cache, no cross-attention)")
-    if dropout > 0.0:  # the fused kernel has no dropout
-        mask = None
+    if dropout > 0.0:  # the fused kernel has no dropout: SDPA with dropout
+        S = query.shape[-2]
+        keep = None  # bool, True = attend
+        additive = None
         if attention_mask is not None:
-            keep = attention_mask.bool()[:, None, None, :] if attention_mask.dim() == 2 else attention_mask.bool()
-            mask = keep
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                             is_causal=causal and mask is None, scale=scaling)
+            if attention_mask.dim() == 2:
+                keep = attention_mask.bool()[:, None, None, :]
+            elif attention_mask.dtype == torch.bool:
+                keep = attention_mask
+            else:
+                additive = attention_mask.to(query.dtype)
+        if causal:
+            tri = torch.ones(S, S, dtype=torch.bool, device=query.device).tril_()
+            if additive is not None:
+                additive = additive.masked_fill(~tri, torch.finfo(query.dtype).min)
+            elif keep is not None:
+                keep = keep & tri
+        if keep is not None:  # finite, so a row that sees no key gives a uniform softmax (as eager), not NaN
+            additive = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                ~keep, torch.finfo(query.dtype).min)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=additive, dropout_p=dropout,
+                                             is_causal=causal and additive is None, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4:
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(

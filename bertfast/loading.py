@@ -15,11 +15,25 @@ Key mapping on load:
   ``strict=False`` a warning).  The pooler is lenient between architectures: a checkpoint from a
   model without one (e.g. BertForMaskedLM) loads into BertModel with a fresh pooler (warning),
   and a checkpoint's pooler is ignored by models without one;
-* the MLM decoder weight is tied to the word embeddings (and ``cls.predictions.decoder.bias`` to
-  ``cls.predictions.bias``): the alias keys are optional on load and never written on save.
+* with ``tie_word_embeddings=True`` (the default) the MLM decoder weight is tied to the word
+  embeddings (and ``cls.predictions.decoder.bias`` to ``cls.predictions.bias``): the alias keys are
+  optional on load and never written on save.  With ``tie_word_embeddings=False`` the decoder is
+  its own weight: read from the checkpoint (a head checkpoint without it is refused under
+  ``strict``) and saved; a missing ``decoder.bias`` (checkpoints older than transformers 5) is
+  taken from ``cls.predictions.bias``;
+* a head checkpoint that holds some of a head's weights but not all is refused under ``strict``
+  (the head would be half trained, half random).
+
+Checks run in this order, each before the work it protects: the config (every field validated);
+the shard index (valid JSON, a ``weight_map`` of names to shard files inside the checkpoint
+directory, every shard present); the tensor headers (safetensors headers; memory-mapped
+pytorch_model.bin) against the model's keys, shapes and floating point dtypes, before any
+checkpoint tensor is read or copied; then the values: NaN or inf in a weight is a ``CheckpointError`` naming the tensors (a warning
+with ``strict=False``), since a non-finite weight makes every output it touches NaN.
 
 Every failure (missing directory / config / weights file, unreadable or truncated file, missing
-or unexpected key, shape mismatch) raises ``CheckpointError`` naming the file or key.
+or unexpected key, shape or dtype mismatch, non-finite weights, bad shard index) raises
+``CheckpointError`` naming the file or key.
 """
 from __future__ import annotations
 
@@ -27,8 +41,9 @@ import dataclasses
 import json
 import logging
 import warnings
-from pathlib import Path
-from typing import Dict, Union
+from collections import defaultdict
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Dict, Union
 
 import torch
 
@@ -110,18 +125,63 @@ def load_config(path_or_name: Union[str, Path], **overrides) -> BertConfig:
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+
+
+class TensorRef:
+    """A tensor of a safetensors file known by its header only (name, shape, dtype): nothing read."""
+
+    __slots__ = ("path", "key", "shape", "dtype", "dtype_name")
+
+    def __init__(self, path: Path, key: str, shape, dtype_name: str):
+        self.path, self.key, self.shape, self.dtype_name = path, key, torch.Size(shape), dtype_name
+        self.dtype = _ST_DTYPES.get(dtype_name)  # None: a dtype torch has no name for
+
+    def is_floating_point(self) -> bool:
+        return self.dtype is not None and self.dtype.is_floating_point
+
+    def __repr__(self):
+        return f"TensorRef({self.path.name}:{self.key}, shape={tuple(self.shape)}, dtype={self.dtype_name})"
+
+
+def _dtype_name(v) -> str:
+    if isinstance(v, TensorRef) and v.dtype is None:
+        return v.dtype_name
+    return str(v.dtype).replace("torch.", "")
+
+
+def _header_safetensors(path: Path) -> Dict[str, TensorRef]:
+    from safetensors import safe_open
 
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = TensorRef(path, k, sl.get_shape(), sl.get_dtype())
+            return out
     except Exception as e:  # SafetensorError, OSError, ...: truncated or corrupt
         raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
 
 
+def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    return materialize(_header_safetensors(path))
+
+
 def _read_bin(path: Path) -> Dict[str, torch.Tensor]:
+    """A pytorch_model.bin, memory-mapped where the format allows (nothing copied until used)."""
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # the legacy (non-zip) format cannot be memory-mapped
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(f"{path}: cannot read PyTorch weights file (truncated or corrupt?): {e}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -131,39 +191,117 @@ def _read_bin(path: Path) -> Dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def _read_sharded(index_path: Path) -> Dict[str, torch.Tensor]:
+def _shard_outside(shard: str) -> bool:
+    """Whether a shard file name of an index points outside the index's directory."""
+    for pure in (PurePosixPath(shard), PureWindowsPath(shard)):
+        if pure.is_absolute() or pure.anchor or ".." in pure.parts:
+            return True
+    return False
+
+
+def read_shard_index(index_path: Path) -> Dict[str, Path]:
+    """``weight_map`` of a ``*.index.json``: tensor name -> shard file (inside the directory, present)."""
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except Exception as e:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from e
-    reader = _read_safetensors if index_path.name.startswith("model.safetensors") else _read_bin
-    sd: Dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / shard
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{index_path}: not a valid shard index: not valid JSON ({e})") from e
+    except OSError as e:
+        raise CheckpointError(f"{index_path}: cannot read shard index: {e}") from e
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{index_path}: not a valid shard index: expected a JSON object, got "
+                              f"{type(index).__name__}")
+    if "weight_map" not in index:
+        raise CheckpointError(f"{index_path}: not a valid shard index: no 'weight_map' key")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: not a valid shard index: 'weight_map' must be an object of "
+                              f"tensor name -> shard file, got {type(weight_map).__name__}")
+    if not weight_map:
+        raise CheckpointError(f"{index_path}: not a valid shard index: 'weight_map' is empty")
+    out: Dict[str, Path] = {}
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.strip():
+            raise CheckpointError(f"{index_path}: weight_map[{key!r}] must be a shard file name, got {shard!r}")
+        if _shard_outside(shard):
+            raise CheckpointError(f"{index_path}: weight_map[{key!r}] = {shard!r} points outside the checkpoint "
+                                  f"directory (shard files must be plain names inside it)")
+        out[key] = index_path.parent / shard
+    for shard_path in sorted(set(out.values())):
         if not shard_path.is_file():
             raise CheckpointError(f"{shard_path}: shard listed in {index_path.name} is missing")
-        sd.update(reader(shard_path))
-    for key, shard in weight_map.items():
+    return out
+
+
+def _header_sharded(index_path: Path) -> Dict[str, Any]:
+    weight_map = read_shard_index(index_path)
+    safetensors_index = index_path.name.startswith("model.safetensors")
+    sd: Dict[str, Any] = {}
+    for shard_path in sorted(set(weight_map.values())):
+        sd.update(_header_safetensors(shard_path) if safetensors_index else _read_bin(shard_path))
+    for key, shard_path in weight_map.items():
         if key not in sd:
-            raise CheckpointError(f"{key}: listed in {index_path.name} under {shard} but not found in that shard")
+            raise CheckpointError(f"{key}: listed in {index_path.name} under {shard_path.name} but not found in "
+                                  f"that shard")
     return sd
 
 
-def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """The raw tensors of a weights file, a shard index, or a checkpoint directory (CPU)."""
+def read_header(path: Union[str, Path]) -> Dict[str, Any]:
+    """The tensors of a weights file, a shard index or a checkpoint directory, by name, without
+    reading safetensors data: values are ``TensorRef`` (shape, dtype) for safetensors and
+    memory-mapped tensors for pytorch_model.bin.  ``materialize`` reads them."""
     p = Path(path)
     if p.is_dir():
         p = find_weights_file(p)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such weights file")
     if p.name.endswith(".index.json"):
-        return _read_sharded(p)
+        return _header_sharded(p)
     if p.suffix == ".safetensors":
-        return _read_safetensors(p)
+        return _header_safetensors(p)
     return _read_bin(p)
+
+
+def materialize(sd: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Read the ``TensorRef`` values of ``sd`` (one open per file); tensors pass through."""
+    by_file: Dict[Path, list] = defaultdict(list)
+    out: Dict[str, torch.Tensor] = {}
+    for name, v in sd.items():
+        if isinstance(v, TensorRef):
+            by_file[v.path].append((name, v))
+        else:
+            out[name] = v
+    from safetensors import safe_open
+
+    for path, refs in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name, ref in refs:
+                    out[name] = f.get_tensor(ref.key)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    return {name: out[name] for name in sd}
+
+
+def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """The raw tensors of a weights file, a shard index, or a checkpoint directory (CPU)."""
+    return materialize(read_header(path))
+
+
+def check_finite(sd: Dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
+    """NaN / inf in a floating point tensor: CheckpointError naming the tensors (strict), else a warning."""
+    bad = []
+    for k, v in sd.items():
+        if torch.is_tensor(v) and v.is_floating_point() and v.numel():
+            finite = torch.isfinite(v)
+            if not bool(finite.all()):
+                n_nan = int(torch.isnan(v).sum())
+                bad.append(f"{k} ({n_nan} NaN, {int((~finite).sum()) - n_nan} inf of {v.numel()})")
+    if not bad:
+        return
+    msg = f"{source}: non-finite weights (every output they touch would be NaN): {_list(bad)}"
+    if strict:
+        raise CheckpointError(msg + "; pass strict=False to load them anyway")
+    warnings.warn(msg + " (strict=False: loading them anyway)", stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- key mapping
@@ -218,6 +356,11 @@ def map_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = True, sour
             v = mapped.pop(alias)
             mapped.setdefault(target, v)
 
+    # untied MLM decoder: decoder.bias absent from older checkpoints -> cls.predictions.bias
+    for key, source_key in getattr(model, "_untied_fallback_keys", {}).items():
+        if key not in mapped and source_key in mapped:
+            mapped[key] = mapped[source_key]
+
     model_sd = model.state_dict()
     expected = {k: v for k, v in model_sd.items() if k not in model._tied_weights_keys}
     enc = (lambda k: True) if is_base else (lambda k: k.startswith(prefix))
@@ -226,12 +369,17 @@ def map_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = True, sour
     missing = [k for k in expected if k not in mapped]
     unexpected = [k for k in mapped if k not in expected]
 
-    # shape mismatches: always an error
+    # shape and dtype mismatches: always an error
     for k in sorted(set(mapped) & set(expected)):
         if tuple(mapped[k].shape) != tuple(expected[k].shape):
             raise CheckpointError(
                 f"{k}: shape mismatch: {source} has {tuple(mapped[k].shape)}, the model expects "
                 f"{tuple(expected[k].shape)} (check the config, e.g. num_labels / vocab_size)"
+            )
+        if expected[k].is_floating_point() and not mapped[k].is_floating_point():
+            raise CheckpointError(
+                f"{k}: dtype mismatch: {source} holds a {_dtype_name(mapped[k])} tensor where the model expects "
+                f"floating point weights"
             )
 
     has_pooler = any(k.startswith(pooler) for k in expected)
@@ -247,6 +395,13 @@ def map_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = True, sour
     enc_unexpected = [k for k in unexpected if enc(k)]
     head_missing = [k for k in missing if not enc(k)]
     head_unexpected = [k for k in unexpected if not enc(k)]
+    # a head the checkpoint has some weights of but not all (e.g. an untied MLM decoder without
+    # cls.predictions.decoder.weight): as strict as the encoder, it would be half random
+    present_heads = {k.split(".", 1)[0] for k in mapped if not enc(k) and k in expected}
+    partial = [k for k in head_missing if k.split(".", 1)[0] in present_heads]
+    if partial:
+        enc_missing += partial
+        head_missing = [k for k in head_missing if k not in partial]
 
     if enc_missing or enc_unexpected:
         parts = []
@@ -297,10 +452,15 @@ def load_pretrained(cls, path_or_name, dtype=None, device=None, strict: bool = T
     elif config_overrides:
         config = dataclasses.replace(config, **config_overrides)
     weights = find_weights_file(directory)
-    sd = read_state_dict(weights)
-    dtype = _resolve_dtype(dtype, sd)
+    header = read_header(weights)  # names, shapes and dtypes; safetensors data not read yet
+    dtype = _resolve_dtype(dtype, header)
+    # the model the config asks for (a meta-device skeleton would be cheaper, but building one
+    # imports torch._dynamo, seconds); its keys / shapes / dtypes are checked against the header
+    # before a single checkpoint tensor is read or copied
     model = cls(config)
-    to_load = map_state_dict(model, sd, strict=strict, source=str(weights))
+    to_load = map_state_dict(model, header, strict=strict, source=str(weights))
+    to_load = materialize(to_load)
+    check_finite(to_load, str(weights), strict=strict)
     model.load_state_dict(to_load, strict=False)  # keys already checked; copies cast to the model's dtype
     model.tie_weights()
     if dtype is not None or device is not None:

@@ -26,13 +26,49 @@ in saved checkpoints (it is recomputed from the config), and a checkpoint that c
 ``embeddings.position_embeddings.weight`` is refused by a sinusoidal model under ``strict``.
 transformers has no sinusoidal BERT, so such checkpoints load only in bertfast.
 
-Padding-free execution (``config.unpad``, default True; flash-attention's bert_padding idea, as
-the Triton path in bertfast/fast.py): given a 2-D padding mask with actual padding, the real
-tokens are gathered once before the embeddings (``Packing``), every per-token part (projections,
-FFN, LayerNorms) runs on the T packed tokens (T, C) instead of (B, S, C), attention runs one
-sequence at a time (``attention_varlen_torch``), and the output is scattered back once
-(``kernels.pad``) with zeros at padded positions.  ``output_attentions`` and 4-D masks run on the
-padded batch, as does ``unpad=False`` (``model.set_backend(name, unpad=False)``).
+Padding-free execution (``config.unpad``; flash-attention's bert_padding idea, as the Triton
+path in bertfast/fast.py): given a 2-D padding mask with actual padding, the real tokens are
+gathered once before the embeddings (``Packing``, computed once per forward and handed to the
+layers, the Triton kernels and the heads), every per-token part (projections, FFN, LayerNorms)
+runs on the T packed tokens (T, C) instead of (B, S, C), attention runs one sequence at a time
+(``attention_varlen_torch``; the Triton varlen kernel on that backend), and the output is
+scattered back once (``kernels.pad``) with zeros at padded positions.  The per-token heads (MLM
+transform + decoder, token classifier, QA outputs) also run on the T packed tokens only, so no
+head ever normalises the all-zero vector of a padded position, and their logits are scattered
+back with **0 at padded positions**.
+
+Exactness.  Whatever a user can read (last_hidden_state and hidden_states at real tokens,
+pooler_output, every head's logits at real positions, every loss and every gradient) equals the
+padded computation (transformers) within rounding.  Where that needs hidden states at padded
+positions (transformers computes them: padded queries attend to the real keys), the forward
+runs the padded batch instead, by itself.  ``plan_forward`` is the one place that decides, from
+one host read per forward (shared with the input validation's value checks).  The padded batch
+runs when:
+
+* the pooler is computed (``BertModel`` with its pooler, ``BertForSequenceClassification``) and
+  some row's first token is padding (left padding, a hole at position 0, a fully padded row);
+* a loss reads every position (``BertForQuestionAnswering`` with start/end positions);
+* per-token labels (MLM, token classification) are not -100 at some padded position;
+* nothing would be gained or it cannot pack: no padding, ``unpad=False``, ``output_attentions``,
+  a 4-D mask, a fully padded batch, the torch backend on a non-CPU device, attention dropout in
+  training on the Triton backend, or under torch.compile / jit tracing / CUDA graph capture (no
+  host read allowed).
+
+``config.unpad`` (``model.set_backend(name, unpad=...)``; run-time only, never saved):
+
+* ``True`` (default): padding-free where exact, as above.
+* ``"always"``: padding-free whenever it can pack, with *masked* semantics where the exact
+  result needs padded positions: the pooler of a row whose first token is padding is
+  ``tanh(pooler.dense.bias)`` (it reads the zero vector), per-token labels at padded positions
+  are ignored (as if -100), and the QA loss softmaxes over the real tokens only.
+* ``False``: always the padded batch.
+
+Fully padded rows follow transformers in the padded batch: their queries see only padding keys,
+each at the dtype's most negative finite score, so the softmax is uniform (no NaN).  Token ids,
+token types and positions of any integer dtype (int8, uint8, int16, ...) are accepted (widened
+to int64 once).  ``forward`` takes transformers' ``use_cache`` / ``past_key_values`` / ``cache``
+/ ``encoder_hidden_states`` / ``encoder_attention_mask`` / ``head_mask`` / ``cache_position`` at
+their default values (None, or False for use_cache) and refuses other values by name.
 """
 from __future__ import annotations
 
@@ -47,8 +83,8 @@ import torch.nn.functional as F
 
 from bertfast import backend, fast
 from kernels._common import check_values
-from bertfast.config import BertConfig
-from kernels.padding import pad as pad_tokens, unpad as unpad_tokens  # torch index ops, no triton
+from bertfast.config import UNPAD_MODES, BertConfig, unpad_mode  # noqa: F401  (the one parser of config.unpad)
+from kernels.padding import Packing  # noqa: F401  (the padding-free layout; torch index ops, no triton)
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -166,6 +202,49 @@ def _is_int(t: torch.Tensor) -> bool:
     return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
+def _wide(t):
+    """Integer tensors of any dtype as int32/int64 (what embedding lookups and kernels take);
+    anything else unchanged."""
+    if torch.is_tensor(t) and _is_int(t) and t.dtype not in (torch.int32, torch.int64):
+        return t.to(torch.int64)
+    return t
+
+
+# transformers' BertModel / BertFor* forward keywords bertfast has no use for, with the values
+# that ask for nothing (accepted and ignored); any other value is refused by name
+_IGNORED_KWARGS = {
+    "use_cache": (None, False),
+    "past_key_values": (None,),
+    "cache": (None,),
+    "encoder_hidden_states": (None,),
+    "encoder_attention_mask": (None,),
+    "head_mask": (None,),
+    "cache_position": (None,),
+}
+
+
+def check_ignored_kwargs(where: str, kwargs: dict) -> None:
+    """Accept transformers' forward keywords at their do-nothing values; refuse the rest by name
+    (ValueError for a value that needs an unsupported feature, TypeError for an unknown name)."""
+    for name, value in kwargs.items():
+        if name not in _IGNORED_KWARGS:
+            raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
+        if not any(value is ok for ok in _IGNORED_KWARGS[name]):
+            what = {"use_cache": "a KV cache (use_cache=True)", "past_key_values": "a KV cache",
+                    "cache": "a KV cache", "encoder_hidden_states": "cross-attention",
+                    "encoder_attention_mask": "cross-attention", "head_mask": "head masking",
+                    "cache_position": "a KV cache"}[name]
+            raise ValueError(f"{where}: {name}={_short(value)} needs {what}, which bertfast does not support "
+                             f"(pass {name}=None{' or False' if name == 'use_cache' else ''}, or leave it out)")
+
+
+def _short(value) -> str:
+    if torch.is_tensor(value):
+        return f"<tensor {tuple(value.shape)}>"
+    r = repr(value)
+    return r if len(r) <= 40 else f"<{type(value).__name__}>"
+
+
 def validate_inputs(
     config: BertConfig,
     input_ids: Optional[torch.Tensor],
@@ -176,7 +255,17 @@ def validate_inputs(
     dtype: torch.dtype,
 ) -> Tuple[int, int]:
     """Every check on the model's inputs, before any computation; raises ValueError naming the
-    problem.  Returns (B, S).
+    problem.  Returns (B, S).  (``plan_forward`` runs the same checks and reads the padding
+    statistics it needs in the same host read.)"""
+    B, S, _ = _validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dtype)
+    return B, S
+
+
+def _validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dtype,
+                     extra=None):
+    """validate_inputs, plus ``extra``: a callable (B, S) -> 1-D int64 tensor (or None) of
+    statistics the caller wants read on the host in the same synchronisation as the value
+    checks.  Returns (B, S, the extra values as python ints, or None).
 
     Checks of tensor *values* (id ranges, 0/1 masks) read the values on the host.  While
     ``torch.compile`` traces the model, and inside ``kernels._common.trusted_inputs()`` (CUDA
@@ -274,29 +363,169 @@ def validate_inputs(
                 f"attention_mask must have 2 dims (batch, seq_len) or 4 (additive, broadcastable to "
                 f"(batch, heads, seq_len, seq_len)), got shape {tuple(attention_mask.shape)}"
             )
-    if values and ranges:
-        stats = torch.stack([m.to(torch.int64) for t, _, _ in ranges for m in torch.aminmax(t)]).tolist()  # one host read
+    if not values:
+        ranges = []
+    extra_t = extra(B, S) if extra is not None else None
+    extra_vals = None
+    if ranges or extra_t is not None:
+        parts = []
+        if ranges:
+            parts.append(torch.stack([m.to(torch.int64) for t, _, _ in ranges for m in torch.aminmax(_wide(t))]))
+        if extra_t is not None:
+            parts.append(extra_t.to(device=device, dtype=torch.int64).reshape(-1))
+        stats = torch.cat(parts).tolist()  # the one host read of the forward
         for i, (_, bound, message) in enumerate(ranges):
             lo, hi = int(stats[2 * i]), int(stats[2 * i + 1])
             if lo < 0 or hi >= bound:
                 raise ValueError(message(lo if lo < 0 else hi))
-    return B, S
+        if extra_t is not None:
+            extra_vals = [int(v) for v in stats[2 * len(ranges):]]
+    return B, S, extra_vals
 
 
-def additive_mask_from(attention_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+def additive_mask_from(attention_mask: Optional[torch.Tensor], dtype: torch.dtype,
+                       known_padded: bool = False) -> Optional[torch.Tensor]:
     """A validated attention_mask -> additive float mask broadcastable to (B, H, S, S), or None
     when nothing is masked.  2-D 0/1 masks become (B, 1, 1, S): 0 where attended, the dtype's most
-    negative value at padding keys (finite, so a fully padded row gives a uniform softmax, not NaN)."""
+    negative value at padding keys (finite, so a fully padded row gives a uniform softmax, not NaN).
+    ``known_padded``: the caller knows the mask has padding (no host read here)."""
     if attention_mask is None:
         return None
     if attention_mask.dim() == 4:
         return attention_mask
     keep = attention_mask.bool()  # (B, S)
     tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    if not tracing and bool(keep.all()):
+    if not tracing and not known_padded and bool(keep.all()):
         return None  # no padding: let attention run unmasked (fastest path)
     mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
     return mask[:, None, None, :]  # (B, 1, 1, S)
+
+
+# ----------------------------------------------------------------------------- padded or packed
+
+
+# UNPAD_MODES / unpad_mode (``config.unpad`` -> "off" / "exact" / "always") live in
+# bertfast/config.py, which validates the field with them; imported above.
+
+
+@dataclass
+class ForwardPlan:
+    """How one forward runs: the decision of ``plan_forward``.
+
+    ``packing``: the layout of the packed route, or None for the padded batch.  ``mask``: the
+    attention mask of the padded batch (None when nothing is padded; 2-D 0/1, or a 4-D additive
+    (B, 1, 1, S) mask where some query row would see no real key, so that it gets transformers'
+    uniform softmax).  ``masked``: "always" semantics took effect (the packed route although an
+    output reads padded positions).  ``reason``: why the padded batch runs ("" when packed).
+    ``reads_padding``: what reads padded positions (the pooler, the loss, labels; "" when nothing
+    does or nothing was read), whichever route was chosen: a caller whose padded route is not
+    exact either (a decoder's padded query that sees no key) runs something else there."""
+
+    B: int
+    S: int
+    packing: Optional[Packing]
+    mask: Optional[torch.Tensor]
+    masked: bool = False
+    reason: str = ""
+    reads_padding: str = ""
+
+
+def _host_reads_allowed(t: Optional[torch.Tensor]) -> bool:
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return not (t is not None and t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def plan_forward(
+    config: BertConfig,
+    input_ids: Optional[torch.Tensor],
+    attention_mask: Optional[torch.Tensor],
+    token_type_ids: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor],
+    inputs_embeds: Optional[torch.Tensor],
+    dtype: torch.dtype,
+    *,
+    triton: bool = False,
+    output_attentions: bool = False,
+    attention_dropout: bool = False,
+    causal: bool = False,
+    reads_first_token: bool = False,
+    reads_all_positions: bool = False,
+    labels: Optional[torch.Tensor] = None,
+    shifted_labels: bool = False,
+    unpad=None,
+) -> ForwardPlan:
+    """Validate the inputs and decide, in one place, whether this forward runs the packed real
+    tokens or the padded batch (see the module docstring for the rule).  One host read in all:
+    the validation's value checks and the padding statistics (per-row lengths, whether a first
+    token is padding, whether labels sit on padding) are read together.
+
+    What the caller will read: ``reads_first_token`` (the pooler), ``reads_all_positions`` (a
+    loss over every position, QA), ``labels`` (per-token labels, -100 = ignored;
+    ``shifted_labels``: a causal LM loss may also score the logits at i against label i + 1, so
+    a position counts as read when its own or the next label is not -100).  ``triton``:
+    the Triton backend runs (packs on any device; no attention dropout in its varlen kernel);
+    ``attention_dropout``: training with attention dropout; ``causal``: decoder attention.
+    ``unpad``: overrides ``config.unpad`` (for configs without one, e.g. transformers')."""
+    mode = unpad_mode(getattr(config, "unpad", True) if unpad is None else unpad)
+    m = attention_mask
+    stats_wanted = torch.is_tensor(m) and m.dim() == 2 and _host_reads_allowed(m)
+    lab = labels if (torch.is_tensor(labels) and not labels.is_floating_point()) else None
+
+    def stats(B, S):
+        if not stats_wanted or tuple(m.shape) != (B, S):
+            return None
+        valid = m != 0
+        parts = [valid.sum(1, dtype=torch.int64), (~valid[:, 0]).any().to(torch.int64)[None]]
+        if lab is not None and lab.numel() == B * S:
+            read = lab.to(m.device).reshape(B, S) != -100  # (transformers' heads take labels on any device)
+            if shifted_labels and S > 1:  # the logits at i are scored against label i + 1
+                read = torch.cat([read[:, :-1] | read[:, 1:], read[:, -1:]], 1)
+            parts.append((read & ~valid).any().to(torch.int64)[None])
+        return torch.cat(parts)
+
+    B, S, vals = _validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                  dtype, extra=stats)
+    if vals is None:  # no 2-D mask, or no host read allowed: the padded batch, mask as given
+        why = "no 2-D mask" if not (torch.is_tensor(m) and m.dim() == 2) else "no host read allowed (tracing/capture)"
+        return ForwardPlan(B, S, None, m, reason=why)
+    lens, first_padded = vals[:B], bool(vals[B])
+    labels_on_padding = bool(vals[B + 1]) if len(vals) > B + 1 else False
+    T = sum(lens)
+    if T == B * S:
+        return ForwardPlan(B, S, None, None, reason="no padding")
+    # the padded batch with a padding mask; a query row that sees no real key gets the
+    # uniform softmax of transformers' additive mask (the Triton 0/1 key mask gives zeros)
+    dead_rows = min(lens) == 0 or (causal and first_padded)
+    padded_mask = m
+    if triton and dead_rows:
+        padded_mask = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(
+            m == 0, torch.finfo(dtype).min)[:, None, None, :]
+    needs = []
+    if reads_first_token and first_padded:
+        needs.append("the pooler reads a padded first token")
+    if reads_all_positions:
+        needs.append("the loss reads every position")
+    if labels_on_padding:
+        needs.append("labels on padded positions")
+    reads = "; ".join(needs)
+
+    def padded(why):
+        return ForwardPlan(B, S, None, padded_mask, reason=why, reads_padding=reads)
+
+    if mode == "off":
+        return padded("unpad=False")
+    if output_attentions:
+        return padded("output_attentions (the probabilities are (B, H, S, S))")
+    if not triton and m.device.type != "cpu":
+        return padded("torch backend on a GPU (the per-sequence attention loop is launch-bound)")
+    if triton and attention_dropout:
+        return padded("attention dropout in training (the varlen kernel has no dropout)")
+    if T == 0:
+        return padded("every token is padding")
+    if needs and mode == "exact":
+        return padded(reads)
+    return ForwardPlan(B, S, Packing.from_lengths(m, lens), None, masked=bool(needs), reads_padding=reads)
 
 
 # ----------------------------------------------------------------------------- attention core
@@ -371,37 +600,6 @@ def attention_varlen_torch(
         for qs, ks, vs in zip(q.split(seqlens, 2), k.split(seqlens, 2), v.split(seqlens, 2))
     ]
     return torch.cat(out)  # (T, H, D)
-
-
-@dataclass
-class Packing:
-    """Where the real tokens of a padded (B, S) batch are, for padding-free execution.
-
-    The T real tokens are packed sequence after sequence, each in its original order (the layout
-    of ``kernels.unpad``): ``indices[t]`` is token t's flat position in the B*S grid and sequence b
-    holds ``seqlens[b]`` tokens (0 for a fully padded row)."""
-
-    indices: torch.Tensor  # (T,) int64
-    seqlens: list  # B python ints, sum T
-    B: int
-    S: int
-
-    @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor) -> Optional["Packing"]:
-        """From a validated 2-D 0/1 mask (B, S); None when nothing is padded."""
-        B, S = attention_mask.shape
-        _, indices, cu_seqlens, _ = unpad_tokens(attention_mask, attention_mask)  # only the layout is used
-        if indices.numel() == B * S:
-            return None
-        return cls(indices, torch.diff(cu_seqlens).tolist(), B, S)
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, S, ...) -> (T, ...): the real tokens."""
-        return t.reshape(self.B * self.S, *t.shape[2:]).index_select(0, self.indices)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, ...) -> (B, S, ...), zeros at padded positions."""
-        return pad_tokens(x, self.indices, self.B, self.S)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -549,10 +747,11 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(self, x, additive_mask=None, output_hidden_states=False, output_attentions=False,
-                packing: Optional[Packing] = None):
+                packing: Optional[Packing] = None, restore_last: bool = True):
         """x: (B, S, C), or (T, C) packed real tokens with ``packing`` (the layers then run on the
         packed tokens and the outputs are scattered back, zeros at padding).
-        Returns (last (B, S, C), hidden states or None, attention probabilities or None)."""
+        Returns (last (B, S, C), hidden states or None, attention probabilities or None); with
+        ``restore_last=False`` the last output is returned as the layers produced it ((T, C))."""
         restore = packing.pad if packing is not None else (lambda h: h)  # -> (B, S, C)
         all_hidden = [restore(x)] if output_hidden_states else None
         all_attn = [] if output_attentions else None
@@ -562,7 +761,8 @@ class BertEncoder(nn.Module):
                 all_hidden.append(restore(x))
             if output_attentions:
                 all_attn.append(probs)
-        x = all_hidden[-1] if output_hidden_states else restore(x)
+        if restore_last:
+            x = all_hidden[-1] if output_hidden_states else restore(x)
         return x, (tuple(all_hidden) if all_hidden is not None else None), (
             tuple(all_attn) if all_attn is not None else None
         )
@@ -629,19 +829,24 @@ class BertPreTrainedModel(nn.Module):
         pass
 
     # --- backend switch (the choice itself lives in bertfast/backend.py)
-    def set_backend(self, name: str, unpad: Optional[bool] = None):
+    def set_backend(self, name: str, unpad=None):
         """Switch in place between "torch", "triton" and "auto"; the module tree, parameters and
-        state dict do not change.  ``unpad`` toggles padding-free execution (both backends)."""
+        state dict do not change.  ``unpad`` sets padding-free execution (both backends): True
+        (default: padding-free where exact), ``"always"`` (padding-free with masked semantics)
+        or False (the padded batch); see the module docstring."""
         backend.check_backend(name)
+        if unpad is not None:
+            unpad_mode(unpad)  # refuses anything else by value
+            unpad = "always" if unpad == "always" else bool(unpad)
         self.config.backend = name
         if unpad is not None:
-            self.config.unpad = bool(unpad)
+            self.config.unpad = unpad
         for m in self.modules():  # heads and their encoder share one config, but be safe
             cfg = getattr(m, "config", None)
             if isinstance(cfg, BertConfig):
                 cfg.backend = name
                 if unpad is not None:
-                    cfg.unpad = bool(unpad)
+                    cfg.unpad = unpad
         return self
 
     @property
@@ -693,24 +898,22 @@ class BertModel(BertPreTrainedModel):
 
     def uses_triton(self, input_ids=None, output_attentions: bool = False) -> bool:
         """Whether a forward with these inputs runs the Triton kernels (see bertfast/backend.py)."""
-        if input_ids is None or output_attentions:  # inputs_embeds / attention probabilities: torch path
+        if not torch.is_tensor(input_ids) or output_attentions:  # inputs_embeds / attention probabilities: torch path
             return False
-        return backend.resolve(self.config.backend, input_ids.device) == "triton"
+        dtype = self.embeddings.LayerNorm.weight.dtype
+        return backend.resolve_for(self.config.backend, input_ids.device, self.config, dtype) == "triton"
 
-    def packing_for(self, attention_mask, output_attentions: bool = False) -> Optional[Packing]:
-        """The torch path's padding-free layout for this (validated) mask, or None to run on the
-        padded batch: unpad off, no 2-D mask or no padding in it, attention probabilities wanted
-        (they are (B, H, S, S)), or under torch.compile / jit tracing (packing has data-dependent
-        shapes)."""
-        if not self.config.unpad or output_attentions or attention_mask is None or attention_mask.dim() != 2:
+    def packing_for(self, attention_mask, output_attentions: bool = False, input_ids=None) -> Optional[Packing]:
+        """The padding-free layout a torch-path forward of this model would use for this
+        (validated) mask, or None when it runs the padded batch (see ``plan_forward``; this
+        model's pooler, if any, reads the first token).  For inspection; a forward plans itself."""
+        if attention_mask is None or not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
             return None
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return None
-        if attention_mask.device.type != "cpu":
-            # the per-sequence attention loop is launch-bound on a GPU; there the triton backend
-            # is the padding-free path
-            return None
-        return Packing.from_mask(attention_mask)
+        if input_ids is None:
+            input_ids = torch.zeros(attention_mask.shape, dtype=torch.long, device=attention_mask.device)
+        plan = plan_forward(self.config, input_ids, attention_mask, None, None, None, self.dtype,
+                            output_attentions=output_attentions, reads_first_token=self.pooler is not None)
+        return plan.packing
 
     def _embed_packed(self, packing: Packing, input_ids, token_type_ids, position_ids, inputs_embeds) -> torch.Tensor:
         """Embeddings of the real tokens only: (T, C).  Positions are those of the padded
@@ -734,30 +937,58 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states=False,
         output_attentions=False,
         return_dict=True,
+        **kwargs,
     ):
+        """transformers' BertModel.forward.  Keywords transformers takes for a KV cache or
+        cross-attention are accepted at their default values (see ``check_ignored_kwargs``)."""
+        check_ignored_kwargs(f"{type(self).__name__}.forward", kwargs)
+        out, _, _ = self._run(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                              output_hidden_states, output_attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+    def _run(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+             output_hidden_states=False, output_attentions=False, *, reads_all_positions=False, labels=None):
+        """The forward, for BertModel and the heads: -> (BaseModelOutputWithPooling, the last
+        layer's packed output (T, C) or None, the Packing or None).  The heads run their per-token
+        parts on the packed output; ``reads_all_positions`` / ``labels`` tell the plan what their
+        loss reads."""
+        output_hidden_states, output_attentions = bool(output_hidden_states), bool(output_attentions)
+        input_ids, token_type_ids, position_ids = _wide(input_ids), _wide(token_type_ids), _wide(position_ids)
         dtype = self.embeddings.LayerNorm.weight.dtype
-        validate_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dtype)
-        if self.uses_triton(input_ids, output_attentions):
-            # fused kernels, padding-free when a padding mask is given (bertfast/fast.py)
-            x, hidden_states = fast.encoder_forward(
-                self, input_ids, attention_mask, token_type_ids, position_ids,
-                unpad=self.config.unpad, output_hidden_states=bool(output_hidden_states),
+        triton = self.uses_triton(input_ids, output_attentions)
+        cfg = self.config
+        plan = plan_forward(
+            cfg, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dtype,
+            triton=triton, output_attentions=output_attentions,
+            attention_dropout=self.training and cfg.attention_probs_dropout_prob > 0,
+            causal=bool(cfg.is_decoder), reads_first_token=self.pooler is not None,
+            reads_all_positions=reads_all_positions, labels=labels,
+        )
+        packing, packed = plan.packing, None
+        attentions = None
+        if triton:
+            # fused kernels; packed (varlen) or padded as planned (bertfast/fast.py)
+            x, hidden_states, packed, _ = fast.encoder_forward(
+                self, input_ids, plan.mask, token_type_ids, position_ids, unpad=packing is not None,
+                output_hidden_states=output_hidden_states, packing=packing, return_packed=True,
             )
-            attentions = None
-        else:
-            packing = self.packing_for(attention_mask, output_attentions)
-            if packing is None:  # the padded batch
-                x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, C)
-                mask = additive_mask_from(attention_mask, x.dtype)  # (B, 1, 1, S) / 4-D / None
-                x, hidden_states, attentions = self.encoder(x, mask, bool(output_hidden_states), bool(output_attentions))
-            else:  # padding-free: embed and run the T real tokens only
-                x = self._embed_packed(packing, input_ids, token_type_ids, position_ids, inputs_embeds)  # (T, C)
-                x, hidden_states, attentions = self.encoder(x, None, bool(output_hidden_states), False, packing)
+            if packing is None:
+                packed = None
+        elif packing is None:  # the padded batch
+            x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, S, C)
+            m = plan.mask
+            # (B, 1, 1, S) / 4-D / None; a 2-D mask here is known to hold padding (no host read)
+            mask = additive_mask_from(m, x.dtype, known_padded=m is not None and m.dim() == 2)
+            x, hidden_states, attentions = self.encoder(x, mask, output_hidden_states, output_attentions)
+        else:  # padding-free: embed and run the T real tokens only
+            x = self._embed_packed(packing, input_ids, token_type_ids, position_ids, inputs_embeds)  # (T, C)
+            packed, hidden_states, _ = self.encoder(x, None, output_hidden_states, False, packing, restore_last=False)
+            x = hidden_states[-1] if output_hidden_states else packing.pad(packed)  # (B, S, C)
         pooled = self.pooler(x) if self.pooler is not None else None  # (B, C)
         out = BaseModelOutputWithPooling(
             last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
         )
-        return out if return_dict is None or return_dict else out.to_tuple()
+        return out, packed, packing
 
 
 # ----------------------------------------------------------------------------- task heads
@@ -775,15 +1006,18 @@ class BertPredictionHeadTransform(nn.Module):
 
 
 class BertLMPredictionHead(nn.Module):
-    """transform, then the decoder whose weight is the word-embedding matrix (tied) and whose bias
-    is ``bias`` (``decoder.bias`` is the same Parameter, as in transformers)."""
+    """transform, then the decoder.  ``config.tie_word_embeddings=True`` (the default): its weight is
+    the word-embedding matrix and its bias is ``bias`` (the same Parameters, as in transformers).
+    False: ``decoder.weight`` and ``decoder.bias`` are Parameters of their own (as transformers 5
+    does), loaded from and saved to the checkpoint; ``bias`` is kept (and saved) but unused."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder.bias = self.bias
+        if config.tie_word_embeddings:
+            self.decoder.bias = self.bias
 
     def forward(self, x):
         return self.decoder(self.transform(x))  # (B, S, V)
@@ -799,17 +1033,32 @@ class BertOnlyMLMHead(nn.Module):
 
 
 def _head_forward_bert(model, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                       output_hidden_states, output_attentions):
-    return model.bert(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        token_type_ids=token_type_ids,
-        position_ids=position_ids,
-        inputs_embeds=inputs_embeds,
-        output_hidden_states=output_hidden_states,
-        output_attentions=output_attentions,
-        return_dict=True,
-    )
+                       output_hidden_states, output_attentions, kwargs=None, **needs):
+    """The encoder of a head: -> (BaseModelOutputWithPooling, packed last output (T, C) or
+    None, Packing or None).  ``needs``: what the head's loss reads (``plan_forward``)."""
+    check_ignored_kwargs(f"{type(model).__name__}.forward", kwargs or {})
+    return model.bert._run(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           output_hidden_states, output_attentions, **needs)
+
+
+def _per_token(head, o, packed, packing):
+    """A per-token head on the real tokens only: on the packed output (T, C) when the forward
+    packed (the logits scattered back, 0 at padded positions), else on the padded batch.
+    Returns (logits (B, S, ...), packed logits (T, ...) or None)."""
+    if packing is None:
+        return head(o.last_hidden_state), None
+    lp = head(packed)  # (T, ...)
+    return packing.pad(lp), lp
+
+
+def _token_loss(logits, packed_logits, packing, labels):
+    """Cross-entropy of per-token labels (-100 = ignored).  Packed: over the real tokens only
+    (labels at padded positions play no part)."""
+    n = logits.shape[-1]
+    if packing is not None and labels.numel() == packing.B * packing.S:
+        return F.cross_entropy(packed_logits.reshape(-1, n), packing.gather(labels.reshape(packing.B, packing.S)),
+                               ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, n), labels.reshape(-1), ignore_index=-100)
 
 
 class BertForMaskedLM(BertPreTrainedModel):
@@ -825,19 +1074,34 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.init_head_weights()
 
     def tie_weights(self) -> None:
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
-        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+        """Tie (``config.tie_word_embeddings``) or untie the decoder; ``_tied_weights_keys`` (per
+        instance) lists the alias keys loading and saving skip: none when untied."""
+        head = self.cls.predictions
+        if self.config.tie_word_embeddings:
+            head.decoder.weight = self.bert.embeddings.word_embeddings.weight
+            head.decoder.bias = head.bias
+            self._tied_weights_keys = dict(type(self)._tied_weights_keys)
+            self._untied_fallback_keys = {}
+            return
+        # untied: own Parameters (copies, should they still be shared from an earlier tie)
+        if head.decoder.weight is self.bert.embeddings.word_embeddings.weight:
+            head.decoder.weight = nn.Parameter(head.decoder.weight.detach().clone())
+        if head.decoder.bias is head.bias:
+            head.decoder.bias = nn.Parameter(head.bias.detach().clone())
+        self._tied_weights_keys = {}
+        # a checkpoint written before transformers 5 has no decoder.bias (it was ``bias`` itself)
+        self._untied_fallback_keys = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
-                return_dict=True):
-        """labels: (B, S) token ids, -100 where no loss is wanted."""
-        o = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_hidden_states, output_attentions)
-        logits = self.cls(o.last_hidden_state)  # (B, S, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+                return_dict=True, **kwargs):
+        """labels: (B, S) token ids, -100 where no loss is wanted.  Padding-free, the head runs on
+        the real tokens only and the logits at padded positions are 0."""
+        o, packed, packing = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids,
+                                                inputs_embeds, output_hidden_states, output_attentions, kwargs,
+                                                labels=labels)
+        logits, lp = _per_token(self.cls, o, packed, packing)  # (B, S, V)
+        loss = _token_loss(logits, lp, packing, labels) if labels is not None else None
         out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=o.hidden_states, attentions=o.attentions)
         return out if return_dict is None or return_dict else out.to_tuple()
 
@@ -857,11 +1121,11 @@ class BertForSequenceClassification(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
-                return_dict=True):
+                return_dict=True, **kwargs):
         """labels: (B,) class ids (cross-entropy) or, when num_labels == 1, (B,) targets (MSE);
         float (B, num_labels) labels or config.problem_type="multi_label_classification": BCE."""
-        o = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_hidden_states, output_attentions)
+        o, _, _ = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                     output_hidden_states, output_attentions, kwargs)
         logits = self.classifier(self.dropout(o.pooler_output))  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -900,14 +1164,14 @@ class BertForTokenClassification(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
-                return_dict=True):
-        """labels: (B, S) class ids, -100 where ignored (padding, sub-word continuations)."""
-        o = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_hidden_states, output_attentions)
-        logits = self.classifier(self.dropout(o.last_hidden_state))  # (B, S, num_labels)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
+                return_dict=True, **kwargs):
+        """labels: (B, S) class ids, -100 where ignored (padding, sub-word continuations).
+        Padding-free, the classifier runs on the real tokens only; logits at padded positions are 0."""
+        o, packed, packing = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids,
+                                                inputs_embeds, output_hidden_states, output_attentions, kwargs,
+                                                labels=labels)
+        logits, lp = _per_token(lambda h: self.classifier(self.dropout(h)), o, packed, packing)  # (B, S, num_labels)
+        loss = _token_loss(logits, lp, packing, labels) if labels is not None else None
         out = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=o.hidden_states, attentions=o.attentions)
         return out if return_dict is None or return_dict else out.to_tuple()
 
@@ -926,21 +1190,31 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=False,
-                output_attentions=False, return_dict=True):
+                output_attentions=False, return_dict=True, **kwargs):
         """start_positions/end_positions: (B,) token indices; positions outside the sequence are
-        clamped to S and ignored in the loss (as transformers)."""
-        o = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_hidden_states, output_attentions)
-        logits = self.qa_outputs(o.last_hidden_state)  # (B, S, num_labels)
+        clamped to S and ignored in the loss (as transformers).  The loss softmaxes over every
+        position, padding included (as transformers): with both given the forward runs the padded
+        batch, unless ``unpad="always"`` (then the softmax is over the real tokens only).
+        Padding-free, the logits at padded positions are 0."""
+        with_loss = start_positions is not None and end_positions is not None
+        o, packed, packing = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids,
+                                                inputs_embeds, output_hidden_states, output_attentions, kwargs,
+                                                reads_all_positions=with_loss)
+        logits, _ = _per_token(self.qa_outputs, o, packed, packing)  # (B, S, num_labels)
         start_logits = logits[..., 0].contiguous()  # (B, S)
         end_logits = logits[..., 1].contiguous()  # (B, S)
         loss = None
-        if start_positions is not None and end_positions is not None:
+        if with_loss:
             S = start_logits.shape[1]
             start_positions = start_positions.reshape(-1).clamp(0, S)
             end_positions = end_positions.reshape(-1).clamp(0, S)
-            loss = (F.cross_entropy(start_logits, start_positions, ignore_index=S)
-                    + F.cross_entropy(end_logits, end_positions, ignore_index=S)) / 2
+            sl, el = start_logits, end_logits
+            if packing is not None:  # unpad="always": masked semantics, real tokens only
+                pad = (attention_mask == 0).reshape(sl.shape)
+                sl = sl.masked_fill(pad, torch.finfo(sl.dtype).min)
+                el = el.masked_fill(pad, torch.finfo(el.dtype).min)
+            loss = (F.cross_entropy(sl, start_positions, ignore_index=S)
+                    + F.cross_entropy(el, end_positions, ignore_index=S)) / 2
         out = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
                                            hidden_states=o.hidden_states, attentions=o.attentions)
         return out if return_dict is None or return_dict else out.to_tuple()

@@ -389,7 +389,10 @@ def profile_forward(model, call, steps: int = 3, warmup: int = 2, cuda: bool = F
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``bertfast profile`` arguments to ``parser``."""
+    """Add ``bertfast profile`` arguments to ``parser``.  Bad values (counts < 1, a negative
+    --warmup, an --out that is a file, --device cuda without CUDA) are refused while parsing."""
+    from bertfast.cli import bench_device_arg, nonnegative_int, out_dir_arg, positive_int
+
     parser.add_argument("--model", default="minilm", metavar="NAME|PATH",
                         help="minilm (bundled weights), bert-base, bert-large (random weights), or a checkpoint "
                              "directory (default: minilm)")
@@ -399,17 +402,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bertfast backend, when the model has set_backend() (default: the model's default)")
     parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa"),
                         help="transformers attention implementation for --impl transformers")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq", type=positive_int, default=128)
     parser.add_argument("--lengths", default="full", choices=("full", "mixed"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                         help="auto: fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--steps", type=int, default=3, help="profiled forwards (default 3)")
-    parser.add_argument("--warmup", type=int, default=2, help="forwards before profiling (default 2)")
-    parser.add_argument("--top", type=int, default=30, help="rows in the per-kernel table (default 30)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", default="profile-results", metavar="DIR",
+    parser.add_argument("--device", default="auto", type=bench_device_arg, choices=("auto", "cuda", "cpu"))
+    parser.add_argument("--steps", type=positive_int, default=3, help="profiled forwards (default 3)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2,
+                        help="forwards before profiling (default 2; 0: none)")
+    parser.add_argument("--top", type=positive_int, default=30, help="rows in the per-kernel table (default 30)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default="profile-results", type=out_dir_arg, metavar="DIR",
                         help="directory for the trace and tables (default: ./profile-results)")
 
 

@@ -49,21 +49,43 @@ def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
     raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
 
 
+def _device_type_available(kind: str) -> bool:
+    """Whether this torch runtime can hold tensors on devices of type ``kind`` (other than cpu
+    and cuda): mps, or an accelerator module such as ``torch.xpu`` that says it is available."""
+    if kind == "mps":
+        return bool(torch.backends.mps.is_available())
+    check = getattr(getattr(torch, kind, None), "is_available", None)
+    try:
+        return bool(check()) if callable(check) else False
+    except Exception:  # pragma: no cover - a backend module that cannot even answer
+        return False
+
+
 def parse_device(device: Union[None, str, torch.device]) -> torch.device:
-    """``None`` -> ``cuda`` when available, else ``cpu``.  A CUDA device that this machine
-    cannot provide raises ``ValueError`` (before any weights are loaded)."""
+    """``None`` -> ``cuda`` when available, else ``cpu``.  A device this machine cannot run the
+    encoder on raises ``ValueError`` naming it, before any weights are loaded: an unknown device
+    string, ``meta`` (tensors without data), CUDA without CUDA or past the last GPU, and any other
+    device type that torch does not report as available here (mps / xpu are accepted where they are)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(device)
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N ({e})") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise ValueError(f"device {name!r} is not supported (meta tensors hold no data); use cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device {str(device)!r} requested but CUDA is not available ({why})")
+            raise ValueError(f"device {name!r} requested but CUDA is not available ({why})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return dev
+    if not _device_type_available(dev.type):
+        raise ValueError(f"device {name!r} is not supported or not available on this machine; use cpu, cuda or cuda:N")
     return dev
 
 

@@ -34,6 +34,9 @@ _EXPORTS = {
     "attention_reference": "attention",
     "attention_varlen": "attention",
     "attention_varlen_reference": "attention",
+    "prepare_attention_mask": "attention",
+    "AttentionMask": "attention",
+    "supports_head_dim": "attention",
     "unpad": "padding",
     "pad": "padding",
 }

@@ -9,6 +9,14 @@ Public API (re-exported lazily by ``kernels``):
   packed tokens (T, H, D) with int32 ``cu_seqlens`` (B + 1); returns (T, H, D) contiguous.
 * ``attention_reference`` / ``attention_varlen_reference``: fp32 matmul-softmax-matmul with the
   same masking rules, cast back to q.dtype; the ground truth for the tests.
+* ``prepare_attention_mask(mask, B, H, S, *, analyze=None) -> AttentionMask``: a mask analysed
+  once (kind, key lengths / int8 key mask / fp32 additive mask), accepted by ``attention``, the
+  reference and ``kernels.ops.attention`` in place of the raw mask: an encoder prepares its mask
+  once per forward and passes the result to every layer.  A raw mask is analysed at every
+  call; nothing is cached on a tensor's identity (a mask refilled in place, through a numpy
+  view, or by a CUDA graph replay is always read as it is now).
+* ``supports_head_dim(d) -> bool``: whether the kernels run head dim ``d`` (``HEAD_DIMS``).
+  (These three: ``from kernels.attention import ...``.)
 
 Masking rules (kernel and reference agree):
 
@@ -27,7 +35,8 @@ in registers, K/V tiles stream past; online softmax in the log2 domain (``log2(e
 the score scale, ``exp2``) with fp32 running max / sum and an fp32 accumulator.  The key loop
 is split in two: tiles that need no bounds / causal masking (the bulk) and the few tiles at the
 end that do.  Key tiles past the last valid key are never visited: for a right-padding 2-D mask
-the host computes per-batch key lengths once and the loop stops there; an arbitrary 0/1 mask is
+the host computes per-batch key lengths (one host read, in ``prepare_attention_mask``) and the
+loop stops there; an arbitrary 0/1 mask is
 loaded per key tile (and the loop still stops after its last valid key); causal stops at the
 diagonal.  The forward saves the per-row softmax statistics (running max ``m`` in log2 units
 and ``1 / l``; together they are the log-sum-exp ``m + log2(l)``, kept in two parts so that rows
@@ -45,7 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -534,6 +543,19 @@ def _dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
+def supports_head_dim(d) -> bool:
+    """Whether the attention kernels (``attention``, ``attention_varlen``) run head dim ``d``
+    (``HEAD_DIMS`` = (32, 64, 128)); model code asks this when it picks a backend instead of
+    keeping its own list.  Other head dims raise ``ValueError`` from the launchers."""
+    if isinstance(d, bool):
+        return False
+    try:
+        d = operator.index(d)  # python / numpy ints; not floats or strings
+    except TypeError:
+        return False
+    return d in HEAD_DIMS
+
+
 def _check_head_dim(op: str, d: int) -> None:
     if d not in HEAD_DIMS:
         raise ValueError(f"{op}: head dim D={d} is not supported; expected one of {HEAD_DIMS}")
@@ -548,50 +570,145 @@ def _check_scale(op: str, scale, d: int) -> float:
     return scale
 
 
+class AttentionMask(NamedTuple):
+    """An attention mask analysed once, for any number of ``attention`` calls (e.g. every layer
+    of one encoder forward).  Made by ``prepare_attention_mask``; pass it as ``attention_mask``
+    to ``attention`` / ``kernels.ops.attention`` in place of the raw mask.  It holds what the
+    kernels read, computed from the mask's values when it was prepared (fresh tensors, except an
+    fp32 4-D mask, which is used in place): after changing a mask's values, prepare it again.
+    There is no hidden cache: what a call uses is what this object holds.
+
+    * ``kind``: ``MASK_LENS`` (no mask when ``kvlen`` is None, else right padding given as
+      per-batch key lengths), ``MASK_KEYS`` (arbitrary 0/1 key mask, read per key tile) or
+      ``MASK_ADD`` (4-D additive float mask).
+    * ``mask``: int8 (B, S) key mask (``MASK_KEYS``), fp32 4-D additive mask broadcastable to
+      (B, H, S, S) (``MASK_ADD``, ``-inf`` = masked), else None.
+    * ``kvlen``: int32 (B,): key lengths (``MASK_LENS``) or the key loop bound, last valid key
+      + 1 (``MASK_KEYS``); None otherwise.
+    * ``batch``, ``seqlen``: the (B, S) it was prepared for; ``heads``: H, or None (any H).
+    """
+
+    kind: int
+    mask: Optional[torch.Tensor]
+    kvlen: Optional[torch.Tensor]
+    batch: int
+    heads: Optional[int]
+    seqlen: int
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing is masked (no mask, or a 2-D mask the analysis found all ones)."""
+        return self.kind == MASK_LENS and self.kvlen is None
+
+    def dense(self) -> Optional[torch.Tensor]:
+        """An ordinary mask with the same meaning, for ``attention_reference``: None, a bool
+        (B, S) key mask (True = attend) or the 4-D additive mask."""
+        if self.kind == MASK_LENS:
+            if self.kvlen is None:
+                return None
+            pos = torch.arange(self.seqlen, device=self.kvlen.device)
+            return pos[None, :] < self.kvlen[:, None].to(torch.int64)
+        if self.kind == MASK_KEYS:
+            return self.mask != 0
+        return self.mask
+
+
 def _capturing(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-# The last 2-D mask seen and what it was turned into: an encoder passes the same mask to every
-# layer, so the host synchronisation of the prefix check happens once per forward, not per layer.
-_MASK_CACHE: list = [None, None, None]  # [weakref to the mask, key, result]
+def _host_read_possible(device) -> bool:
+    """No host read while torch.compile traces or a CUDA graph is being captured."""
+    return not torch.compiler.is_compiling() and not _capturing(device)
 
 
-def _prepare_mask(mask: Optional[torch.Tensor], b: int, h: int, s: int, device) -> tuple:
-    """(kind, mask tensor, strides, kvlen).  One host synchronisation for a new 2-D mask."""
+def prepare_attention_mask(mask, batch: int, heads: Optional[int], seqlen: int, *,
+                           analyze: Optional[bool] = None) -> AttentionMask:
+    """Turn an ``attention`` mask (None, 2-D (B, S) 0/1 key mask, 4-D additive / bool mask
+    broadcastable to (B, H, S, S)) into an ``AttentionMask``; see ``attention`` for the masking
+    rules.  ``heads`` may be None (any H).  An ``AttentionMask`` is checked against (B, H, S) and
+    returned as is.
+
+    A 2-D mask is *analysed* (its values read on the host: one synchronisation) when ``analyze``
+    is True, or when it is None (the default) and values are checked (outside
+    ``kernels._common.trusted_inputs()``): the values must be 0 / 1 (``ValueError`` otherwise),
+    an all-ones mask becomes no mask and a right-padding (prefix) mask becomes per-batch key
+    lengths (``MASK_LENS``, the fastest variant).  Without analysis (``analyze=False``, trusted
+    mode with the default, and always while ``torch.compile`` traces or a CUDA graph is being
+    captured, where a host read is impossible) nothing is read on the host: the mask becomes a
+    per-key-tile mask (``MASK_KEYS``, correct for every mask) made by device ops only, so that a
+    captured graph recomputes it from the mask buffer at every replay.  4-D masks are converted
+    on the device (never read on the host)."""
+    b, h, s = batch, heads, seqlen  # not int(): symbolic sizes while torch.compile traces
     if mask is None:
-        return MASK_NONE, None, (0, 0, 0, 0), None
+        return AttentionMask(MASK_NONE, None, None, b, h, s)
+    if isinstance(mask, AttentionMask):
+        dev = mask.mask.device if mask.mask is not None else (mask.kvlen.device if mask.kvlen is not None else None)
+        return _check_prepared(mask, b, h, s, dev)
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{OP}: attention_mask must be a tensor, got {type(mask).__name__}")
-    if mask.device != device:
-        raise ValueError(f"{OP}: attention_mask is on {mask.device} but q is on {device}")
+        raise ValueError(f"{OP}: attention_mask must be a tensor or an AttentionMask, got {type(mask).__name__}")
     if mask.dim() == 2:
-        try:
-            key = (mask._version, mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype, b, s)
-        except RuntimeError:  # inference tensors have no version counter: no caching
-            return _prepare_mask_2d(mask, b, s, device)
-        ref = _MASK_CACHE[0]
-        if ref is not None and ref() is mask and _MASK_CACHE[1] == key:
-            return _MASK_CACHE[2]
-        res = _prepare_mask_2d(mask, b, s, device)
-        if not _capturing(device):  # tensors made during a CUDA graph capture hold values only on replay
-            _MASK_CACHE[:] = [weakref.ref(mask), key, res]
-        return res
-    return _prepare_mask_4d(mask, b, h, s, device)
+        if analyze is None:
+            analyze = check_values()
+        read = bool(analyze) and _host_read_possible(mask.device)
+        kind, m, kvlen = _prepare_mask_2d(mask, b, s, mask.device, read)
+        return AttentionMask(kind, m, kvlen, b, h, s)
+    add = _prepare_mask_4d(mask, b, h, s, mask.device)
+    return AttentionMask(MASK_ADD, add, None, b, h, s)
 
 
-def _prepare_mask_2d(mask: torch.Tensor, b: int, s: int, device) -> tuple:
-    """2-D 0/1 key mask: no mask (all valid), key lengths (right padding) or a per-key mask."""
+def _check_prepared(pm: AttentionMask, b: int, h: Optional[int], s: int, device) -> AttentionMask:
+    """A prepared mask used for a (B, H, S) call on ``device``: kind, shapes, dtypes, device
+    (no values read)."""
+    if (pm.batch, pm.seqlen) != (b, s):
+        raise ValueError(f"{OP}: the AttentionMask was prepared for (B, S) = {(pm.batch, pm.seqlen)}; "
+                         f"this call has (B, S) = {(b, s)}")
+    if h is not None and pm.heads is not None and pm.heads != h:
+        raise ValueError(f"{OP}: the AttentionMask was prepared for H = {pm.heads}; this call has H = {h}")
+    # kind -> (mask dtype, mask shape, kvlen dtype); None: must be absent
+    layout = {MASK_LENS: (None, None, torch.int32), MASK_KEYS: (torch.int8, (b, s), torch.int32),
+              MASK_ADD: (torch.float32, None, None)}
+    if pm.kind not in layout:
+        raise ValueError(f"{OP}: AttentionMask.kind must be MASK_LENS, MASK_KEYS or MASK_ADD, got {pm.kind!r}")
+    mdt, mshape, kdt = layout[pm.kind]
+    name = _MASK_NAMES[pm.kind]
+    for field, t, dt, optional in (("mask", pm.mask, mdt, False), ("kvlen", pm.kvlen, kdt, pm.kind == MASK_LENS)):
+        if t is None:
+            if dt is not None and not optional:
+                raise ValueError(f"{OP}: an AttentionMask of kind {name} needs a {field} tensor")
+            continue
+        if dt is None:
+            raise ValueError(f"{OP}: an AttentionMask of kind {name} has no {field} (got a tensor)")
+        if not isinstance(t, torch.Tensor) or t.dtype != dt:
+            raise ValueError(f"{OP}: AttentionMask.{field} must be a {_dtype_name(dt)} tensor")
+        if device is not None and t.device != device:
+            raise ValueError(f"{OP}: AttentionMask.{field} is on {t.device} but q is on {device}")
+    if pm.kvlen is not None and tuple(pm.kvlen.shape) != (b,):
+        raise ValueError(f"{OP}: AttentionMask.kvlen has shape {tuple(pm.kvlen.shape)}; expected (B,) = {(b,)}")
+    if mshape is not None and tuple(pm.mask.shape) != mshape:
+        raise ValueError(f"{OP}: AttentionMask.mask has shape {tuple(pm.mask.shape)}; expected (B, S) = {mshape}")
+    if pm.kind == MASK_ADD:
+        if pm.mask.dim() != 4:
+            raise ValueError(f"{OP}: AttentionMask.mask of kind addmask must be 4-D, got {tuple(pm.mask.shape)}")
+        _check_broadcast_4d(pm.mask, b, h, s)
+    return pm
+
+
+def _prepare_mask_2d(mask: torch.Tensor, b: int, s: int, device, read: bool) -> tuple:
+    """2-D 0/1 key mask -> (kind, int8 key mask or None, kvlen or None).  ``read``: analyse the
+    values on the host (one synchronisation): no mask (all valid), key lengths (right padding)
+    or a per-key mask; otherwise always the per-key mask, from device ops only."""
     if tuple(mask.shape) != (b, s):
         raise ValueError(f"{OP}: 2-D attention_mask has shape {tuple(mask.shape)}; expected (B, S) = {(b, s)}")
     if mask.is_complex():
         raise ValueError(f"{OP}: attention_mask must be bool, integer or float, got {_dtype_name(mask.dtype)}")
+    if b == 0 or s == 0:  # no query and no key: nothing to mask
+        return MASK_NONE, None, None
     valid = mask != 0
     pos = torch.arange(s, device=device)
-    if not check_values():
-        # inside kernels._common.trusted_inputs() (or torch.compile): no host read, so no prefix
-        # analysis either; the per-key-tile mask is correct for every mask, and the key loop
-        # still stops after the last valid key (computed on the device)
+    if not read:
+        # no host read, so no prefix analysis either; the per-key-tile mask is correct for every
+        # mask, and the key loop still stops after the last valid key (computed on the device)
         return _key_mask(valid, pos)
     lens = valid.sum(1, dtype=torch.int32)
     prefix = (valid == (pos[None, :] < lens[:, None])).all()
@@ -604,42 +721,63 @@ def _prepare_mask_2d(mask: torch.Tensor, b: int, s: int, device) -> tuple:
             f"a 4-D tensor broadcastable to (B, H, S, S), e.g. mask[:, None, None, :]"
         )
     if is_full:
-        return MASK_NONE, None, (0, 0, 0, 0), None
+        return MASK_NONE, None, None
     if is_prefix:
-        return MASK_LENS, None, (0, 0, 0, 0), lens.contiguous()
+        return MASK_LENS, None, lens.contiguous()
     return _key_mask(valid, pos)
 
 
 def _key_mask(valid: torch.Tensor, pos: torch.Tensor) -> tuple:
     last = torch.where(valid, pos[None, :] + 1, 0).amax(1).to(torch.int32).contiguous()  # loop bound
     km = valid.to(torch.int8).contiguous()
-    return MASK_KEYS, km, (km.stride(0), 0, 0, km.stride(1)), last
+    return MASK_KEYS, km, last
 
 
-def _prepare_mask_4d(mask: torch.Tensor, b: int, h: int, s: int, device) -> tuple:
-    if mask.dim() == 4:
-        for i, (got, want) in enumerate(zip(mask.shape, (b, h, s, s))):
-            if got != want and got != 1:
-                raise ValueError(
-                    f"{OP}: 4-D attention_mask of shape {tuple(mask.shape)} is not broadcastable to "
-                    f"(B, H, S, S) = {(b, h, s, s)} (dim {i})"
-                )
-        if mask.dtype == torch.bool:
-            add = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, float("-inf"))
-        elif mask.dtype.is_floating_point:
-            add = mask.to(torch.float32)
-        else:
+def _check_broadcast_4d(mask: torch.Tensor, b: int, h: Optional[int], s: int) -> None:
+    want = (b, "H" if h is None else h, s, s)
+    for i, (got, w) in enumerate(zip(mask.shape, want)):
+        if w != "H" and got != w and got != 1:
             raise ValueError(
-                f"{OP}: 4-D attention_mask must be an additive float mask (or bool, True = attend), "
-                f"got {_dtype_name(mask.dtype)}"
+                f"{OP}: 4-D attention_mask of shape {tuple(mask.shape)} is not broadcastable to "
+                f"(B, H, S, S) = {want} (dim {i})"
             )
+
+
+def _prepare_mask_4d(mask: torch.Tensor, b: int, h: Optional[int], s: int, device) -> torch.Tensor:
+    """4-D mask -> fp32 additive mask, not expanded."""
+    if mask.dim() == 4:
+        _check_broadcast_4d(mask, b, h, s)
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, float("-inf"))
+        if mask.dtype.is_floating_point:
+            return mask.to(torch.float32)
+        raise ValueError(
+            f"{OP}: 4-D attention_mask must be an additive float mask (or bool, True = attend), "
+            f"got {_dtype_name(mask.dtype)}"
+        )
+    raise ValueError(
+        f"{OP}: attention_mask must be 2-D (B, S) or 4-D broadcastable to (B, H, S, S), got shape {tuple(mask.shape)}"
+    )
+
+
+def _mask_args(pm: AttentionMask, b: int, h: int, s: int) -> tuple:
+    """(kind, mask tensor, strides (smb, smh, smq, smk), kvlen): the kernel arguments of a
+    prepared mask (a tensor that breaks the launch contract's alignment is copied)."""
+    kvlen = pm.kvlen
+    if kvlen is not None and (kvlen.data_ptr() % 16 or kvlen.stride(0) != 1):
+        kvlen = kvlen.clone(memory_format=torch.contiguous_format)
+    if pm.kind == MASK_ADD:
+        add = pm.mask
         if add.data_ptr() % 16:
             add = add.clone()
         add = add.expand(b, h, s, s)
         return MASK_ADD, add, tuple(add.stride()), None
-    raise ValueError(
-        f"{OP}: attention_mask must be 2-D (B, S) or 4-D broadcastable to (B, H, S, S), got shape {tuple(mask.shape)}"
-    )
+    if pm.kind == MASK_KEYS:
+        km = pm.mask
+        if km.data_ptr() % 16:
+            km = km.clone()
+        return MASK_KEYS, km, (km.stride(0), 0, 0, km.stride(1)), kvlen
+    return MASK_LENS, None, (0, 0, 0, 0), kvlen
 
 
 def _check_qkv(op: str, q, k, v, want_dim: int):
@@ -721,11 +859,16 @@ def _aux(q: torch.Tensor, plan: _Plan) -> tuple:
         # made once per device with device ops (no host copy, so this also works while a CUDA
         # graph is being captured; then they are not cached, since their values are only
         # written when the graph replays).  Two allocations: both pointers 16-byte aligned.
+        # They are private and only ever read by the kernels, so no caller can change them; a
+        # cached pair is complete before it is shared (the synchronisation below), so another
+        # stream, or a graph captured later, only ever reads the finished constants.
         no_lens = torch.full((1,), 2**31 - 1, dtype=torch.int32, device=q.device)
         rows = torch.full((2,), 2**31 - 1, dtype=torch.int32, device=q.device)
         rows[0] = 0
         sentinel = (no_lens, rows)
         if not _capturing(q.device):
+            if q.device.type == "cuda":
+                torch.cuda.current_stream(q.device).synchronize()  # once per device
             _SENTINEL[q.device] = sentinel
     kvlen, skv = (plan.kvlen, 1) if plan.kvlen is not None else (sentinel[0], 0)
     cu, scu = (plan.cu, 1) if plan.cu is not None else (sentinel[1], 0)
@@ -826,26 +969,44 @@ def _run(op, q, k, v, plan, out):
     return _forward(q, k, v, plan, out)[0]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None, *,
               causal: bool = False, scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
               fallback: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q, k, v of shape (B, H, S, D); returns (B, S, H, D).
 
-    ``attention_mask``: (B, S) 0/1 key padding mask, or an additive float mask broadcastable to
-    (B, H, S, S).  ``causal``: query i sees keys j <= i.  Differentiable in q, k, v.
+    ``attention_mask``: (B, S) 0/1 key padding mask, an additive float mask broadcastable to
+    (B, H, S, S), or an ``AttentionMask`` from ``prepare_attention_mask`` (analysed once, reused
+    by many calls).  A raw 2-D mask is analysed at every call (``prepare_attention_mask`` with
+    its defaults: one host read outside ``trusted_inputs()``, none inside); nothing about a mask
+    is cached between calls.  ``causal``: query i sees keys j <= i.  Differentiable in q, k, v.
     """
     dtype = _check_qkv(OP, q, k, v, 4)
     B, H, S, D = q.shape
     scale = _check_scale(OP, scale, D)
     check_out(OP, out, (B, S, H, D), dtype, q.device)
     _check_grid(OP, B, H)
-    triton_path = use_triton(OP, q, k, v, attention_mask, out, fallback=fallback)
-    kind, mask_t, mstrides, kvlen = _prepare_mask(attention_mask, B, H, S, q.device)  # validates the mask
+    prepared = isinstance(attention_mask, AttentionMask)
+    if prepared:
+        mask_tensors = (attention_mask.mask, attention_mask.kvlen)
+    elif attention_mask is None or isinstance(attention_mask, torch.Tensor):
+        mask_tensors = (attention_mask,)
+    else:
+        raise ValueError(
+            f"{OP}: attention_mask must be a tensor or an AttentionMask, got {type(attention_mask).__name__}")
+    for t in mask_tensors:
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{OP}: attention_mask is on {t.device} but q is on {q.device}")
+    triton_path = use_triton(OP, q, k, v, *mask_tensors, out, fallback=fallback)
+    if prepared:
+        pm = _check_prepared(attention_mask, B, H, S, q.device)
+    else:
+        pm = prepare_attention_mask(attention_mask, B, H, S)  # validates the mask
     if not triton_path:
-        res = attention_reference(q, k, v, attention_mask, causal=causal, scale=scale)
+        res = attention_reference(q, k, v, pm if prepared else attention_mask, causal=causal, scale=scale)
         if out is not None:
             return out.copy_(res)
         return res
+    kind, mask_t, mstrides, kvlen = _mask_args(pm, B, H, S)
     ieee = dtype == torch.float32 and not tf32_allowed()
     cfg = attention_config(D, dtype, S, cuda_capability(q.device), additive_mask=kind == MASK_ADD)
     plan = _Plan(False, B, H, S, D, kind, mask_t, mstrides, kvlen, None, 0, bool(causal), scale, ieee, cfg)
@@ -916,17 +1077,18 @@ def _softmax_rows(scores: torch.Tensor) -> torch.Tensor:
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        attention_mask: Optional[torch.Tensor] = None, *, causal: bool = False,
+                        attention_mask=None, *, causal: bool = False,
                         scale: Optional[float] = None) -> torch.Tensor:
     """Plain matmul-softmax-matmul in fp32 (fp64 for fp64 inputs) with the kernel's masking
-    rules; returns (B, S, H, D) contiguous in q.dtype.  Differentiable."""
+    rules; returns (B, S, H, D) contiguous in q.dtype.  ``attention_mask``: as for ``attention``
+    (an ``AttentionMask`` counts as its ``dense()`` mask).  Differentiable."""
     B, H, S, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    if attention_mask is not None:
-        m = attention_mask
+    m = attention_mask.dense() if isinstance(attention_mask, AttentionMask) else attention_mask
+    if m is not None:
         if m.dim() == 2:
             scores = scores.masked_fill((m == 0)[:, None, None, :], float("-inf"))
         elif m.dim() == 4:

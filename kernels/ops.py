@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kernels.add_layernorm import add_layernorm as _add_layernorm
+from kernels.attention import AttentionMask, prepare_attention_mask  # noqa: F401  (re-exported)
 from kernels.attention import attention as _attention
 from kernels.attention import attention_varlen as _attention_varlen
 from kernels.embeddings_layernorm import embeddings_layernorm as _embeddings_layernorm
@@ -278,51 +279,73 @@ def embeddings_layernorm(input_ids, token_type_ids, position_ids, word_weight, p
 # ----------------------------------------------------------------------------- attention
 
 
+# The attention op takes either a raw mask (mask_kind = -1: analysed inside, as the eager
+# function does) or the tensors of an ``AttentionMask`` (mask_kind = its kind, attention_mask =
+# its ``mask``, kvlen = its ``kvlen``): a custom op cannot take the object itself.  While
+# torch.compile traces, the entry point prepares the mask in the graph (device ops only, no host
+# read) and passes its parts, so the compiled model makes no host read per layer.
+
+
+def _op_mask(q: Tensor, attention_mask: Optional[Tensor], kvlen: Optional[Tensor], mask_kind: int):
+    if mask_kind < 0:
+        return attention_mask
+    B, H, S, _ = q.shape
+    return AttentionMask(int(mask_kind), attention_mask, kvlen, B, None, S)
+
+
 @torch.library.custom_op(f"{NS}::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], causal: bool,
-                 scale: Optional[float]) -> Tensor:
-    return _attention(q, k, v, attention_mask, causal=causal, scale=scale)
+                 scale: Optional[float], kvlen: Optional[Tensor] = None, mask_kind: int = -1) -> Tensor:
+    return _attention(q, k, v, _op_mask(q, attention_mask, kvlen, mask_kind), causal=causal, scale=scale)
 
 
 @attention_op.register_fake
-def _(q, k, v, attention_mask, causal, scale):
+def _(q, k, v, attention_mask, causal, scale, kvlen=None, mask_kind=-1):
     B, H, S, D = q.shape
     return q.new_empty((B, S, H, D))
 
 
 @torch.library.custom_op(f"{NS}::attention_backward", mutates_args=())
 def attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
-                          causal: bool, scale: Optional[float]) -> List[Tensor]:
+                          causal: bool, scale: Optional[float], kvlen: Optional[Tensor] = None,
+                          mask_kind: int = -1) -> List[Tensor]:
+    mask = _op_mask(q, attention_mask, kvlen, mask_kind)
+
     def fn(a, b, c):
-        return _attention(a, b, c, attention_mask, causal=causal, scale=scale)
+        return _attention(a, b, c, mask, causal=causal, scale=scale)
 
     return _vjp(fn, (q, k, v), grad)
 
 
 @attention_backward_op.register_fake
-def _(grad, q, k, v, attention_mask, causal, scale):
+def _(grad, q, k, v, attention_mask, causal, scale, kvlen=None, mask_kind=-1):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
 
 
 def _attn_setup(ctx, inputs, output):
-    q, k, v, mask, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, mask)
-    ctx.causal, ctx.scale = causal, scale
+    q, k, v, mask, causal, scale, kvlen, mask_kind = inputs  # defaults filled in by torch
+    ctx.save_for_backward(q, k, v, mask, kvlen)
+    ctx.causal, ctx.scale, ctx.mask_kind = causal, scale, mask_kind
 
 
 def _attn_bwd(ctx, grad):
-    q, k, v, mask = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(grad, q, k, v, mask, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, mask, kvlen = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(grad, q, k, v, mask, ctx.causal, ctx.scale, kvlen, ctx.mask_kind)
+    # one gradient per input; trailing Nones for the defaulted kvlen / mask_kind are dropped
+    return dq, dk, dv, None, None, None, None, None
 
 
 attention_op.register_autograd(_attn_bwd, setup_context=_attn_setup)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor] = None, *, causal: bool = False,
+def attention(q: Tensor, k: Tensor, v: Tensor, attention_mask=None, *, causal: bool = False,
               scale: Optional[float] = None) -> Tensor:
+    """``kernels.attention.attention`` (eager) / the ``bertfast::attention`` op (compiling);
+    ``attention_mask``: None, a raw mask or an ``AttentionMask`` (``prepare_attention_mask``)."""
     if _compiling():
-        return attention_op(q, k, v, attention_mask, bool(causal), scale)
+        B, H, S, _ = q.shape
+        pm = prepare_attention_mask(attention_mask, B, H, S)  # traced: device ops only, no host read
+        return attention_op(q, k, v, pm.mask, bool(causal), scale, pm.kvlen, int(pm.kind))
     return _attention(q, k, v, attention_mask, causal=causal, scale=scale)
 
 

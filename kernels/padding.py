@@ -2,6 +2,11 @@
 
 * ``unpad(hidden, attention_mask) -> (packed, indices, cu_seqlens, max_seqlen)``
 * ``pad(packed, indices, batch, seqlen) -> hidden``
+* ``Packing``: the layout of one padded batch (indices, per-sequence lengths, ``cu_seqlens``,
+  ``max_seqlen``), computed once per forward and handed to every part that needs it (the torch
+  layers, the Triton varlen kernels, the per-token heads), flash-attention's bert_padding style.
+  ``Packing.from_lengths`` builds it from lengths the caller already read on the host (no host
+  read of its own); ``Packing.from_mask`` reads the mask itself (one host read).
 
 These are index operations (a gather and a scatter), written with differentiable torch ops:
 they run on any device, without triton or the interpreter, and autograd flows through both.
@@ -10,9 +15,12 @@ The layout they produce is the one ``kernels.attention_varlen`` reads: the token
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import List, Optional
+
 import torch
 
-__all__ = ["unpad", "pad"]
+__all__ = ["unpad", "pad", "Packing"]
 
 
 def _mask_info(op: str, attention_mask: torch.Tensor, batch: int, seqlen: int, device):
@@ -79,3 +87,62 @@ def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) ->
     out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
     out = out.index_copy(0, indices, packed)
     return out.reshape(batch, seqlen, *packed.shape[1:])
+
+
+def _real_indices(valid_flat: torch.Tensor, total: int) -> torch.Tensor:
+    """Flat indices of the True entries of a 1-D bool tensor, ``total`` of them (known on the
+    host), without a host synchronisation (``nonzero`` would read the count back)."""
+    try:
+        return torch.nonzero_static(valid_flat, size=total).reshape(-1)
+    except (NotImplementedError, RuntimeError, AttributeError):  # pragma: no cover - older torch / devices
+        return torch.argsort((~valid_flat).to(torch.int8), stable=True)[:total]
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a padded (B, S) batch are, for padding-free execution.
+
+    The T real tokens are packed sequence after sequence, each in its original order (the layout
+    of ``unpad``): ``indices[t]`` is token t's flat position in the B*S grid, sequence b holds
+    ``seqlens[b]`` tokens (0 for a fully padded row), rows ``cu_seqlens[b]:cu_seqlens[b + 1]``
+    of the packed tensor (``cu_seqlens`` int32 on the device, as ``kernels.attention_varlen``
+    reads it)."""
+
+    indices: torch.Tensor  # (T,) int64
+    seqlens: List[int]  # B python ints, sum T
+    B: int
+    S: int
+    cu_seqlens: Optional[torch.Tensor] = None  # (B + 1,) int32
+    max_seqlen: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.indices.numel()
+
+    @classmethod
+    def from_lengths(cls, attention_mask: torch.Tensor, seqlens: List[int]) -> "Packing":
+        """From a validated 2-D 0/1 mask (B, S) and its per-row counts of real tokens, already
+        read on the host by the caller (``seqlens``, python ints): no host read here."""
+        B, S = attention_mask.shape
+        valid = attention_mask != 0
+        indices = _real_indices(valid.reshape(-1), int(sum(seqlens)))
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=attention_mask.device)
+        cu[1:] = torch.cumsum(valid.sum(1, dtype=torch.int32), 0, dtype=torch.int32)
+        return cls(indices, [int(n) for n in seqlens], B, S, cu, max(seqlens) if seqlens else 0)
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> Optional["Packing"]:
+        """From a validated 2-D 0/1 mask (B, S); None when nothing is padded.  One host read."""
+        B, S = attention_mask.shape
+        seqlens = (attention_mask != 0).sum(1).tolist()
+        if sum(seqlens) == B * S:
+            return None
+        return cls.from_lengths(attention_mask, seqlens)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) -> (T, ...): the real tokens."""
+        return t.reshape(self.B * self.S, *t.shape[2:]).index_select(0, self.indices)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (B, S, ...), zeros at padded positions."""
+        return pad(x, self.indices, self.B, self.S)

@@ -2,6 +2,8 @@
 correctness checks) take their tolerances from."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # (atol, rtol) for an output of this dtype compared with the fp32-math reference cast to the
@@ -35,3 +37,31 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, factor: float = 1
 def nan_like(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
     """An output buffer pre-filled with NaN, so that an element the kernel forgets to write fails."""
     return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Counts the ways a tensor's values reach the host while the block runs (``tolist``,
+    ``item``, ``bool``/``int``/``float`` of a tensor, ``nonzero``): ``with count_host_reads() as n:
+    ...; n[0]``.  Patches ``torch.Tensor`` for the block and restores it whatever happens."""
+    n = [0]
+    patched = []
+
+    def wrap(owner, name):
+        orig = getattr(owner, name)
+
+        def counted(*a, **k):
+            n[0] += 1
+            return orig(*a, **k)
+
+        setattr(owner, name, counted)
+        patched.append((owner, name, orig))
+
+    try:
+        for name in ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero"):
+            wrap(torch.Tensor, name)
+        wrap(torch, "nonzero")
+        yield n
+    finally:
+        for owner, name, orig in reversed(patched):
+            setattr(owner, name, orig)

@@ -5,7 +5,16 @@
 * ``@pytest.mark.gpu`` tests need CUDA and real compiled kernels; they skip cleanly otherwise.
 * ``@pytest.mark.interpreter`` tests need the interpreter; they skip on a CUDA run
   (run ``TRITON_INTERPRET=1 pytest -m interpreter`` there to include them).
+* Global switches (TF32, matmul precision, default dtype/device, deterministic algorithms,
+  grad and anomaly mode, SDPA backends, cuDNN flags, torch's thread count, os.environ, the
+  working directory) are snapshotted around every test and every test module and put back
+  whatever happens; a test or module that leaves one changed FAILS, naming the switch.  To
+  change a switch inside a test, use a fixture that restores it (``tf32_matmul`` below,
+  ``monkeypatch.setenv``, or a try/finally) -- never ``monkeypatch.setattr`` on
+  ``torch.backends.*`` (those modules keep their switches outside ``__dict__``, and newer
+  pytest then deletes the attribute on undo instead of restoring it).
 """
+import contextlib
 import os
 
 import torch
@@ -32,3 +41,223 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------- global switches
+#
+# Each switch: (name, getter, setter).  Getters and setters only use APIs present in every torch
+# from 2.4 to 2.13; switches a given torch lacks are skipped.  The list is in restore order: the
+# legacy matmul-precision views are coupled (setting allow_tf32 rewrites the precision and, on
+# torch >= 2.9, the per-backend ``fp32_precision``), so restore runs the list twice.
+
+_MISSING = object()
+
+
+class _Unreadable:
+    """A getter that raised (torch >= 2.9 refuses to read the legacy matmul precision after a mix
+    of the legacy and new TF32 APIs): compared by message, never restored."""
+
+    def __init__(self, exc):
+        self.msg = f"<unreadable: {type(exc).__name__}: {str(exc)[:80]}>"
+
+    def __eq__(self, other):
+        return isinstance(other, _Unreadable) and other.msg == self.msg
+
+    def __repr__(self):
+        return self.msg
+
+
+def _attr(obj_path, name):
+    """Getter/setter for ``<obj>.<name>`` where obj is a dotted path under torch; None if absent."""
+
+    def obj():
+        o = torch
+        for part in obj_path.split(".")[1:]:
+            o = getattr(o, part)
+        return o
+
+    try:
+        getattr(obj(), name)
+    except Exception:  # this torch has no such switch
+        return None
+    return (f"{obj_path}.{name}", lambda: getattr(obj(), name), lambda v: setattr(obj(), name, v))
+
+
+def _pair(name, getter, setter):
+    return (name, getter, setter) if getter is not None and setter is not None else None
+
+
+def _switches():
+    b = torch.backends
+    sw = [
+        _pair("torch.get_float32_matmul_precision()", torch.get_float32_matmul_precision,
+              torch.set_float32_matmul_precision),
+        _attr("torch.backends.cuda.matmul", "allow_tf32"),
+        _attr("torch.backends.cudnn", "allow_tf32"),
+        # the per-backend precisions of the new TF32 API (torch >= 2.9); absent before
+        _attr("torch.backends", "fp32_precision"),
+        _attr("torch.backends.cuda.matmul", "fp32_precision"),
+        _attr("torch.backends.cudnn", "fp32_precision"),
+        _attr("torch.backends.cudnn.conv", "fp32_precision"),
+        _attr("torch.backends.cudnn.rnn", "fp32_precision"),
+        _attr("torch.backends.mkldnn", "fp32_precision"),
+        _attr("torch.backends.mkldnn.matmul", "fp32_precision"),
+        _attr("torch.backends.mkldnn.conv", "fp32_precision"),
+        _attr("torch.backends.mkldnn.rnn", "fp32_precision"),
+        _attr("torch.backends.cuda.matmul", "allow_fp16_reduced_precision_reduction"),
+        _attr("torch.backends.cuda.matmul", "allow_bf16_reduced_precision_reduction"),
+        _attr("torch.backends.cudnn", "enabled"),
+        _attr("torch.backends.cudnn", "benchmark"),
+        _attr("torch.backends.cudnn", "deterministic"),
+        _pair("torch.get_default_dtype()", torch.get_default_dtype, torch.set_default_dtype),
+        _pair("torch.get_default_device()", getattr(torch, "get_default_device", None),
+              getattr(torch, "set_default_device", None)),
+        ("torch.are_deterministic_algorithms_enabled() / warn_only",
+         lambda: (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+         lambda v: torch.use_deterministic_algorithms(v[0], warn_only=v[1])),
+        ("torch.is_grad_enabled()", torch.is_grad_enabled, torch.set_grad_enabled),
+        ("torch.is_inference_mode_enabled()", torch.is_inference_mode_enabled, None),  # check only
+        ("torch.is_anomaly_enabled()", torch.is_anomaly_enabled, lambda v: torch.autograd.set_detect_anomaly(v)),
+        ("torch.get_num_threads()", torch.get_num_threads, torch.set_num_threads),
+        ("os.getcwd()", os.getcwd, os.chdir),
+        ("os.environ", _environ, _restore_environ),
+    ]
+    for sdp in ("flash", "mem_efficient", "math", "cudnn"):
+        sw.append(_pair(f"torch.backends.cuda.{sdp}_sdp_enabled()", getattr(b.cuda, f"{sdp}_sdp_enabled", None),
+                        getattr(b.cuda, f"enable_{sdp}_sdp", None)))
+    return [s for s in sw if s is not None]
+
+
+_PYTEST_OWNED_ENV = ("PYTEST_CURRENT_TEST",)  # pytest rewrites it at each phase
+# set by libraries, once per process, the first time a test imports or uses them (torch's inductor,
+# the OpenMP runtime scikit-learn loads): their appearance is not a test's leak, and they stay
+_LIBRARY_SET_ENV = ("TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "KMP_DUPLICATE_LIB_OK",
+                    "KMP_INIT_AT_FORK")
+
+
+class _Environ(dict):
+    """os.environ's copy; equal to another when they differ at most by library-set variables
+    appearing (not changing or disappearing)."""
+
+    def __eq__(self, other):
+        if not isinstance(other, dict):
+            return NotImplemented
+        keys = set(self) | set(other)
+        return all(self.get(k) == other.get(k) for k in keys
+                   if not (k in _LIBRARY_SET_ENV and (k not in self or k not in other)))
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+
+def _environ():
+    return _Environ((k, v) for k, v in os.environ.items() if k not in _PYTEST_OWNED_ENV)
+
+
+def _restore_environ(saved):
+    for k in [k for k in _environ() if k not in saved and k not in _LIBRARY_SET_ENV]:
+        del os.environ[k]
+    for k, v in saved.items():
+        if os.environ.get(k) != v:
+            os.environ[k] = v
+
+
+SWITCHES = _switches()
+
+
+def snapshot():
+    """{switch name: current value} of every global switch tests must leave as they found."""
+    snap = {}
+    for name, get, _ in SWITCHES:
+        try:
+            snap[name] = get()
+        except Exception as e:
+            snap[name] = _Unreadable(e)
+    return snap
+
+
+def _diff(before, after):
+    out = []
+    for name, old in before.items():
+        new = after.get(name, _MISSING)
+        if new == old:
+            continue
+        if name == "os.environ":
+            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                          and not (k in _LIBRARY_SET_ENV and (k not in old or k not in new)))
+            out.append("os.environ[" + ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+                                                 for k in keys) + "]")
+        else:
+            out.append(f"{name}: {old!r} -> {new!r}")
+    return out
+
+
+def restore(saved):
+    """Put every switch back to ``saved``; returns the switches that could not be restored."""
+    for _ in range(2):  # coupled switches: a second pass settles what the first one disturbed
+        now = snapshot()
+        for name, _, setter in SWITCHES:
+            want = saved[name]
+            if setter is None or isinstance(want, _Unreadable) or now[name] == want:
+                continue
+            try:
+                setter(want)
+            except Exception:
+                pass
+            now = snapshot()
+    return _diff(saved, snapshot())
+
+
+@contextlib.contextmanager
+def keep_global_switches():
+    """Snapshot the switches, run the block, put them back whatever happens.  Yields the list of
+    leaks found on exit (filled in after the block)."""
+    saved = snapshot()
+    leaks = []
+    try:
+        yield leaks
+    finally:
+        leaks.extend(_diff(saved, snapshot()))
+        if leaks:
+            stuck = restore(saved)
+            if stuck:
+                leaks.append("COULD NOT RESTORE: " + "; ".join(stuck))
+
+
+def _fail_on_leaks(what, leaks):
+    if leaks:
+        pytest.fail(f"{what} left global switches changed (now restored): " + "; ".join(leaks), pytrace=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_keeps_global_switches(request):
+    """Module-scoped fixtures (e.g. one intra-op thread for a module) must also clean up."""
+    with keep_global_switches() as leaks:
+        yield
+    _fail_on_leaks(f"test module {request.node.nodeid}", leaks)
+
+
+@pytest.fixture(autouse=True)
+def _test_keeps_global_switches(request):
+    with keep_global_switches() as leaks:
+        yield
+    _fail_on_leaks(request.node.nodeid, leaks)
+
+
+@contextlib.contextmanager
+def _tf32(allow):
+    saved = snapshot()
+    torch.backends.cuda.matmul.allow_tf32 = bool(allow)
+    try:
+        yield
+    finally:
+        stuck = restore(saved)
+        assert not stuck, stuck
+
+
+@pytest.fixture
+def tf32_matmul():
+    """``with tf32_matmul(True): ...`` runs the block with ``torch.backends.cuda.matmul.allow_tf32``
+    set, and restores every switch after it, whatever happens (works on torch 2.4 .. 2.13)."""
+    return _tf32

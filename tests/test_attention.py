@@ -379,16 +379,17 @@ def test_kernel_with_gpu_block_sizes(monkeypatch, cap, D, dtype):
 
 
 @pytest.mark.interpreter
-def test_kernel_tf32_switch_keeps_results_close(monkeypatch):
+def test_kernel_tf32_switch_keeps_results_close(tf32_matmul):
     """With TF32 allowed the fp32 launch takes the non-IEEE variant (same math here)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    run, ref = _run_attn(causal=True)
-    _check(_qkv(1, 1, 20, 32, F32), run, ref, (1, 20, 1, 32), check_out=False)
+    with tf32_matmul(True):
+        run, ref = _run_attn(causal=True)
+        _check(_qkv(1, 1, 20, 32, F32), run, ref, (1, 20, 1, 32), check_out=False)
 
 
 @pytest.mark.interpreter
 def test_same_mask_reused_and_modified_in_place():
-    """The 2-D mask analysis is cached per mask tensor; an in-place change invalidates it."""
+    """The 2-D mask is analysed at every call (nothing is cached on the tensor): reuse and
+    in-place changes are seen (tests/test_mask_cache.py covers refills without a version bump)."""
     B, H, S, D = 2, 1, 20, 32
     q, k, v = _qkv(B, H, S, D, F32)
     mask = _prefix_mask([20, 8], S)

@@ -162,3 +162,25 @@ def test_heads_run_on_triton_backend():
     model.set_backend("triton")
     assert model.bert.config.backend == "triton"
     torch.testing.assert_close(model(ids, mask, tt).logits, ref, **tolerance(torch.float32, 10))
+
+
+def test_unsupported_head_size_auto_runs_torch_triton_refuses(monkeypatch):
+    """A head size the attention kernel lacks (16) is found when the backend is chosen: "auto"
+    runs the torch path even where it would pick the kernels (CUDA inputs; simulated here), and
+    an explicit "triton" refuses by name before any kernel launches."""
+    from bertfast import backend, fast
+
+    model = BertModel(tiny_config(num_attention_heads=4)).eval()  # head size 16
+    ids, tt, mask = batch()
+    want = run(model, "torch", True, ids, tt, mask)
+    launched = []
+    monkeypatch.setattr(fast, "encoder_forward", lambda *a, **k: launched.append(1))
+    monkeypatch.setattr(backend, "resolve", lambda name, device: "torch" if name == "torch" else "triton")
+    got = run(model, "auto", True, ids, tt, mask)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="head size 16"):
+        run(model, "triton", True, ids, tt, mask)
+    ok = BertModel(tiny_config()).eval().double()  # a dtype the kernels lack
+    with pytest.raises(ValueError, match="dtype float64"):
+        run(ok, "triton", True, ids, tt, mask)
+    assert not launched

@@ -194,3 +194,108 @@ def test_python_m_bertfast_info_and_encode_stdin():
 def test_process_errors_are_one_line(tmp_path):
     proc = _run_module("encode", "hi", "--model", str(tmp_path / "nope"))
     _assert_one_line_error(proc.returncode, proc.stderr)
+
+
+# ---------------------------------------------------------------------------- refused at parse time
+def _refused_args(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    bad_utf8 = tmp_path / "latin1.txt"
+    bad_utf8.write_bytes("caf\xe9\n".encode("latin-1"))
+    cases = {
+        "encode-device-meta": (["encode", "hi", "--device", "meta"], "argument --device: device 'meta'"),
+        "encode-device-unknown": (["encode", "hi", "--device", "gpu0"], "unknown device 'gpu0'"),
+        "similarity-device-meta": (["similarity", "a", "b", "--device", "meta"], "'meta' is not supported"),
+        "encode-backend": (["encode", "hi", "--backend", "fast"], "argument --backend: unknown backend 'fast'"),
+        "encode-max-length-0": (["encode", "hi", "--max-length", "0"], "--max-length: expected a positive"),
+        "encode-batch-size-neg": (["encode", "hi", "--batch-size", "-3"], "--batch-size: expected a positive"),
+        "encode-model-missing": (["encode", "hi", "--model", str(tmp_path / "nope")], "argument --model"),
+        "encode-latin1-file": (["encode", "--file", str(bad_utf8)], "is not UTF-8 text"),
+        "profile-out-file": (["profile", "--out", str(a_file)], "argument --out: " + str(a_file) + " is an existing file"),
+        "profile-out-under-file": (["profile", "--out", str(a_file / "sub")], "is a file"),
+        "profile-batch-0": (["profile", "--batch", "0"], "argument --batch"),
+        "profile-seq-neg": (["profile", "--seq", "-8"], "argument --seq"),
+        "profile-steps-0": (["profile", "--steps", "0"], "argument --steps"),
+        "profile-warmup-neg": (["profile", "--warmup", "-1"], "argument --warmup"),
+        "profile-top-0": (["profile", "--top", "0"], "argument --top"),
+        "profile-threads-0": (["profile", "--threads", "0"], "argument --threads"),
+        "profile-device-meta": (["profile", "--device", "meta"], "argument --device"),
+        "profile-impl": (["profile", "--impl", "onnx"], "argument --impl"),
+        "bench-out-file": (["bench", "--out", str(a_file)], "argument --out"),
+        "bench-impl": (["bench", "encoder", "--impl", "bertfast-torch", "nope"], "argument --impl: invalid choice: 'nope'"),
+        "bench-threads-0": (["bench", "--threads", "0"], "argument --threads"),
+        "bench-batch-0": (["bench", "--batch", "0"], "argument --batch"),
+        "bench-device-meta": (["bench", "--device", "meta"], "argument --device"),
+    }
+    if not torch.cuda.is_available():
+        cases["bench-device-cuda"] = (["bench", "--device", "cuda"], "CUDA is not available")
+        cases["profile-device-cuda"] = (["profile", "--device", "cuda"], "CUDA is not available")
+        cases["encode-device-cuda1"] = (["encode", "hi", "--device", "cuda:1"], "CUDA is not available")
+    return cases
+
+
+REFUSED = ["encode-device-meta", "encode-device-unknown", "similarity-device-meta", "encode-backend",
+           "encode-max-length-0", "encode-batch-size-neg", "encode-model-missing", "encode-latin1-file",
+           "profile-out-file", "profile-out-under-file", "profile-batch-0", "profile-seq-neg", "profile-steps-0",
+           "profile-warmup-neg", "profile-top-0", "profile-threads-0", "profile-device-meta", "profile-impl",
+           "bench-out-file", "bench-impl", "bench-threads-0", "bench-batch-0", "bench-device-meta",
+           "bench-device-cuda", "profile-device-cuda", "encode-device-cuda1"]
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_bad_argument_refused_before_any_work(case, tmp_path, capsys, monkeypatch):
+    cases = _refused_args(tmp_path)
+    if case not in cases:
+        pytest.skip("CUDA is available here")
+    argv, expect = cases[case]
+
+    def no_work(*a, **k):
+        raise AssertionError("a model was loaded / a run started for a bad argument")
+
+    import bertfast.bench
+    import bertfast.profiling
+    import bertfast.sentence
+
+    monkeypatch.setattr(bertfast.sentence.SentenceEncoder, "__init__", no_work)
+    monkeypatch.setattr(bertfast.bench, "run", no_work)
+    monkeypatch.setattr(bertfast.profiling, "run", no_work)
+    rc = main(argv)
+    captured = capsys.readouterr()
+    _assert_one_line_error(rc, captured.err, expect)
+    assert captured.out == ""
+    if case != "encode-latin1-file":  # a file's contents are read after parsing, still before the model
+        assert rc == 2
+
+
+def test_bench_impl_names_match_the_suites():
+    from bertfast.bench import IMPLS, suites
+
+    assert set(suites.ENCODER_IMPLS) <= set(IMPLS)
+
+
+def test_non_utf8_stdin_is_one_line(capsys, monkeypatch):
+    class BytesStdin:
+        buffer = io.BytesIO(b"ok\n\xff\xfe bad\n")
+
+    monkeypatch.setattr(sys, "stdin", BytesStdin())
+    rc = main(["encode", "-"])
+    captured = capsys.readouterr()
+    _assert_one_line_error(rc, captured.err, "stdin is not UTF-8 text")
+    # a text stream that let bad bytes through as surrogates (surrogateescape) is refused too
+    monkeypatch.setattr(sys, "stdin", io.StringIO(b"caf\xe9\n".decode("utf-8", "surrogateescape")))
+    rc = main(["encode", "-"])
+    _assert_one_line_error(rc, capsys.readouterr().err, "stdin is not UTF-8 text")
+
+
+def test_process_bad_arguments_are_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "bertfast", "encode", "-"], cwd=ROOT, input=b"caf\xe9\n",
+                          capture_output=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _assert_one_line_error(proc.returncode, proc.stderr.decode(), "stdin is not UTF-8 text")
+    for args, expect in ((["encode", "hi", "--device", "meta"], "--device"),
+                         (["profile", "--out", str(a_file)], "--out"),
+                         (["bench", "--impl", "nope"], "--impl")):
+        proc = _run_module(*args)
+        _assert_one_line_error(proc.returncode, proc.stderr, expect)
+        assert proc.returncode == 2

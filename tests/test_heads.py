@@ -285,3 +285,85 @@ def test_answer_helper(minilm_tokenizer):
     assert qa.training  # mode restored
     with pytest.raises(TypeError, match="tokenizers.Tokenizer"):
         qa.answer(question, context, object())
+
+
+# ----------------------------------------------------------------------------- untied MLM decoder
+
+
+def _untied_hf(tmp_path):
+    torch.manual_seed(0)
+    hf_cfg = hf_config(BertConfig(**{**CFG, "tie_word_embeddings": False}))
+    ref = perturb(transformers.BertForMaskedLM(hf_cfg)).eval()
+    assert ref.cls.predictions.decoder.weight is not ref.bert.embeddings.word_embeddings.weight
+    ref.save_pretrained(tmp_path / "hf")
+    return ref
+
+
+def test_untied_mlm_decoder_transformers_to_bertfast_and_back(tmp_path, monkeypatch):
+    # transformers' from_pretrained imports torch._dynamo, which sets this once per process
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    ref = _untied_hf(tmp_path)
+    ours = bertfast.BertForMaskedLM.from_pretrained(tmp_path / "hf")
+    assert ours.config.tie_word_embeddings is False
+    dec = ours.cls.predictions.decoder
+    assert dec.weight is not ours.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(dec.weight, ref.cls.predictions.decoder.weight, atol=0, rtol=0)
+    torch.testing.assert_close(dec.bias, ref.cls.predictions.decoder.bias, atol=0, rtol=0)
+    kw = inputs("mlm")
+    mask = kw["attention_mask"]
+    with torch.no_grad():
+        a, b = ours(**kw), ref(**kw)
+    compare(a, b, "mlm", mask=mask)
+    torch.testing.assert_close(_real(a.logits, mask), _real(b.logits, mask), atol=1e-5, rtol=1e-5)
+
+    ours.save_pretrained(tmp_path / "ours")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as f:
+        assert "cls.predictions.decoder.weight" in set(f.keys())
+    back, info = transformers.BertForMaskedLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    back.eval()
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        torch.testing.assert_close(back(**kw).logits, b.logits, atol=1e-5, rtol=1e-5)
+    again = bertfast.BertForMaskedLM.from_pretrained(tmp_path / "ours")
+    torch.testing.assert_close(again.cls.predictions.decoder.weight, dec.weight, atol=0, rtol=0)
+
+
+def test_untied_mlm_decoder_required_under_strict(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _untied_hf(tmp_path)
+    f = tmp_path / "hf" / "model.safetensors"
+    sd = load_file(str(f))
+    del sd["cls.predictions.decoder.weight"]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(bertfast.CheckpointError, match=r"cls\.predictions\.decoder\.weight"):
+        bertfast.BertForMaskedLM.from_pretrained(tmp_path / "hf")
+
+
+def test_untied_mlm_without_decoder_bias_uses_prediction_bias(tmp_path):
+    """Checkpoints from before transformers 5 had no separate decoder.bias (it was ``bias``)."""
+    from safetensors.torch import load_file, save_file
+
+    _untied_hf(tmp_path)
+    f = tmp_path / "hf" / "model.safetensors"
+    sd = load_file(str(f))
+    del sd["cls.predictions.decoder.bias"]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    ours = bertfast.BertForMaskedLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(ours.cls.predictions.decoder.bias, sd["cls.predictions.bias"], atol=0, rtol=0)
+
+
+def test_tied_mlm_still_tied_and_saves_no_alias(tmp_path):
+    model = perturb(bertfast.BertForMaskedLM(BertConfig(**CFG)))
+    assert model.config.tie_word_embeddings is True
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "cls.predictions.decoder.weight" not in set(f.keys())
+    back = bertfast.BertForMaskedLM.from_pretrained(tmp_path)
+    assert back.cls.predictions.decoder.weight is back.bert.embeddings.word_embeddings.weight
+    assert back.cls.predictions.decoder.bias is back.cls.predictions.bias

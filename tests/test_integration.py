@@ -97,8 +97,9 @@ def test_auto_backend_on_cpu_keeps_transformers_forward():
 def test_optimize_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="no BERT encoder"):
         bertfast.optimize(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="head size"):
-        bertfast.optimize(transformers.BertModel(hf_config(num_attention_heads=4)))  # head size 16
+    with pytest.raises(ValueError, match="head size"):  # head size 16: the kernels cannot run it
+        bertfast.optimize(transformers.BertModel(hf_config(num_attention_heads=4)), backend="triton")
+    bertfast.optimize(transformers.BertModel(hf_config(num_attention_heads=4)))  # auto: transformers' forward runs it
 
 
 def test_optimized_model_validates_inputs():

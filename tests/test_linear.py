@@ -306,17 +306,13 @@ def test_gpu_bert_base(dtype, lead, K, N, act):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tf32,cfg", _every_config())
-def test_gpu_every_block_config(dtype, tf32, cfg):
+def test_gpu_every_block_config(dtype, tf32, cfg, tf32_matmul):
     M, N, K = 1000, 1000, 1000
     x, w, b = _make((M,), K, N, dtype, device="cuda")
     y, pre = nan_like((M, N), dtype, "cuda"), nan_like((M, N), dtype, "cuda")
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
+    with tf32_matmul(tf32):  # the reference below runs with the switch restored (IEEE fp32)
         _gemm.launch_gemm(x, w, b, y, activation=_gemm.ACT_GELU_TANH, pre=pre, config=cfg)
         torch.cuda.synchronize()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
     # tf32 rounds the operands to 10-bit mantissas: compare with the fp16 tolerance x 4 then
     factor = 4.0 * (2e-3 / 1e-4) if tf32 else 1.0
     assert_close(pre, linear_reference(x, w, b, None), factor=factor)
@@ -361,12 +357,12 @@ class _Recorder:
 @pytest.mark.parametrize("dtype,allow,expect", [
     (torch.float32, False, "ieee"), (torch.float32, True, "tf32"), (torch.float16, False, "tf32"), (torch.float16, True, "tf32"),
 ])
-def test_input_precision_follows_tf32_switch(dtype, allow, expect, monkeypatch):
+def test_input_precision_follows_tf32_switch(dtype, allow, expect, monkeypatch, tf32_matmul):
     rec = _Recorder()
     monkeypatch.setattr(_gemm, "gemm_kernel", rec)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow)
     x, w, b = _make((300,), 64, 64, dtype)
-    linear(x, w, b)
+    with tf32_matmul(allow):
+        linear(x, w, b)
     (kw,) = rec.calls
     assert kw["INPUT_PRECISION"] == expect
     cfg = _gemm.pick_config(300, 64, 64, dtype, (9, 0), allow)

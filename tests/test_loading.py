@@ -92,8 +92,10 @@ def test_round_trip_safetensors_and_bin(saved, tmp_path):
     assert_same_weights(model, BertModel.from_pretrained(d2))
 
 
-def test_transformers_reads_pytorch_model_bin(tmp_path):
+def test_transformers_reads_pytorch_model_bin(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
+    # transformers' from_pretrained imports torch._dynamo, which sets this once per process
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     model = tiny(bertfast.BertForSequenceClassification)
     model.save_pretrained(tmp_path, safe_serialization=False)
     ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
@@ -330,3 +332,122 @@ def test_save_does_not_warn_on_tied_mlm(tmp_path):
         back = bertfast.BertForMaskedLM.from_pretrained(tmp_path)
     assert_same_weights(model, back)
     shutil.rmtree(tmp_path)
+
+
+# ----------------------------------------------------------------------------- refused checkpoints
+
+
+def test_integer_tensor_where_float_expected(saved):
+    _, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    sd["encoder.layer.0.attention.self.query.weight"] = torch.zeros(32, 32, dtype=torch.int32)
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"encoder\.layer\.0\.attention\.self\.query\.weight: dtype.*int32.*float"):
+        BertModel.from_pretrained(d)
+    (d / "model.safetensors").unlink()
+    sd["encoder.layer.0.attention.self.query.weight"] = torch.ones(32, 32, dtype=torch.bool)
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"query\.weight: dtype.*bool"):
+        BertModel.from_pretrained(d)
+
+
+def test_shape_checked_from_header_before_reading_data(saved, monkeypatch):
+    """A shape mismatch is found from the safetensors header: no tensor data is read."""
+    _, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    sd["embeddings.word_embeddings.weight"] = torch.zeros(101, 32)
+    save_file(sd, str(d / "model.safetensors"))
+    import safetensors
+
+    reads = []
+    real = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self.f = real(*a, **k)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, k):
+            reads.append(k)
+            return self.f.get_tensor(k)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    import safetensors.torch
+
+    real_load_file = safetensors.torch.load_file
+
+    def load_file_spy(*a, **k):
+        out = real_load_file(*a, **k)
+        reads.extend(out)
+        return out
+
+    monkeypatch.setattr(safetensors.torch, "load_file", load_file_spy)
+    with pytest.raises(CheckpointError, match=r"embeddings\.word_embeddings\.weight: shape.*\(101, 32\).*\(100, 32\)"):
+        BertModel.from_pretrained(d)
+    assert reads == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights(saved, bad):
+    model, d = saved
+    sd = load_file(str(d / "model.safetensors"))
+    sd["encoder.layer.1.output.dense.weight"][3, 5] = bad
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*non-finite.*encoder\.layer\.1\.output\.dense\.weight"):
+        BertModel.from_pretrained(d)
+    with pytest.warns(UserWarning, match=r"non-finite.*encoder\.layer\.1\.output\.dense\.weight"):
+        m = BertModel.from_pretrained(d, strict=False)
+    assert not torch.isfinite(m.encoder.layer[1].output.dense.weight).all()
+
+
+def _shard(d, weight_map_for):
+    """Split model.safetensors into two shards, index written with ``weight_map_for(name)``."""
+    sd = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    keys = sorted(sd)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = {}
+    for name, ks in zip(names, (keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        save_file({k: sd[k] for k in ks}, str(d / name), metadata={"format": "pt"})
+        weight_map.update({k: weight_map_for(name) for k in ks})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return names
+
+
+def test_shard_paths_outside_directory_refused(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for i, where in enumerate([lambda n: "../elsewhere/" + n, lambda n: str(outside / n),
+                               lambda n: "sub/../../elsewhere/" + n]):
+        d = tmp_path / f"ckpt{i}"
+        tiny().save_pretrained(d)
+        names = _shard(d, where)
+        for n in names:  # the files exist where the index points: refused anyway
+            shutil.copy(d / n, outside / n)
+        with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json.*points outside the checkpoint"):
+            BertModel.from_pretrained(d)
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"metadata": {}}', "no 'weight_map'"),
+    ('{"weight_map": ["a"]}', "'weight_map' must be an object"),
+    ('{"weight_map": {}}', "'weight_map' is empty"),
+    ('{"weight_map": {"embeddings.word_embeddings.weight": 3}}', "must be a shard file name"),
+])
+def test_malformed_shard_index(saved, text, expect):
+    _, d = saved
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*" + expect):
+        BertModel.from_pretrained(d)

@@ -210,17 +210,13 @@ def test_gpu_bert_shapes(dtype, lead, hidden, H):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tf32,cfg", _configs())
-def test_gpu_every_block_config(dtype, tf32, cfg):
+def test_gpu_every_block_config(dtype, tf32, cfg, tf32_matmul):
     B, S, hidden, H = 4, 200, 768, 12
     x, w, b = _make((B, S), hidden, dtype, device="cuda")
     y = nan_like(_shape(x, H), dtype, "cuda")
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
+    with tf32_matmul(tf32):  # the reference below runs with the switch restored (IEEE fp32)
         _gemm.launch_gemm(x.reshape(B * S, hidden), w, b, y, head_split=(S, hidden // H, hidden), config=cfg)
         torch.cuda.synchronize()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
     # tf32 rounds operands to 10-bit mantissas: the fp16 tolerance x 4 then
     assert_close(y, qkv_projection_reference(x, w, b, H), factor=4.0 * (2e-3 / 1e-4) if tf32 else 1.0)
 

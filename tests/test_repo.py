@@ -1,24 +1,80 @@
-"""The repository's promises: .ci/run runs exactly the README's test command."""
+"""The repository's promises: .ci/run runs exactly the README's test command, and that command
+(like the main job's) builds its own virtual environment, installing the pinned torch first."""
 import os
 import re
+import shlex
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _read(*parts):
+    with open(os.path.join(ROOT, *parts)) as f:
+        return f.read()
+
+
 def _bash_blocks(text):
-    return re.findall(r"```bash\n(.*?)```", text, re.S)
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
+def _steps(command):
+    """One shell line of ``a && b && c`` -> [["a", ...], ["b", ...], ...] (words per step)."""
+    return [shlex.split(step) for step in command.split("&&")]
+
+
+def _readme_test_command():
+    test_cmd = [b for b in _bash_blocks(_read("README.md")) if "pytest" in b]
+    assert len(test_cmd) == 1, "README must hold exactly one test command"
+    return test_cmd[0]
 
 
 def test_ci_runs_the_readme_test_command():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    blocks = [b.strip() for b in _bash_blocks(readme)]
-    test_cmd = [b for b in blocks if "pytest" in b]
-    assert len(test_cmd) == 1, "README must hold exactly one test command"
-    ci = open(os.path.join(ROOT, ".ci", "run")).read()
-    assert test_cmd[0] in ci.splitlines()
+    cmd = _readme_test_command()
+    assert "\n" not in cmd, "the README test command must be one line (CI runs it as written)"
+    ci_lines = [line.strip() for line in _read(".ci", "run").splitlines()]
+    assert cmd in ci_lines
+    # and CI runs nothing else that installs packages or runs tests, outside that line
+    others = [line for line in ci_lines if line != cmd and not line.startswith("#")]
+    assert not [line for line in others if re.search(r"\bpip\b.*\binstall\b|\bpytest\b", line)], others
 
 
-def test_readme_main_job_installs_torch_first():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    for block in _bash_blocks(readme):
-        assert block.strip().startswith("python3 -m pip install torch==2.13.0")
+@pytest.mark.parametrize("which", ["main job", "tests"])
+def test_readme_commands_build_a_venv_and_install_torch_first(which):
+    blocks = _bash_blocks(_read("README.md"))
+    assert len(blocks) == 2, blocks
+    block = [b for b in blocks if ("pytest" in b) == (which == "tests")][0]
+    steps = _steps(block)
+    # a new virtual environment, activated before anything is installed
+    assert steps[0][:3] == ["python3", "-m", "venv"], block
+    venv = steps[0][-1]
+    assert steps[1] in ([".", f"{venv}/bin/activate"], ["source", f"{venv}/bin/activate"]), block
+    installs = [s for s in steps if "pip" in s and "install" in s]
+    assert installs, block
+    # inside the venv: "python" is the venv's interpreter; python3 could be another on PATH
+    assert all(s[0] == "python" for s in steps[2:] if s[0].startswith("python")), block
+    # pinned torch first: an unpinned torch pulls several GB of CUDA packages
+    assert installs[0][-1] == "torch==2.13.0", block
+    assert steps.index(installs[0]) == 2, block
+
+
+def test_test_extras_hold_the_plugins_the_command_uses():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    extras = tomllib.loads(_read("pyproject.toml"))["project"]["optional-dependencies"]["test"]
+    names = {re.split(r"[<>=!~;\[ ]", e, maxsplit=1)[0].lower() for e in extras}
+    words = shlex.split(_readme_test_command())
+    assert ".[test]" in words
+    assert "pytest" in names
+    if "-n" in words or any(w.startswith("--numprocesses") for w in words):
+        assert "pytest-xdist" in names
+    if any("randomly" in w for w in words):
+        assert "pytest-randomly" in names
+    assert "torch" not in names, "torch is installed (pinned) by the command itself, first"
+
+
+def test_ci_script_is_executable_bash():
+    path = os.path.join(ROOT, ".ci", "run")
+    assert os.access(path, os.X_OK)
+    text = _read(".ci", "run")
+    assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
+    assert "PIP_DISABLE_PIP_VERSION_CHECK=1" in text

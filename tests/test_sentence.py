@@ -201,3 +201,26 @@ def test_package_exports():
     from bertfast.pooling import ScalarMix, mean_pool
 
     assert bertfast.mean_pool is mean_pool and bertfast.ScalarMix is ScalarMix
+
+
+@pytest.mark.parametrize("device", ["meta", torch.device("meta"), "gpu0", "lazy"]
+                         + ([] if torch.cuda.is_available() else ["cuda", "cuda:1", torch.device("cuda")]))
+def test_unusable_devices_are_refused_before_loading(monkeypatch, device):
+    """meta (no data: it would crash later with NotImplementedError), unknown device strings,
+    device types torch cannot run here, cuda without CUDA: ValueError naming the device, and
+    nothing is read from disk."""
+    import bertfast.loading
+    from bertfast.modeling import BertModel
+    from bertfast.sentence import parse_device
+
+    def boom(*a, **k):
+        raise AssertionError("loaded before the device was checked")
+
+    monkeypatch.setattr(bertfast.loading, "resolve_model_path", boom)
+    monkeypatch.setattr(BertModel, "from_pretrained", boom)
+    name = str(device)
+    with pytest.raises(ValueError, match=f"device '{name}'"):
+        SentenceEncoder("minilm", device=device)
+    with pytest.raises(ValueError, match=f"device '{name}'"):
+        parse_device(device)
+    assert parse_device("cpu") == torch.device("cpu")

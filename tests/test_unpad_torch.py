@@ -77,6 +77,11 @@ def test_unpadded_equals_padded_on_real_tokens(mask_name, mask, positions, causa
     a, b = pair(tiny_config(position_embedding_type=positions, is_decoder=causal))
     a.eval(), b.eval()
     ids, types = inputs(mask)
+    if not mask.bool()[:, 0].all():
+        # the pooler reads a padded first token: by default (exact) the padded batch runs;
+        # unpad="always" packs anyway, with masked semantics for the pooler (checked below)
+        assert a.packing_for(mask) is None
+        a.set_backend("torch", unpad="always")
     assert a.packing_for(mask) is not None and b.packing_for(mask) is None
     with torch.no_grad():
         x = a(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
@@ -87,7 +92,8 @@ def test_unpadded_equals_padded_on_real_tokens(mask_name, mask, positions, causa
     for i, (hx, hy) in enumerate(zip(x.hidden_states, y.hidden_states)):
         assert_same_on_real(hx, hy, real, f"hidden_states[{i}]")
     assert x.last_hidden_state is x.hidden_states[-1]
-    # the pooler reads position 0: equal where it is a real token, tanh(bias) of zeros where padded
+    # the pooler reads position 0: equal where it is a real token; where padded (unpad="always"
+    # only) tanh(bias) of zeros
     first = real[:, 0]
     assert torch.isfinite(x.pooler_output).all()
     assert (x.pooler_output - y.pooler_output)[first].abs().max().item() <= TOL
@@ -98,6 +104,7 @@ def test_unpadded_equals_padded_on_real_tokens(mask_name, mask, positions, causa
 
 def test_mask_dtypes_and_explicit_positions():
     a, b = pair(tiny_config())
+    a.set_backend("torch", unpad="always")  # left padding + pooler: "always" keeps it packed
     a.eval(), b.eval()
     mask = masks()[1][1]  # left padded
     ids, types = inputs(mask)
@@ -128,14 +135,17 @@ def test_inputs_embeds():
 
 
 def test_fully_padded_batch():
-    a, _ = pair(tiny_config())
-    a.eval()
+    # nothing to pack: the padded batch runs (uniform softmax over the padding keys, as transformers)
+    a, b = pair(tiny_config())
+    a.eval(), b.eval()
     mask = torch.zeros(2, 5, dtype=torch.long)
+    assert a.packing_for(mask) is None
     with torch.no_grad():
         out = a(torch.zeros(2, 5, dtype=torch.long), attention_mask=mask, output_hidden_states=True)
-    assert out.last_hidden_state.abs().max().item() == 0.0
-    assert all(h.abs().max().item() == 0.0 for h in out.hidden_states)
-    assert torch.isfinite(out.pooler_output).all()
+        ref = b(torch.zeros(2, 5, dtype=torch.long), attention_mask=mask, output_hidden_states=True)
+    assert torch.isfinite(out.last_hidden_state).all() and torch.isfinite(out.pooler_output).all()
+    assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+    assert torch.equal(out.pooler_output, ref.pooler_output)
 
 
 # ----------------------------------------------------------------------------- when it applies
@@ -203,8 +213,10 @@ def test_varlen_attention_matches_padded_attention(causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_gradients_equal(causal):
     a, b = pair(tiny_config(is_decoder=causal))
+    a.set_backend("torch", unpad="always")  # a padded first token (row 1) and a pooler: pack anyway
     a.train(), b.train()  # dropout 0: deterministic
     mask = masks()[2][1]  # holes, left and right padding in one
+    assert a.packing_for(mask) is not None
     ids, types = inputs(mask)
     real = mask.bool()
     w = torch.randn(*mask.shape, 64)
@@ -276,12 +288,13 @@ def test_minilm_matches_transformers(side):
     types = torch.tensor([e.type_ids for e in encs])
     ours = BertModel.from_pretrained("minilm").eval()
     theirs = transformers.BertModel.from_pretrained(gt.MODEL_DIR).eval()
-    assert ours.config.unpad and ours.packing_for(mask) is not None
+    # right padding packs; left padding runs the padded batch (the pooler reads position 0)
+    assert ours.config.unpad and (ours.packing_for(mask) is not None) == (side == "right")
     with torch.no_grad():
         a = ours(ids, attention_mask=mask, token_type_ids=types)
         b = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
     real = mask.bool()
     assert (a.last_hidden_state - b.last_hidden_state)[real].abs().max().item() <= 1e-4
-    assert a.last_hidden_state[~real].abs().max().item() == 0.0
     if side == "right":
-        assert (a.pooler_output - b.pooler_output).abs().max().item() <= 1e-4
+        assert a.last_hidden_state[~real].abs().max().item() == 0.0
+    assert (a.pooler_output - b.pooler_output).abs().max().item() <= 1e-4

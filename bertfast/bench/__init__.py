@@ -30,18 +30,18 @@ MODELS = ("minilm", "bert-base", "bert-large")
 DEFAULT_OUT = "bench-results"
 
 
-def _pos_int(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-    return n
+# every --impl name some suite knows (kernels / attention rows, and suites.ENCODER_IMPLS); kept
+# here so that the parser does not import torch; tests/test_cli.py checks it against the suites
+IMPLS = ("triton", "triton-varlen", "eager", "sdpa", "sdpa-mask", "compile",
+         "hf-eager", "hf-sdpa", "hf-compile", "bertfast-torch", "bertfast-triton", "bertfast-triton-unpad",
+         "bertfast-triton-graphs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``bertfast bench`` arguments to ``parser`` (used by bertfast.cli and :func:`main`)."""
+    """Add ``bertfast bench`` arguments to ``parser`` (used by bertfast.cli and :func:`main`).
+    Bad values (an --out that is a file, --device cuda without CUDA, an unknown --impl, counts
+    < 1) are refused while parsing, before anything runs."""
+    from bertfast.cli import bench_device_arg, out_dir_arg, positive_int as _pos_int
     parser.description = ((parser.description + ". ") if parser.description else "") + (
         "Suites: kernels (ops + attention), attention, encoder, all (give the suite first). Without a CUDA GPU the "
         "CPU comparisons run and Triton rows are marked unavailable.")
@@ -56,12 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequence lengths (with --batch: every combination)")
     parser.add_argument("--lengths", default="both", choices=("full", "mixed", "both"),
                         help="full-length sequences, mixed lengths uniform in [0.3, 1.0]*S, or both (default)")
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+    parser.add_argument("--out", default=DEFAULT_OUT, type=out_dir_arg, metavar="DIR",
                         help=f"directory for JSON / markdown / PNG (default: ./{DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true", help="a few small shapes and short timing loops")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--impl", nargs="+", default=None, metavar="NAME",
-                        help="only these implementations (e.g. triton eager sdpa hf-eager bertfast-torch)")
+    parser.add_argument("--device", default="auto", type=bench_device_arg, choices=("auto", "cuda", "cpu"))
+    parser.add_argument("--impl", nargs="+", default=None, choices=IMPLS, metavar="NAME",
+                        help="only these implementations: " + ", ".join(IMPLS))
     parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
                         help="include torch.compile rows (default: on GPU without --quick; off on CPU, where "
                              "compiling is slow)")
