@@ -19,8 +19,7 @@ every layer runs on the packed real tokens, and the output is scattered back onc
 once per forward by the caller: bertfast's ``BertModel`` decides padded vs packed in one place
 (``bertfast.modeling.plan_forward``, which also keeps exactness: see its docstring) and passes
 ``packing=`` (a Packing, or None for the padded batch); then this module reads nothing on the
-host.  ``bertfast.optimize`` makes the same decision with the same function.  Without
-``packing=`` the layout is derived here from the mask with ``unpad`` (one host read).
+host.  ``bertfast.optimize`` makes the same decision with the same function.
 
 Training: hidden dropout is applied to each projection's output (bias included) before the
 add + LayerNorm kernel, exactly as the reference.  The fused attention kernel has no dropout: with
@@ -46,9 +45,6 @@ except ImportError:  # pragma: no cover
 # hidden_act -> activation fused into the up-projection GEMM (None: applied by torch after it)
 _FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _TORCH_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "swish": F.silu}
-
-
-_AUTO = object()  # encoder_forward(packing=...) left out
 
 
 @dataclass
@@ -176,9 +172,8 @@ def encoder_forward(
     token_type_ids: Optional[torch.Tensor],
     position_ids: Optional[torch.Tensor],
     *,
-    unpad: bool = True,
     output_hidden_states: bool = False,
-    packing=_AUTO,
+    packing: Optional[Packing] = None,
     return_packed: bool = False,
     layer_fn=None,
 ):
@@ -187,10 +182,10 @@ def encoder_forward(
     validated (the caller's job, before this): the kernels run in trusted mode, with no per-layer
     host reads.
 
-    ``packing``: the caller's decision, a ``kernels.padding.Packing`` (run the packed real
-    tokens, varlen attention) or None (run the padded batch with ``attention_mask`` as given:
-    a 2-D 0/1 mask, a 4-D additive one, or None for no padding); no host read here then.  Left
-    out, the layout is derived from the mask (``unpad`` and no attention dropout: packed).
+    ``packing``: the caller's decision (``bertfast.modeling.plan_forward``), a
+    ``kernels.padding.Packing`` (run the packed real tokens, varlen attention) or None (run the
+    padded batch with ``attention_mask`` as given: a 2-D 0/1 mask, a 4-D additive one, or None
+    for no padding).  Nothing is read on the host here.
 
     ``layer_fn(layer, x, batch, training)``: runs one layer (default ``layer_forward``; e.g. a
     gradient-checkpointed wrapper of it).
@@ -198,7 +193,7 @@ def encoder_forward(
     Returns (last_hidden_state (B, S, C), hidden_states or None), plus, with ``return_packed``,
     the last layer's output as the layers produced it ((T, C) packed, or (B, S, C)) and the
     Packing used (or None)."""
-    args = (model, input_ids, attention_mask, token_type_ids, position_ids, unpad, output_hidden_states, packing,
+    args = (model, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, packing,
             return_packed, layer_fn)
     if torch.compiler.is_compiling():  # value checks are off while tracing anyway
         return _encoder_forward(*args)
@@ -206,8 +201,8 @@ def encoder_forward(
         return _encoder_forward(*args)
 
 
-def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_ids, unpad, output_hidden_states,
-                     packing=_AUTO, return_packed=False, layer_fn=None):
+def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                     packing, return_packed, layer_fn):
     emb = model.embeddings
     act = model.config.hidden_act
     if act not in _FUSED_ACTIVATIONS and act not in _TORCH_ACTIVATIONS:
@@ -217,20 +212,6 @@ def _encoder_forward(model, input_ids, attention_mask, token_type_ids, position_
     B, S = input_ids.shape
     causal = is_causal(layers[0].attention.self) if len(layers) else False
     mask = attention_mask
-    if packing is _AUTO:  # no decision from the caller: derive the layout from the mask
-        packing = None
-        # host reads are possible unless torch.compile traces or a CUDA graph is being captured
-        host = not torch.compiler.is_compiling() and not (
-            input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
-        attn_dropout = training and len(layers) and attention_dropout_p(layers[0].attention.self) > 0
-        if mask is not None and mask.dim() == 2 and host:  # data-dependent: only where the host may read
-            if unpad and not attn_dropout:
-                packing = Packing.from_mask(mask)  # one host read; None when nothing is padded
-                full = packing is None
-            else:
-                full = bool(mask.all())
-            if full:
-                mask = None  # no padding anywhere: the plain path
     varlen = packing is not None
     if varlen:
         indices, cu_seqlens, max_seqlen = packing.indices, packing.cu_seqlens, packing.max_seqlen

@@ -212,18 +212,6 @@ def _checkpointing(bert) -> bool:
         getattr(layer, "gradient_checkpointing", False) for layer in bert.encoder.layer)
 
 
-@functools.lru_cache(maxsize=None)
-def _fast_takes_layer_fn(fn) -> bool:
-    try:
-        return "layer_fn" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-
-
-def _layer_call(layer, x, batch, training):
-    return fast.layer_forward(layer, x, batch, training)
-
-
 def checkpointed_layer(layer, x, batch, training):
     """One layer on the kernels, recomputed in the backward when the layer is checkpointed
     (its ``_gradient_checkpointing_func``: ``torch.utils.checkpoint.checkpoint`` with the
@@ -234,7 +222,7 @@ def checkpointed_layer(layer, x, batch, training):
             from torch.utils.checkpoint import checkpoint
 
             ckpt = functools.partial(checkpoint, use_reentrant=False)
-        return ckpt(functools.partial(_layer_call, layer, batch=batch, training=training), x)
+        return ckpt(functools.partial(fast.layer_forward, layer, batch=batch, training=training), x)
     return fast.layer_forward(layer, x, batch, training)
 
 
@@ -291,8 +279,6 @@ def _route(bert, args, kwargs) -> Optional[dict]:
             raise ValueError(f"bertfast.optimize(backend='triton'): {why}")
         return None
     checkpoint = _checkpointing(bert)
-    if checkpoint and not _fast_takes_layer_fn(fast.encoder_forward):
-        return None  # the fast path cannot recompute per layer: transformers' layers do
     layers = bert.encoder.layer
     causal = bool(len(layers)) and fast.is_causal(layers[0].attention.self)
     attention_dropout = bool(bert.training and len(layers) and fast.attention_dropout_p(layers[0].attention.self) > 0)
@@ -351,8 +337,8 @@ def _kernel_forward(bert, route: dict):
         return None  # a padded query before the first real token sees no key: transformers decides
     ohs = route["output_hidden_states"]
     extra = {"layer_fn": checkpointed_layer} if route["checkpoint"] else {}
-    last, hidden = fast.encoder_forward(bert, ids, plan.mask, tts, pos, unpad=plan.packing is not None,
-                                        packing=plan.packing, output_hidden_states=bool(ohs), **extra)
+    last, hidden = fast.encoder_forward(bert, ids, plan.mask, tts, pos, packing=plan.packing,
+                                        output_hidden_states=bool(ohs), **extra)
     pooled = bert.pooler(last) if getattr(bert, "pooler", None) is not None else None
     out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled)
     if ohs:

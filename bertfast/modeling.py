@@ -82,7 +82,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bertfast import backend, fast
-from kernels._common import check_values
+from kernels._common import check_values, host_read_possible
 from bertfast.config import UNPAD_MODES, BertConfig, unpad_mode  # noqa: F401  (the one parser of config.unpad)
 from kernels.padding import Packing  # noqa: F401  (the padding-free layout; torch index ops, no triton)
 
@@ -430,12 +430,6 @@ class ForwardPlan:
     reads_padding: str = ""
 
 
-def _host_reads_allowed(t: Optional[torch.Tensor]) -> bool:
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    return not (t is not None and t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def plan_forward(
     config: BertConfig,
     input_ids: Optional[torch.Tensor],
@@ -469,7 +463,7 @@ def plan_forward(
     ``unpad``: overrides ``config.unpad`` (for configs without one, e.g. transformers')."""
     mode = unpad_mode(getattr(config, "unpad", True) if unpad is None else unpad)
     m = attention_mask
-    stats_wanted = torch.is_tensor(m) and m.dim() == 2 and _host_reads_allowed(m)
+    stats_wanted = torch.is_tensor(m) and m.dim() == 2 and host_read_possible(m.device)
     lab = labels if (torch.is_tensor(labels) and not labels.is_floating_point()) else None
 
     def stats(B, S):
@@ -499,8 +493,7 @@ def plan_forward(
     dead_rows = min(lens) == 0 or (causal and first_padded)
     padded_mask = m
     if triton and dead_rows:
-        padded_mask = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(
-            m == 0, torch.finfo(dtype).min)[:, None, None, :]
+        padded_mask = additive_mask_from(m, dtype, known_padded=True)  # (B, 1, 1, S)
     needs = []
     if reads_first_token and first_padded:
         needs.append("the pooler reads a padded first token")
@@ -969,7 +962,7 @@ class BertModel(BertPreTrainedModel):
         if triton:
             # fused kernels; packed (varlen) or padded as planned (bertfast/fast.py)
             x, hidden_states, packed, _ = fast.encoder_forward(
-                self, input_ids, plan.mask, token_type_ids, position_ids, unpad=packing is not None,
+                self, input_ids, plan.mask, token_type_ids, position_ids,
                 output_hidden_states=output_hidden_states, packing=packing, return_packed=True,
             )
             if packing is None:

@@ -57,6 +57,15 @@ def check_values() -> bool:
     return not _TRUSTED.get()
 
 
+def host_read_possible(device: torch.device) -> bool:
+    """Whether tensor values on ``device`` may be read on the host now: not while torch.compile
+    or jit traces, nor while a CUDA graph is being captured (the one rule, for the model's plan
+    and the kernels' mask analysis)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def use_triton(op: str, *tensors: Optional[torch.Tensor], fallback: bool = False) -> bool:
     """True when ``op`` should launch its Triton kernel for these tensors, False when it should
     run the PyTorch reference (only with ``fallback=True``); raises ``ValueError`` otherwise."""

@@ -68,6 +68,7 @@ from kernels._common import (
     check_same_dtype,
     check_values,
     cuda_capability,
+    host_read_possible,
     tf32_allowed,
     use_triton,
 )
@@ -618,8 +619,8 @@ def _capturing(device) -> bool:
 
 
 def _host_read_possible(device) -> bool:
-    """No host read while torch.compile traces or a CUDA graph is being captured."""
-    return not torch.compiler.is_compiling() and not _capturing(device)
+    """``host_read_possible``, with this module's ``_capturing`` (the seam the capture tests use)."""
+    return host_read_possible(device) and not _capturing(device)
 
 
 def prepare_attention_mask(mask, batch: int, heads: Optional[int], seqlen: int, *,

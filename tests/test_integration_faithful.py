@@ -2,7 +2,6 @@
 compares with the same transformers model un-optimized (outputs, return types, losses,
 gradients), under the Triton interpreter on tiny configs."""
 import functools
-import inspect
 
 import pytest
 import torch
@@ -222,8 +221,6 @@ def test_gradient_checkpointing_recomputes_and_keeps_gradients(monkeypatch, ever
         torch.testing.assert_close(ckpt[n], want[n], **GTOL, msg=n)
 
 
-@pytest.mark.skipif("layer_fn" not in inspect.signature(fast.encoder_forward).parameters,
-                    reason="bertfast/fast.py has no per-layer hook (encoder_forward(layer_fn=)) yet")
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_runs_on_the_kernels(monkeypatch, kernel_calls, use_reentrant):
     """Recomputed on the kernels, hidden dropout replayed with the same masks."""
