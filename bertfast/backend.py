@@ -1,7 +1,7 @@
 """The one place that decides which implementation runs a forward pass.
 
 * ``"torch"``  : the plain PyTorch reference path (bertfast/modeling.py), any device.
-* ``"triton"`` : the Triton kernels (bertfast/fast.py over kernels/), CUDA tensors; on CPU only
+* ``"triton"`` : the Triton kernels (bertfast/ops.py over kernels/), CUDA tensors; on CPU only
   under ``TRITON_INTERPRET=1`` (the interpreter: for tests, not for speed).
 * ``"auto"``   : triton for CUDA tensors when triton is importable, torch elsewhere.
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from kernels._common import dtype_name, recording_launches
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -36,7 +38,7 @@ def triton_runs_on(device: torch.device) -> tuple[bool, str]:
         if kernels.INTERPRET:
             return True, ""
         return True, ""
-    if device.type == "cpu" and kernels.INTERPRET:
+    if device.type == "cpu" and (kernels.INTERPRET or recording_launches()):
         return True, ""
     return False, f"the Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret them on CPU"
 
@@ -62,12 +64,12 @@ def kernel_unsupported(config, dtype: torch.dtype) -> Optional[str]:
     """Why the Triton kernels cannot run a BERT encoder with this config and parameter dtype (a
     sentence naming the property), or None when they can.  ``config``: a bertfast or transformers
     BertConfig.  Head sizes come from the attention kernel's own definition
-    (``kernels.attention.supports_head_dim``), activations from bertfast/fast.py."""
-    from bertfast import fast
+    (``kernels.attention.supports_head_dim``), activations from bertfast/activations.py."""
+    from bertfast.activations import ACTIVATIONS
     from kernels._common import SUPPORTED_DTYPES
 
     act = getattr(config, "hidden_act", None)
-    if not isinstance(act, str) or (act not in fast._FUSED_ACTIVATIONS and act not in fast._TORCH_ACTIVATIONS):
+    if not isinstance(act, str) or act not in ACTIVATIONS:
         return f"hidden_act {act!r} is not supported by the kernels"
     pet = getattr(config, "position_embedding_type", "absolute")
     if pet not in (None, "absolute", "sinusoidal"):
@@ -81,7 +83,7 @@ def kernel_unsupported(config, dtype: torch.dtype) -> Optional[str]:
         return (f"head size {hidden // heads} (hidden_size {hidden} / {heads} heads) is not supported by the "
                 f"attention kernel (head sizes {', '.join(map(str, HEAD_DIMS))})")
     if dtype not in SUPPORTED_DTYPES:
-        return f"dtype {str(dtype).replace('torch.', '')} is not supported by the kernels"
+        return f"dtype {dtype_name(dtype)} is not supported by the kernels"
     return None
 
 

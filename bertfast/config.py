@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-# Activations the model knows (see modeling.get_activation).  gelu_new and gelu_pytorch_tanh
-# are both the tanh approximation of GELU.
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
+from bertfast.activations import NAMES as ACTIVATIONS  # the activation table (bertfast/activations.py)
 POSITION_EMBEDDING_TYPES = ("absolute", "sinusoidal")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 _INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

@@ -5,8 +5,9 @@
     bertfast.restore(model)           # back to transformers' own forward
 
 ``optimize`` finds the BertModel inside (a ``BertModel``, any ``BertFor*`` model, or a
-sentence-transformers model wrapping one) and gives it a forward that runs bertfast's kernels
-(bertfast/fast.py) on the *same* parameters: nothing is copied, so fine-tuning and
+sentence-transformers model wrapping one) and gives it a forward that runs bertfast's own
+forward (``bertfast.modeling.encoder_forward``: the same layer functions and ops as bertfast's
+models, on the kernels) over the model's *own* modules and parameters: nothing is copied, so fine-tuning and
 ``save_pretrained`` behave as before.
 
 A drop-in means the same answers as transformers' own forward:
@@ -52,7 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from bertfast import backend as _backend
-from bertfast import fast
+from bertfast import modeling
+from bertfast.options import ATTR as _OPTIONS_ATTR
+from bertfast.options import RuntimeOptions, attach, options_of
 
 _ORIGINAL = "_bertfast_original_forward"
 _HEAD_ORIGINAL = "_bertfast_original_head_forward"
@@ -137,13 +140,13 @@ def optimize(model: torch.nn.Module, *, unpad=True, backend: str = "auto") -> to
         unpad_mode(unpad)  # True (exact padding-free), "always" (masked semantics) or False
     except ValueError as e:
         raise ValueError(f"bertfast.optimize: {e}") from None
-    opts = {"unpad": unpad if unpad == "always" else bool(unpad), "backend": backend}
+    opts = RuntimeOptions(backend=backend, unpad=unpad)
     if _ORIGINAL not in bert.__dict__:
         original = bert.forward  # bound method of the class
         bert.__dict__[_ORIGINAL] = original
         bert.__dict__["_bertfast_params"] = _param_names(original)
         bert.forward = functools.wraps(original)(functools.partial(_fast_forward, bert))
-    bert._bertfast_options = opts  # a plain dict: bertfast.cuda_graphs flips "unpad" for captures
+    attach(bert, opts)  # the encoder's RuntimeOptions (bertfast/options.py), as on bertfast's models
     _wrap_head(model, bert)
     return model
 
@@ -167,7 +170,7 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     if _ORIGINAL in bert.__dict__:
         del bert.__dict__[_ORIGINAL]
         bert.__dict__.pop("forward", None)
-        bert.__dict__.pop("_bertfast_options", None)
+        bert.__dict__.pop(_OPTIONS_ATTR, None)
         bert.__dict__.pop("_bertfast_params", None)
     for m in model.modules():
         if _HEAD_ORIGINAL in m.__dict__:
@@ -212,18 +215,18 @@ def _checkpointing(bert) -> bool:
         getattr(layer, "gradient_checkpointing", False) for layer in bert.encoder.layer)
 
 
-def checkpointed_layer(layer, x, batch, training):
+def checkpointed_layer(layer, x, fwd):
     """One layer on the kernels, recomputed in the backward when the layer is checkpointed
     (its ``_gradient_checkpointing_func``: ``torch.utils.checkpoint.checkpoint`` with the
     model's checkpointing kwargs, RNG state preserved so dropout replays the same masks)."""
-    if getattr(layer, "gradient_checkpointing", False) and training and torch.is_grad_enabled():
+    if getattr(layer, "gradient_checkpointing", False) and fwd.training and torch.is_grad_enabled():
         ckpt = getattr(layer, "_gradient_checkpointing_func", None)
         if ckpt is None:
             from torch.utils.checkpoint import checkpoint
 
             ckpt = functools.partial(checkpoint, use_reentrant=False)
-        return ckpt(functools.partial(fast.layer_forward, layer, batch=batch, training=training), x)
-    return fast.layer_forward(layer, x, batch, training)
+        return ckpt(functools.partial(modeling.layer_forward, layer, fwd=fwd), x)
+    return modeling.layer_forward(layer, x, fwd)
 
 
 # ----------------------------------------------------------------------------- the forward
@@ -270,21 +273,21 @@ def _route(bert, args, kwargs) -> Optional[dict]:
         use_cache = False
     if use_cache and getattr(cfg, "is_decoder", False):
         return None  # transformers returns a KV cache
-    opts = bert._bertfast_options
-    if _backend.resolve(opts["backend"], input_ids.device) != "triton":
+    opts = options_of(bert)
+    if _backend.resolve(opts.backend, input_ids.device) != "triton":
         return None
     why = kernel_unsupported(bert)
     if why is not None:
-        if opts["backend"] == "triton":
+        if opts.backend == "triton":
             raise ValueError(f"bertfast.optimize(backend='triton'): {why}")
         return None
     checkpoint = _checkpointing(bert)
     layers = bert.encoder.layer
-    causal = bool(len(layers)) and fast.is_causal(layers[0].attention.self)
-    attention_dropout = bool(bert.training and len(layers) and fast.attention_dropout_p(layers[0].attention.self) > 0)
+    causal = bool(len(layers)) and modeling.is_causal(layers[0].attention.self)
+    attention_dropout = bool(bert.training and len(layers) and modeling.attention_dropout_p(layers[0].attention.self) > 0)
     return {
         "input_ids": input_ids, "attention_mask": mask, "token_type_ids": bound.get("token_type_ids"),
-        "position_ids": bound.get("position_ids"), "unpad": opts["unpad"], "checkpoint": checkpoint,
+        "position_ids": bound.get("position_ids"), "unpad": opts.unpad, "checkpoint": checkpoint,
         "causal": causal, "attention_dropout": attention_dropout,
         "output_hidden_states": bound.get("output_hidden_states", getattr(cfg, "output_hidden_states", False)),
         "return_dict": bound.get("return_dict", getattr(cfg, "return_dict", True)),
@@ -322,13 +325,11 @@ def _kernel_forward(bert, route: dict):
     forward must serve it (a decoder whose padded positions are read)."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-    from bertfast.modeling import plan_forward
-
     ids, mask, tts, pos = route["input_ids"], route["attention_mask"], route["token_type_ids"], route["position_ids"]
     dtype = bert.embeddings.LayerNorm.weight.dtype
     causal = route["causal"]
     # transformers' config has the field names plan_forward reads (config.unpad: optimize's option)
-    plan = plan_forward(bert.config, ids, mask, tts, pos, None, dtype, triton=True, causal=causal,
+    plan = modeling.plan_forward(bert.config, ids, mask, tts, pos, None, dtype, triton=True, causal=causal,
                         attention_dropout=route["attention_dropout"],
                         reads_first_token=getattr(bert, "pooler", None) is not None,
                         shifted_labels=bool(getattr(bert.config, "is_decoder", False)),
@@ -337,8 +338,8 @@ def _kernel_forward(bert, route: dict):
         return None  # a padded query before the first real token sees no key: transformers decides
     ohs = route["output_hidden_states"]
     extra = {"layer_fn": checkpointed_layer} if route["checkpoint"] else {}
-    last, hidden = fast.encoder_forward(bert, ids, plan.mask, tts, pos, packing=plan.packing,
-                                        output_hidden_states=bool(ohs), **extra)
+    last, hidden, _, _ = modeling.encoder_forward(bert, plan, ids, tts, pos, None, kernels=True,
+                                                  output_hidden_states=bool(ohs), **extra)
     pooled = bert.pooler(last) if getattr(bert, "pooler", None) is not None else None
     out = BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled)
     if ohs:
@@ -362,6 +363,7 @@ def bertfast_attention_forward(module, query, key, value, attention_mask, dropou
     mask, or None; returns ((B, S, H, D), None).  Causal attention (``is_causal``, else the
     module's ``is_causal``) is applied in every mode, padding mask or not, dropout or not."""
     import kernels
+    from bertfast.masks import additive_from_keep, fold_causal
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     if query.shape[-2] != key.shape[-2]:
@@ -369,30 +371,19 @@ def bertfast_attention_forward(module, query, key, value, attention_mask, dropou
                          "(no KV cache, no cross-attention)")
     if dropout > 0.0:  # the fused kernel has no dropout: SDPA with dropout
         S = query.shape[-2]
-        keep = None  # bool, True = attend
         additive = None
         if attention_mask is not None:
             if attention_mask.dim() == 2:
-                keep = attention_mask.bool()[:, None, None, :]
+                additive = additive_from_keep(attention_mask.bool()[:, None, None, :], query.dtype)
             elif attention_mask.dtype == torch.bool:
-                keep = attention_mask
+                additive = additive_from_keep(attention_mask, query.dtype)
             else:
                 additive = attention_mask.to(query.dtype)
-        if causal:
-            tri = torch.ones(S, S, dtype=torch.bool, device=query.device).tril_()
-            if additive is not None:
-                additive = additive.masked_fill(~tri, torch.finfo(query.dtype).min)
-            elif keep is not None:
-                keep = keep & tri
-        if keep is not None:  # finite, so a row that sees no key gives a uniform softmax (as eager), not NaN
-            additive = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(
-                ~keep, torch.finfo(query.dtype).min)
+        if causal and additive is not None:
+            additive = fold_causal(additive, S)  # finite, so a row that sees no key gives a uniform softmax
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=additive, dropout_p=dropout,
                                              is_causal=causal and additive is None, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
-    if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4:
-        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
-            ~attention_mask, float("-inf"))
     out = kernels.attention(query, key, value, attention_mask, causal=causal, scale=scaling, fallback=True)
     return out, None  # (B, S, H, D)
 

@@ -48,6 +48,7 @@ from typing import Any, Dict, Union
 import torch
 
 from bertfast.config import BertConfig
+from kernels._common import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class TensorRef:
 def _dtype_name(v) -> str:
     if isinstance(v, TensorRef) and v.dtype is None:
         return v.dtype_name
-    return str(v.dtype).replace("torch.", "")
+    return dtype_name(v.dtype)
 
 
 def _header_safetensors(path: Path) -> Dict[str, TensorRef]:
@@ -330,10 +331,8 @@ def _list(keys) -> str:
 def map_state_dict(model, sd: Dict[str, torch.Tensor], strict: bool = True, source: str = "checkpoint"):
     """Match checkpoint tensors to ``model``'s state-dict keys (rules in the module docstring).
     Returns the dict to load (only model keys).  Raises CheckpointError on problems."""
-    from bertfast.modeling import BertModel
-
     prefix = model.base_model_prefix + "."
-    is_base = isinstance(model, BertModel)
+    is_base = model.base_model_prefix not in model._modules  # the encoder itself, not a head around one
     sd = normalize_keys(sd)
     ckpt_prefixed = any(k.startswith(prefix) for k in sd)
 
@@ -483,7 +482,7 @@ def save_pretrained(model, save_directory: Union[str, Path], safe_serialization:
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
         sd[k] = v
-    dtype = str(model.dtype).replace("torch.", "")
+    dtype = dtype_name(model.dtype)
     model.config.to_json(d / CONFIG_NAME, architectures=[type(model).__name__], dtype=dtype)
     if safe_serialization:
         from safetensors.torch import save_file

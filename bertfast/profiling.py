@@ -24,9 +24,9 @@ Systems shows the same structure), named after the op:
     bertfast.layer3.add_ln.ffn            residual add + LayerNorm after FFN   -> add+LN
     bertfast.pooler                       pooler                               -> other
 
-The Triton backend (``bertfast.fast``) runs the layers without calling the submodules' forwards;
-while profiling, :class:`instrument` also wraps ``bertfast.fast.layer_forward`` and the
-``kernels.ops`` entry points it calls, which yields the same names (``bertfast.layerN.qkv``,
+The layers run functionally (``bertfast.modeling.layer_forward`` calls the ops of ``bertfast.ops``,
+not the submodules' forwards); while profiling, :class:`instrument` also wraps
+``bertfast.modeling.layer_forward`` and the ``bertfast.ops`` entry points it calls, which yields the same names (``bertfast.layerN.qkv``,
 ``.attention``, ``.attention.out_proj`` (the layer's first GEMM after attention), ``.add_ln``,
 ``.ffn``, ``bertfast.embeddings``) and groups.
 
@@ -152,10 +152,10 @@ class instrument:
     """Context manager: profiler (and NVTX on CUDA) ranges around the forward of every module of
     ``model`` that :func:`range_name` names.  ``names`` maps module name -> range name.
 
-    The Triton backend runs the layers functionally (``bertfast.fast``: no submodule forward is
-    called), so with ``functional=True`` the entry points it calls are wrapped too while the
-    context is open: ``bertfast.fast.layer_forward`` (-> ``bertfast.layerN``) and the
-    ``kernels.ops`` functions (-> ``bertfast.layerN.qkv`` / ``.attention`` / ``.attention.out_proj``
+    The layers run functionally (``bertfast.modeling.layer_forward``: no submodule forward below
+    the layer is called), so with ``functional=True`` the entry points it calls are wrapped too
+    while the context is open: ``bertfast.modeling.layer_forward`` (-> ``bertfast.layerN``) and the
+    ``bertfast.ops`` functions (-> ``bertfast.layerN.qkv`` / ``.attention`` / ``.attention.out_proj``
     / ``.add_ln`` / ``.ffn``, ``bertfast.embeddings``).  Everything is restored on exit."""
 
     def __init__(self, model: torch.nn.Module, prefix: str = PREFIX, nvtx: Optional[bool] = None,
@@ -194,7 +194,8 @@ class instrument:
 
     def _patch_functional(self):
         try:
-            import bertfast.fast as fast
+            import bertfast.modeling as fast
+            from bertfast import ops
         except Exception:
             return
         index = self._layer_index()
@@ -213,9 +214,6 @@ class instrument:
                     inst._layer[0], inst._linears = prev
 
             self._patch(fast, "layer_forward", layer_forward)
-        ops = getattr(fast, "ops", None)
-        if ops is None:
-            return
         for op in _FUNCTIONAL_OPS:
             orig = getattr(ops, op, None)
             if callable(orig):

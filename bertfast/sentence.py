@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from bertfast.pooling import mean_pool
+from kernels._common import dtype_name
 
 __all__ = ["SentenceEncoder", "parse_dtype", "parse_device"]
 
@@ -391,6 +392,6 @@ class SentenceEncoder:
     def __repr__(self) -> str:
         return (
             f"SentenceEncoder(model={str(self.model_path)!r}, device={str(self.device)!r}, "
-            f"dtype={str(self.dtype).replace('torch.', '')}, max_length={self.max_length}, "
+            f"dtype={dtype_name(self.dtype)}, max_length={self.max_length}, "
             f"embedding_dim={self.embedding_dim}, backend={self.backend!r})"
         )

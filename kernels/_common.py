@@ -24,6 +24,11 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float16" for torch.float16: the one spelling of a dtype in messages and reports."""
+    return str(dtype).replace("torch.", "")
+
 try:  # triton is a Linux x86-64 dependency; elsewhere only the references exist
     import triton  # noqa: F401
     import triton.language as tl  # noqa: F401
@@ -48,6 +53,15 @@ def trusted_inputs():
         yield
     finally:
         _TRUSTED.reset(token)
+
+
+_RECORDING = contextvars.ContextVar("bertfast_kernels_recording", default=None)
+
+
+def recording_launches() -> bool:
+    """True inside ``kernels.testing.record_launches()``: launches are recorded, not run, and the
+    launchers take CPU tensors as if they were on a GPU (host-overhead measurement on CPU)."""
+    return _RECORDING.get() is not None
 
 
 def check_values() -> bool:
@@ -80,7 +94,7 @@ def use_triton(op: str, *tensors: Optional[torch.Tensor], fallback: bool = False
         raise ValueError(f"{op}: triton is not installed; pass fallback=True to run the PyTorch reference")
     if dev.type == "cuda":
         return True
-    if INTERPRET and dev.type == "cpu":
+    if (INTERPRET or _RECORDING.get() is not None) and dev.type == "cpu":
         return True
     if fallback:
         return False
@@ -93,15 +107,15 @@ def use_triton(op: str, *tensors: Optional[torch.Tensor], fallback: bool = False
 def check_dtype(op: str, name: str, t: torch.Tensor, allowed: Iterable[torch.dtype] = SUPPORTED_DTYPES) -> None:
     allowed = tuple(allowed)
     if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise ValueError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
+        names = ", ".join(dtype_name(d) for d in allowed)
+        raise ValueError(f"{op}: {name} has dtype {dtype_name(t.dtype)}; expected one of {names}")
 
 
 def check_same_dtype(op: str, **tensors: Optional[torch.Tensor]) -> torch.dtype:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     dtypes = {v.dtype for _, v in items}
     if len(dtypes) > 1:
-        desc = ", ".join(f"{k}={str(v.dtype).replace('torch.', '')}" for k, v in items)
+        desc = ", ".join(f"{k}={dtype_name(v.dtype)}" for k, v in items)
         raise ValueError(f"{op}: dtypes must match, got {desc}")
     return items[0][1].dtype
 
@@ -118,8 +132,8 @@ def check_out(op: str, out: Optional[torch.Tensor], shape: tuple, dtype: torch.d
         return
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
         raise ValueError(
-            f"{op}: out must be a contiguous {str(dtype).replace('torch.', '')} tensor of shape {tuple(shape)} "
-            f"on {device}, got {str(out.dtype).replace('torch.', '')} {tuple(out.shape)} on {out.device}"
+            f"{op}: out must be a contiguous {dtype_name(dtype)} tensor of shape {tuple(shape)} "
+            f"on {device}, got {dtype_name(out.dtype)} {tuple(out.shape)} on {out.device}"
         )
 
 
@@ -134,3 +148,77 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
 def tf32_allowed() -> bool:
     """fp32 GEMMs follow torch's own switch: IEEE fp32 unless the user enabled TF32 for matmuls."""
     return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+# ----------------------------------------------------------------------------- launch plans
+
+_NULL = contextlib.nullcontext()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (``triton.cdiv`` costs microseconds per call on the host)."""
+    return -(-a // b)
+
+
+def launch_device(device: torch.device):
+    """Context for launching on ``device``: a no-op unless it is a CUDA device other than the
+    current one (switching devices costs microseconds per launch)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NULL
+    return torch.cuda.device(device)
+
+
+
+def meta(t: Optional[torch.Tensor]):
+    """What a launch plan may depend on about a tensor: shape, strides, dtype, device (never its
+    values or identity).  None stays None."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def mode_key(dtype: torch.dtype) -> tuple:
+    """The global switches a launch plan depends on: the interpreter, recording
+    (kernels.testing) and, for fp32, torch's TF32 switch."""
+    return (INTERPRET, _RECORDING.get() is not None, dtype == torch.float32 and tf32_allowed())
+
+
+class PlanCache:
+    """Launch plans of one op, keyed by the metadata of its arguments (``meta``, ``mode_key``,
+    flags): what the checks concluded and what the launch needs (block sizes, grid, output shape,
+    integer arguments), computed once per shape and reused.  A key holds no tensor, value or
+    identity, so nothing a caller can change in place reaches a cached decision; pointers and
+    alignment are still looked at on every call.  Bounded: cleared when full."""
+
+    def __init__(self, maxsize: int = 1024):
+        self._plans: dict = {}
+        self.maxsize = maxsize
+
+    def get(self, key):
+        return self._plans.get(key)
+
+    def plan(self, key_fn, build):
+        """The plan for ``key_fn()`` (None: nothing to key on, e.g. an ``out=`` buffer), made by
+        ``build()`` on a miss: ``build`` runs every check (and raises), so a cached plan is one
+        the checks passed.  An argument that is not a tensor (AttributeError in ``key_fn``) gets
+        no key: ``build`` says what is wrong."""
+        try:
+            key = key_fn()
+        except AttributeError:
+            key = None
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None:
+            plan = build()
+            if key is not None:
+                self.put(key, plan)
+        return plan
+
+    def put(self, key, plan):
+        if len(self._plans) >= self.maxsize:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from kernels._common import HAS_TRITON
+from kernels._common import HAS_TRITON, launch_device
 
 if HAS_TRITON:
     import triton
@@ -309,6 +309,65 @@ def _align_operands(x2: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, to
     return pad(x2), pad(w), Kp
 
 
+class GemmPlan(NamedTuple):
+    """Everything a GEMM launch needs besides the tensors: made once per shape (``plan_gemm``)."""
+
+    grid: tuple
+    ints: tuple  # M, N, K, stride_x, stride_w, N (output row stride), SEQ, HEAD_DIM, HIDDEN
+    kwargs: dict
+
+
+def plan_gemm(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, stride_x: int, stride_w: int, *,
+              activation: int = ACT_NONE, has_bias: bool, has_pre: bool,
+              head_split: Optional[tuple[int, int, int]] = None, config: Optional[GemmConfig] = None) -> GemmPlan:
+    """Block sizes, grid and scalar arguments of one GEMM launch (operands already aligned:
+    ``_align_operands``).  A pure function of shapes, strides, dtype, device and the global TF32
+    switch, so launchers keep it per shape (``kernels._common.PlanCache``)."""
+    from kernels._common import INTERPRET, cuda_capability, tf32_allowed
+
+    allow_tf32 = tf32_allowed()
+    cfg = config or pick_config(M, N, K, dtype, cuda_capability(device), allow_tf32)
+    prec = precision_of(dtype, allow_tf32)
+    upcast = INTERPRET and dtype == torch.bfloat16
+    if head_split is not None:
+        seq, head_dim, hidden = head_split
+        n_part, parts = hidden, 3
+        span = (2 * seq + cfg.block_m) * hidden  # largest in-tile offset of the head-split store
+    else:
+        seq, head_dim, hidden = 1, 1, 1
+        n_part, parts = N, 1
+        span = cfg.block_m * N
+    if span >= 2**31:
+        raise ValueError(
+            f"GEMM of {M}x{N}x{K}: one output tile spans {span} elements, more than the kernel's 32-bit in-tile "
+            f"offsets allow" + (f" (sequence length {seq} x hidden {hidden} is too large)" if head_split else "")
+        )
+    grid = (-(-M // cfg.block_m) * parts * -(-n_part // cfg.block_n),)
+    kwargs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=has_bias, ACTIVATION=activation, STORE_PRE=has_pre,
+        HEAD_SPLIT=head_split is not None, INPUT_PRECISION="ieee" if prec == "ieee" or upcast else "tf32",
+        DOT_UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return GemmPlan(grid, (M, N, K, stride_x, stride_w, N, seq, head_dim, hidden), kwargs)
+
+
+def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             out: torch.Tensor, pre: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch ``gemm_kernel`` as planned."""
+    args = (x2, weight, bias if bias is not None else out, out, pre if pre is not None else out, *plan.ints)
+    with launch_device(x2.device):
+        gemm_kernel[plan.grid](*args, **plan.kwargs)
+    return out
+
+
+def operands_aligned(x2: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``_align_operands`` would leave both operands as they are (no copy)."""
+    vec = 16 // x2.element_size()
+    return (x2.shape[1] % vec == 0 and x2.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+            and (x2.shape[0] <= 1 or x2.stride(0) % vec == 0) and (w.shape[0] <= 1 or w.stride(0) % vec == 0))
+
+
 def launch_gemm(
     x2: torch.Tensor,
     weight: torch.Tensor,
@@ -323,48 +382,12 @@ def launch_gemm(
     """Launch ``gemm_kernel``.  Callers have already validated everything: x2 (M, K) and weight
     (N, K) with unit stride along K, same dtype and device, M, N > 0.  ``out`` (and ``pre``) are
     contiguous: (M, N) row-major, or (3, B, H, S, D) when ``head_split = (S, D, hidden)``."""
-    from kernels._common import INTERPRET, cuda_capability, tf32_allowed
-
-    M, K = x2.shape
+    M = x2.shape[0]
     N = weight.shape[0]
-    allow_tf32 = tf32_allowed()
-    cap = cuda_capability(x2.device)
-    cfg = config or pick_config(M, N, K, x2.dtype, cap, allow_tf32)
-    prec = precision_of(x2.dtype, allow_tf32)
-    upcast = INTERPRET and x2.dtype == torch.bfloat16
-    if head_split is not None:
-        seq, head_dim, hidden = head_split
-        n_part, parts = hidden, 3
-        span = (2 * seq + cfg.block_m) * hidden  # largest in-tile offset of the head-split store
-    else:
-        seq, head_dim, hidden = 1, 1, 1
-        n_part, parts = N, 1
-        span = cfg.block_m * N
-    if span >= 2**31:
-        raise ValueError(
-            f"GEMM of {M}x{N}x{K}: one output tile spans {span} elements, more than the kernel's 32-bit in-tile "
-            f"offsets allow" + (f" (sequence length {seq} x hidden {hidden} is too large)" if head_split else "")
-        )
     x2, weight, K = _align_operands(x2, weight)
-    grid = (triton.cdiv(M, cfg.block_m) * parts * triton.cdiv(n_part, cfg.block_n),)
-    args = (
-        x2, weight, bias if bias is not None else out, out, pre if pre is not None else out,
-        M, N, K,
-        x2.stride(0), weight.stride(0), N,
-        seq, head_dim, hidden,
-    )
-    kwargs = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        HAS_BIAS=bias is not None, ACTIVATION=activation, STORE_PRE=pre is not None,
-        HEAD_SPLIT=head_split is not None, INPUT_PRECISION="ieee" if prec == "ieee" or upcast else "tf32",
-        DOT_UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if x2.device.type == "cuda":
-        with torch.cuda.device(x2.device):
-            gemm_kernel[grid](*args, **kwargs)
-    else:
-        gemm_kernel[grid](*args, **kwargs)
-    return out
+    plan = plan_gemm(M, N, K, x2.dtype, x2.device, x2.stride(0), weight.stride(0), activation=activation,
+                     has_bias=bias is not None, has_pre=pre is not None, head_split=head_split, config=config)
+    return run_gemm(plan, x2, weight, bias, out, pre)
 
 
 def gemm_specs(op: str, arch: int, flag_sets: list[dict]) -> list:

@@ -18,12 +18,12 @@ saves one (M, N) activation per LayerNorm.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from kernels._common import HAS_TRITON, INTERPRET
+from kernels._common import dtype_name as _dtype_name
 
 if HAS_TRITON:
     import triton
@@ -119,10 +119,10 @@ def bwd_num_programs(num_tiles: int, cfg: LNConfig, device: torch.device) -> int
 
 
 def device_ctx(device: torch.device):
-    """Launch on the tensors' device (not the current one)."""
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    """Launch on the tensors' device (not the current one): ``kernels._common.launch_device``."""
+    from kernels._common import launch_device
+
+    return launch_device(device)
 
 
 def triton_ptr_type(dtype: torch.dtype) -> str:
@@ -150,7 +150,7 @@ def with_aligned(specs: list, ints: tuple) -> list:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    return _dtype_name(dtype)
 
 
 def short_dtype(dtype: torch.dtype) -> str:

@@ -19,7 +19,17 @@ from typing import Optional
 
 import torch
 
-from kernels._common import check_dtype, check_out, check_same_dtype, check_shape, use_triton
+from kernels._common import (
+    PlanCache,
+    cdiv,
+    check_dtype,
+    check_out,
+    check_same_dtype,
+    check_shape,
+    meta,
+    mode_key,
+    use_triton,
+)
 from kernels._compile import KernelSpec
 from kernels._layernorm import (
     all_ln_configs,
@@ -170,7 +180,7 @@ def _forward(x, residual, weight, bias, eps, x_bias, out):
     y2 = out.view(-1, n)
     w, b = weight.contiguous(), bias.contiguous()
     xb = x_bias.contiguous() if x_bias is not None else w  # dummy pointer, never read
-    grid = (triton.cdiv(m, cfg.rows),)
+    grid = (cdiv(m, cfg.rows),)
     with device_ctx(x.device):
         _add_layernorm_fwd_kernel[grid](
             x2, r2, xb, w, b, y2, mean, rstd,
@@ -195,7 +205,7 @@ def _backward(dy, x, residual, weight, x_bias, mean, rstd):
     dx2 = dx.view(-1, n)
     w = weight.contiguous()
     xb = x_bias.contiguous() if has_xb else w  # dummy pointer when there is no x_bias, never read
-    num_tiles = triton.cdiv(m, cfg.rows)
+    num_tiles = cdiv(m, cfg.rows)
     g = bwd_num_programs(num_tiles, cfg, x.device)
     partial = torch.empty((3 if sum_dxb else 2, g, n), dtype=torch.float32, device=x.device)
     with device_ctx(x.device):
@@ -237,6 +247,22 @@ class _AddLayerNorm(torch.autograd.Function):
         )
 
 
+_PLANS = PlanCache()
+
+
+def _make_plan(x, residual, weight, bias, eps, x_bias, fallback):
+    """Every check (raises ValueError), the backend and, for row-major operands, the launch:
+    (kernel?, grid or None, m, n, cfg)."""
+    cfg = _check(x, residual, weight, bias, x_bias, eps)
+    kernel = use_triton(OP, x, residual, weight, bias, x_bias, fallback=fallback)
+    n = x.shape[-1]
+    m = x.numel() // n if n else 0
+    grid = None
+    if kernel and m > 0 and all(t is None or t.is_contiguous() for t in (x, residual, weight, bias, x_bias)):
+        grid = (-(-m // cfg.rows),)
+    return kernel, grid, m, n, cfg
+
+
 def add_layernorm(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -253,12 +279,16 @@ def add_layernorm(
     x, residual: (..., N); weight, bias, x_bias: (N,); all one dtype (fp32 / fp16 / bf16);
     N <= 8192.  ``out``: optional contiguous output buffer of x's shape and dtype.  Differentiable
     in every tensor input (Triton backward).  CPU tensors need TRITON_INTERPRET=1 or
-    ``fallback=True`` (runs :func:`add_layernorm_reference`).
+    ``fallback=True`` (runs :func:`add_layernorm_reference`).  Checks and launch plan once per
+    (shapes, strides, dtypes, device, eps) case (``PlanCache``).
     """
-    _check(x, residual, weight, bias, x_bias, eps)
-    triton_ok = use_triton(OP, x, residual, weight, bias, x_bias, out, fallback=fallback)
+    plan = _PLANS.plan(
+        lambda: (meta(x), meta(residual), meta(weight), meta(bias), meta(x_bias), type(eps), eps, fallback,
+                 mode_key(x.dtype)) if out is None else None,
+        lambda: _make_plan(x, residual, weight, bias, eps, x_bias, fallback))
     check_out(OP, out, tuple(x.shape), x.dtype, x.device)
-    if not triton_ok:
+    kernel, grid, m, n, cfg = plan
+    if not kernel:
         y = add_layernorm_reference(x, residual, weight, bias, eps, x_bias)
         if out is not None:
             out.copy_(y)
@@ -267,6 +297,18 @@ def add_layernorm(
     tensors = (x, residual, weight, bias, x_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _AddLayerNorm.apply(x, residual, weight, bias, x_bias, float(eps), out)
+    if grid is not None and out is None:  # planned: contiguous operands, output like x
+        dev = x.device
+        y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+        mean = torch.empty((m,), dtype=torch.float32, device=dev)
+        rstd = torch.empty((m,), dtype=torch.float32, device=dev)
+        with device_ctx(dev):
+            _add_layernorm_fwd_kernel[grid](
+                x, residual, x_bias if x_bias is not None else weight, weight, bias, y, mean, rstd,
+                m, n, n, n, n, float(eps),
+                HAS_XBIAS=x_bias is not None, ROWS=cfg.rows, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            )
+        return y
     return _forward(x, residual, weight, bias, eps, x_bias, out)[0]
 
 

@@ -52,7 +52,6 @@ configuration the launchers can pick on an architecture.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 from typing import NamedTuple, Optional
@@ -68,7 +67,13 @@ from kernels._common import (
     check_same_dtype,
     check_values,
     cuda_capability,
+    dtype_name,
     host_read_possible,
+    PlanCache,
+    cdiv,
+    launch_device,
+    meta,
+    mode_key,
     tf32_allowed,
     use_triton,
 )
@@ -541,7 +546,7 @@ class _Plan(NamedTuple):
 
 
 def _dtype_name(dt) -> str:
-    return str(dt).replace("torch.", "")
+    return dtype_name(dt)
 
 
 def supports_head_dim(d) -> bool:
@@ -823,7 +828,7 @@ def _round16(n: int) -> int:
 
 
 def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    return launch_device(t.device)
 
 
 def _strides3(t: torch.Tensor, varlen: bool) -> tuple:
@@ -892,7 +897,7 @@ def _forward(q, k, v, plan: _Plan, out: Optional[torch.Tensor]):
         return (out if out is not None else o), m_out, l_out
     cfg = plan.cfg["fwd"]
     mask, kvlen, skv, cu, scu = _aux(q, plan)
-    grid = (triton.cdiv(S, cfg.block_m), H, B)
+    grid = (cdiv(S, cfg.block_m), H, B)
     with _device_ctx(q):
         _attn_fwd[grid](
             q, k, v, o, m_out, l_out, mask, kvlen, cu,
@@ -923,21 +928,21 @@ def _backward(q, k, v, o, m_in, l_in, do, plan: _Plan):
     with _device_ctx(q):
         # delta: varlen runs as one "batch" of T rows; padded as (B, S) rows
         pb, ps = (1, plan.total) if vl else (B, S)
-        _attn_bwd_pre[(triton.cdiv(ps, pre.block_m), H, pb)](
+        _attn_bwd_pre[(cdiv(ps, pre.block_m), H, pb)](
             o, do, delta, *_o_strides(o, vl), *_o_strides(do, vl), *_stats_strides(delta, vl), H, ps,
             HEAD_DIM=D, BLOCK_M=pre.block_m, num_warps=pre.num_warps, num_stages=pre.num_stages,
         )
         mask, kvlen, skv, cu, scu = _aux(q, plan)
         common = dict(HEAD_DIM=D, CAUSAL=plan.causal, MASK_KIND=plan.mask_kind, IEEE=plan.ieee)
         c = plan.cfg["dkdv"]
-        _attn_bwd_dkdv[(triton.cdiv(S, c.block_n), H, B)](
+        _attn_bwd_dkdv[(cdiv(S, c.block_n), H, B)](
             q, k, v, do, dk, dv, m_in, l_in, delta, mask, kvlen, cu,
             *_strides3(q, vl), *_strides3(k, vl), *_strides3(v, vl), *_o_strides(do, vl), *_strides3(dk, vl),
             *_stats_strides(m_in, vl), *plan.mask_strides, skv, scu, H, S, plan.scale * LOG2E, plan.scale,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **common,
         )
         c = plan.cfg["dq"]
-        _attn_bwd_dq[(triton.cdiv(S, c.block_m), H, B)](
+        _attn_bwd_dq[(cdiv(S, c.block_m), H, B)](
             q, k, v, do, dq, m_in, l_in, delta, mask, kvlen, cu,
             *_strides3(q, vl), *_strides3(k, vl), *_strides3(v, vl), *_o_strides(do, vl), *_strides3(dq, vl),
             *_stats_strides(m_in, vl), *plan.mask_strides, skv, scu, H, S, plan.scale * LOG2E, plan.scale,
@@ -970,6 +975,16 @@ def _run(op, q, k, v, plan, out):
     return _forward(q, k, v, plan, out)[0]
 
 
+# launch plans of both ops: a _Plan without its tensors (mask, key lengths, cu_seqlens: per call),
+# or _REFERENCE (the call runs the PyTorch reference)
+_PLANS = PlanCache()
+_REFERENCE = object()
+
+
+def template_scale(scale, q) -> float:
+    return _check_scale(OP, scale, q.shape[-1])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None, *,
               causal: bool = False, scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
               fallback: bool = False) -> torch.Tensor:
@@ -981,12 +996,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=
     its defaults: one host read outside ``trusted_inputs()``, none inside); nothing about a mask
     is cached between calls.  ``causal``: query i sees keys j <= i.  Differentiable in q, k, v.
     """
+    prepared = isinstance(attention_mask, AttentionMask)
+    key = None
+    if prepared and out is None:  # checks and launch plan once per (shapes, strides, dtypes, mask layout) case
+        pm = attention_mask
+        try:
+            key = (meta(q), meta(k), meta(v), pm.kind, meta(pm.mask), meta(pm.kvlen), pm.batch, pm.heads, pm.seqlen,
+                   bool(causal), type(scale), scale, fallback, mode_key(q.dtype))
+        except AttributeError:  # not tensors: the checks say what is wrong
+            key = None
+        template = _PLANS.get(key) if key is not None else None
+        if template is not None:
+            if template is _REFERENCE:
+                return attention_reference(q, k, v, pm, causal=causal, scale=template_scale(scale, q))
+            B, H, S = template.batch, template.heads, template.seqlen
+            kind, mask_t, mstrides, kvlen = _mask_args(pm, B, H, S)
+            plan = template._replace(mask=mask_t, mask_strides=mstrides, kvlen=kvlen)
+            return _run(OP, _aligned(q), _aligned(k), _aligned(v), plan, None)
     dtype = _check_qkv(OP, q, k, v, 4)
     B, H, S, D = q.shape
     scale = _check_scale(OP, scale, D)
     check_out(OP, out, (B, S, H, D), dtype, q.device)
     _check_grid(OP, B, H)
-    prepared = isinstance(attention_mask, AttentionMask)
     if prepared:
         mask_tensors = (attention_mask.mask, attention_mask.kvlen)
     elif attention_mask is None or isinstance(attention_mask, torch.Tensor):
@@ -1003,6 +1034,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=
     else:
         pm = prepare_attention_mask(attention_mask, B, H, S)  # validates the mask
     if not triton_path:
+        if key is not None:
+            _PLANS.put(key, _REFERENCE)
         res = attention_reference(q, k, v, pm if prepared else attention_mask, causal=causal, scale=scale)
         if out is not None:
             return out.copy_(res)
@@ -1011,6 +1044,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=
     ieee = dtype == torch.float32 and not tf32_allowed()
     cfg = attention_config(D, dtype, S, cuda_capability(q.device), additive_mask=kind == MASK_ADD)
     plan = _Plan(False, B, H, S, D, kind, mask_t, mstrides, kvlen, None, 0, bool(causal), scale, ieee, cfg)
+    if key is not None:
+        _PLANS.put(key, plan._replace(mask=None, kvlen=None))
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     return _run(OP, q, k, v, plan, out)
 
@@ -1046,6 +1081,17 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      fallback: bool = False) -> torch.Tensor:
     """Attention over packed sequences: q, k, v of shape (total_tokens, H, D), sequence b being
     rows ``cu_seqlens[b]:cu_seqlens[b + 1]``; returns (total_tokens, H, D) contiguous."""
+    key = None
+    if out is None and not check_values():  # trusted (the caller validated cu_seqlens): plan once per case
+        try:
+            key = (meta(q), meta(k), meta(v), meta(cu_seqlens), type(max_seqlen), max_seqlen, bool(causal),
+                   type(scale), scale, fallback, mode_key(q.dtype))
+        except AttributeError:
+            key = None
+        template = _PLANS.get(key) if key is not None else None
+        if template is not None and template is not _REFERENCE and cu_seqlens.data_ptr() % 16 == 0:
+            plan = template._replace(cu=cu_seqlens)
+            return _run(OP_VARLEN, _aligned(q), _aligned(k), _aligned(v), plan, None)
     dtype = _check_qkv(OP_VARLEN, q, k, v, 3)
     T, H, D = q.shape
     scale = _check_scale(OP_VARLEN, scale, D)
@@ -1063,6 +1109,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     plan = _Plan(True, B, H, max(int(max_seqlen), 0), D, MASK_NONE, None, (0, 0, 0, 0), None,
                  cu_seqlens.clone() if cu_seqlens.data_ptr() % 16 else cu_seqlens.contiguous(),
                  T, bool(causal), scale, ieee, cfg)
+    if key is not None and cu_seqlens.is_contiguous():
+        _PLANS.put(key, plan._replace(cu=None))
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     return _run(OP_VARLEN, q, k, v, plan, out)
 

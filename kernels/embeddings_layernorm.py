@@ -28,7 +28,18 @@ from typing import Optional
 
 import torch
 
-from kernels._common import check_dtype, check_out, check_same_dtype, check_shape, check_values, use_triton
+from kernels._common import (
+    PlanCache,
+    cdiv,
+    check_dtype,
+    check_out,
+    check_same_dtype,
+    check_shape,
+    check_values,
+    meta,
+    mode_key,
+    use_triton,
+)
 from kernels._compile import KernelSpec
 from kernels._layernorm import (
     all_ln_configs,
@@ -266,7 +277,7 @@ def _forward(ids, tt, pos, we, pe, te, lw, lb, eps, out):
     we, pe, te = _rowmajor(we), _rowmajor(pe), _rowmajor(te)
     lw, lb = lw.contiguous(), lb.contiguous()
     y2 = out.view(m, n)
-    grid = (triton.cdiv(m, cfg.rows),)
+    grid = (cdiv(m, cfg.rows),)
     with device_ctx(dev):
         _embeddings_layernorm_fwd_kernel[grid](
             ids, tt, pos, we, pe, te, lw, lb, y2, mean, rstd,
@@ -293,7 +304,7 @@ def _backward_ln(dy, ids, tt, pos, we, pe, te, lw, mean, rstd):
     dy2 = dy.reshape(m, n)
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()
-    num_tiles = triton.cdiv(m, cfg.rows)
+    num_tiles = cdiv(m, cfg.rows)
     g = bwd_num_programs(num_tiles, cfg, dev)
     partial = torch.empty((2, g, n), dtype=torch.float32, device=dev)
     with device_ctx(dev):
@@ -352,6 +363,9 @@ class _EmbeddingsLayerNorm(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+_PLANS = PlanCache()
+
+
 def embeddings_layernorm(
     input_ids: torch.Tensor,
     token_type_ids: Optional[torch.Tensor],
@@ -375,14 +389,19 @@ def embeddings_layernorm(
     ValueError (host check, one sync).  ``padding_idx``: that word row gets gradient 0, as with
     ``nn.Embedding(padding_idx=...)``.  Differentiable in the tables and LayerNorm parameters.
     """
-    bsz, seq, n, padding_idx = _check(
-        input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight, ln_weight, ln_bias,
-        eps, padding_idx,
-    )
-    triton_ok = use_triton(
-        OP, input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight, ln_weight, ln_bias,
-        out, fallback=fallback,
-    )
+    def build():
+        bsz, seq, n, pad = _check(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
+                                  ln_weight, ln_bias, eps, padding_idx)
+        ok = use_triton(OP, input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
+                        ln_weight, ln_bias, out, fallback=fallback)
+        return bsz, seq, n, pad, ok
+
+    # checks and backend once per (shapes, strides, dtypes, device, eps, padding_idx) case
+    bsz, seq, n, padding_idx, triton_ok = _PLANS.plan(
+        lambda: (meta(input_ids), meta(token_type_ids), meta(position_ids), meta(word_weight), meta(position_weight),
+                 meta(type_weight), meta(ln_weight), meta(ln_bias), type(eps), eps, type(padding_idx), padding_idx,
+                 fallback, mode_key(word_weight.dtype)) if out is None else None,
+        build)
     check_out(OP, out, (bsz, seq, n), word_weight.dtype, word_weight.device)
     if check_values():  # skipped inside kernels._common.trusted_inputs() and under torch.compile
         _check_id_ranges({

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _gemm
-from kernels._common import check_dtype, check_out, check_same_dtype, use_triton
+from kernels._common import PlanCache, check_dtype, check_out, check_same_dtype, meta, mode_key, use_triton
 
 OP = "linear"
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
@@ -143,6 +143,35 @@ class _LinearFunction(torch.autograd.Function):
         return dx, dw, db, None
 
 
+_PLANS = PlanCache()
+
+
+class _Plan:
+    """The checks' verdict and the launch plan of one (shapes, strides, dtypes, device) case."""
+
+    __slots__ = ("kernel", "M", "N", "K", "out_shape", "gemm")
+
+    def __init__(self, kernel, M, N, K, out_shape, gemm):
+        self.kernel, self.M, self.N, self.K, self.out_shape, self.gemm = kernel, M, N, K, out_shape, gemm
+
+
+def _make_plan(x, weight, bias, activation, fallback) -> _Plan:
+    """Run every check (raises ValueError) and plan the launch.  ``gemm`` is None when the
+    operands' layout needs the general path (copies, empty sizes)."""
+    M, N, K = _validate(x, weight, bias, activation, None)
+    kernel = use_triton(OP, x, weight, bias, fallback=fallback)
+    gemm = None
+    if kernel and M > 0 and N > 0 and K > 0 and (bias is None or bias.is_contiguous()):
+        try:
+            x2 = x.view(M, K)  # the launch reads x in place (a layout that needs a copy takes the general path)
+        except RuntimeError:
+            x2 = None
+        if x2 is not None and x2.stride(-1) == 1 and weight.stride(-1) == 1 and _gemm.operands_aligned(x2, weight):
+            gemm = _gemm.plan_gemm(M, N, K, x.dtype, x.device, x2.stride(0), weight.stride(0),
+                                   activation=_gemm.ACTIVATIONS[activation], has_bias=bias is not None, has_pre=False)
+    return _Plan(kernel, M, N, K, (*x.shape[:-1], N), gemm)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -152,16 +181,27 @@ def linear(
     out: Optional[torch.Tensor] = None,
     fallback: bool = False,
 ) -> torch.Tensor:
-    """``act(x @ weight.T + bias)`` with one Triton GEMM; see the module docstring."""
-    _validate(x, weight, bias, activation, out)
+    """``act(x @ weight.T + bias)`` with one Triton GEMM; see the module docstring.
+
+    The checks and the launch plan are made once per (shapes, strides, dtypes, device,
+    activation) case and reused (``kernels._common.PlanCache``); pointers are checked per call."""
+    plan = _PLANS.plan(
+        lambda: (meta(x), meta(weight), meta(bias), type(activation), activation, fallback,
+                 mode_key(x.dtype)) if out is None else None,
+        lambda: _make_plan(x, weight, bias, activation, fallback))
+    check_out(OP, out, plan.out_shape, x.dtype, x.device)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad and out is not None:
         raise ValueError(f"{OP}: out= does not support autograd (an input requires grad); call without out=")
-    if not use_triton(OP, x, weight, bias, out, fallback=fallback):
+    if not plan.kernel:
         y = linear_reference(x, weight, bias, activation)
         return out.copy_(y) if out is not None else y
     if needs_grad:
         return _LinearFunction.apply(x, weight, bias, activation)
+    if plan.gemm is not None and out is None and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0:
+        y = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device)
+        _gemm.run_gemm(plan.gemm, x.view(plan.M, plan.K), weight, bias, y.view(plan.M, plan.N))
+        return y
     return _forward(x, weight, bias, activation, out, save_pre=False)[0]
 
 

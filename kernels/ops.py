@@ -13,11 +13,13 @@ eager training does not pay it.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from kernels._common import trusted_inputs
 from kernels.add_layernorm import add_layernorm as _add_layernorm
 from kernels.attention import AttentionMask, prepare_attention_mask  # noqa: F401  (re-exported)
 from kernels.attention import attention as _attention
@@ -28,6 +30,21 @@ from kernels.padding import pad, unpad  # noqa: F401  (index ops: data-dependent
 from kernels.qkv_projection import qkv_projection as _qkv_projection
 
 NS = "bertfast"
+
+
+def _trusted(fn):
+    """Run a custom op's implementation in ``trusted_inputs()``: compiled code calls it at run
+    time, where a launcher's value check would be a host read inside the compiled graph (and
+    break CUDA-graph capture of it).  Shape / dtype checks still run.  Value checks (id ranges,
+    0/1 masks) do not run in compiled code, the model's included: where inputs may be bad,
+    check them eagerly first (``bertfast.validation.validate_inputs``)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with trusted_inputs():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _compiling() -> bool:
@@ -77,6 +94,7 @@ def _act(activation: str) -> Optional[str]:
 
 
 @torch.library.custom_op(f"{NS}::linear", mutates_args=())
+@_trusted
 def linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
     return _linear(x, weight, bias, _act(activation))
 
@@ -87,6 +105,7 @@ def _(x, weight, bias, activation):
 
 
 @torch.library.custom_op(f"{NS}::linear_backward", mutates_args=())
+@_trusted
 def linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                        activation: str) -> List[Tensor]:
     return _vjp(lambda a, w, b: _linear(a, w, b, _act(activation)), (x, weight, bias), grad)
@@ -121,6 +140,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
 
 
 @torch.library.custom_op(f"{NS}::qkv_projection", mutates_args=())
+@_trusted
 def qkv_projection_op(x: Tensor, weight: Tensor, bias: Tensor, num_heads: int) -> Tensor:
     return _qkv_projection(x, weight, bias, num_heads)
 
@@ -139,6 +159,7 @@ def _(x, weight, bias, num_heads):
 
 
 @torch.library.custom_op(f"{NS}::qkv_projection_backward", mutates_args=())
+@_trusted
 def qkv_projection_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
                                num_heads: int) -> List[Tensor]:
     return _vjp(lambda a, w, b: _qkv_projection(a, w, b, num_heads), (x, weight, bias), grad)
@@ -173,6 +194,7 @@ def qkv_projection(x: Tensor, weight: Tensor, bias: Tensor, num_heads: int) -> T
 
 
 @torch.library.custom_op(f"{NS}::add_layernorm", mutates_args=())
+@_trusted
 def add_layernorm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float,
                      x_bias: Optional[Tensor]) -> Tensor:
     return _add_layernorm(x, residual, weight, bias, eps, x_bias)
@@ -184,6 +206,7 @@ def _(x, residual, weight, bias, eps, x_bias):
 
 
 @torch.library.custom_op(f"{NS}::add_layernorm_backward", mutates_args=())
+@_trusted
 def add_layernorm_backward_op(grad: Tensor, x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float,
                               x_bias: Optional[Tensor]) -> List[Tensor]:
     return _vjp(lambda a, r, w, b, xb: _add_layernorm(a, r, w, b, eps, xb), (x, residual, weight, bias, x_bias), grad)
@@ -221,6 +244,7 @@ def add_layernorm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps
 
 
 @torch.library.custom_op(f"{NS}::embeddings_layernorm", mutates_args=())
+@_trusted
 def embeddings_layernorm_op(input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor],
                             word_weight: Tensor, position_weight: Tensor, type_weight: Tensor, ln_weight: Tensor,
                             ln_bias: Tensor, eps: float, padding_idx: Optional[int]) -> Tensor:
@@ -235,6 +259,7 @@ def _(input_ids, token_type_ids, position_ids, word_weight, position_weight, typ
 
 
 @torch.library.custom_op(f"{NS}::embeddings_layernorm_backward", mutates_args=())
+@_trusted
 def embeddings_layernorm_backward_op(grad: Tensor, input_ids: Tensor, token_type_ids: Optional[Tensor],
                                      position_ids: Optional[Tensor], word_weight: Tensor, position_weight: Tensor,
                                      type_weight: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
@@ -294,6 +319,7 @@ def _op_mask(q: Tensor, attention_mask: Optional[Tensor], kvlen: Optional[Tensor
 
 
 @torch.library.custom_op(f"{NS}::attention", mutates_args=())
+@_trusted
 def attention_op(q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], causal: bool,
                  scale: Optional[float], kvlen: Optional[Tensor] = None, mask_kind: int = -1) -> Tensor:
     return _attention(q, k, v, _op_mask(q, attention_mask, kvlen, mask_kind), causal=causal, scale=scale)
@@ -306,6 +332,7 @@ def _(q, k, v, attention_mask, causal, scale, kvlen=None, mask_kind=-1):
 
 
 @torch.library.custom_op(f"{NS}::attention_backward", mutates_args=())
+@_trusted
 def attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor],
                           causal: bool, scale: Optional[float], kvlen: Optional[Tensor] = None,
                           mask_kind: int = -1) -> List[Tensor]:
@@ -350,6 +377,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attention_mask=None, *, causal: b
 
 
 @torch.library.custom_op(f"{NS}::attention_varlen", mutates_args=())
+@_trusted
 def attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool,
                         scale: Optional[float]) -> Tensor:
     return _attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
@@ -361,6 +389,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 
 
 @torch.library.custom_op(f"{NS}::attention_varlen_backward", mutates_args=())
+@_trusted
 def attention_varlen_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                                  causal: bool, scale: Optional[float]) -> List[Tensor]:
     def fn(a, b, c):

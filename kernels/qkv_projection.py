@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from kernels import _gemm
-from kernels._common import check_dtype, check_out, check_same_dtype, use_triton
+from kernels._common import PlanCache, check_dtype, check_out, check_same_dtype, meta, mode_key, use_triton
 
 OP = "qkv_projection"
 
@@ -119,6 +119,31 @@ class _QKVFunction(torch.autograd.Function):
         return dx, dw, db, None
 
 
+_PLANS = PlanCache()
+
+
+def _make_plan(x, weight, bias, num_heads, fallback):
+    """Every check (raises ValueError), the backend and, when the operands can be read in
+    place, the GEMM launch plan: (kernel?, output shape, M, hidden, GemmPlan or None)."""
+    _validate(x, weight, bias, num_heads, None)
+    kernel = use_triton(OP, x, weight, bias, fallback=fallback)
+    shape = _out_shape(x, num_heads)
+    hidden = x.shape[-1]
+    M = x.shape[0] * (x.shape[1] if x.dim() == 3 else 1)
+    S = x.shape[1] if x.dim() == 3 else 1
+    gemm = None
+    if kernel and M > 0 and hidden > 0 and (bias is None or bias.is_contiguous()):
+        try:
+            x2 = x.view(M, hidden)
+        except RuntimeError:
+            x2 = None
+        if x2 is not None and x2.stride(-1) == 1 and weight.stride(-1) == 1 and _gemm.operands_aligned(x2, weight):
+            gemm = _gemm.plan_gemm(M, weight.shape[0], hidden, x.dtype, x.device, x2.stride(0), weight.stride(0),
+                                   has_bias=bias is not None, has_pre=False,
+                                   head_split=(S, hidden // num_heads, hidden))
+    return kernel, shape, M, hidden, gemm
+
+
 def qkv_projection(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -128,16 +153,26 @@ def qkv_projection(
     out: Optional[torch.Tensor] = None,
     fallback: bool = False,
 ) -> torch.Tensor:
-    """x @ weight.T + bias written as (3, B, H, S, D) (or (3, T, H, D) for 2-D x)."""
-    _validate(x, weight, bias, num_heads, out)
+    """x @ weight.T + bias written as (3, B, H, S, D) (or (3, T, H, D) for 2-D x).  Checks and
+    launch plan once per (shapes, strides, dtypes, device, heads) case (``PlanCache``)."""
+    plan = _PLANS.plan(
+        lambda: (meta(x), meta(weight), meta(bias), type(num_heads), num_heads, fallback,
+                 mode_key(x.dtype)) if out is None else None,
+        lambda: _make_plan(x, weight, bias, num_heads, fallback))
+    kernel, shape, M, hidden, gemm = plan
+    check_out(OP, out, shape, x.dtype, x.device)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad and out is not None:
         raise ValueError(f"{OP}: out= does not support autograd (an input requires grad); call without out=")
-    if not use_triton(OP, x, weight, bias, out, fallback=fallback):
+    if not kernel:
         y = qkv_projection_reference(x, weight, bias, num_heads)
         return out.copy_(y) if out is not None else y
     if needs_grad:
         return _QKVFunction.apply(x, weight, bias, num_heads)
+    if gemm is not None and out is None and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0:
+        y = torch.empty(shape, dtype=x.dtype, device=x.device)
+        _gemm.run_gemm(gemm, x.view(M, hidden), weight, bias, y)
+        return y
     return _forward(x, weight, bias, num_heads, out)
 
 

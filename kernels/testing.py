@@ -65,3 +65,45 @@ def count_host_reads():
     finally:
         for owner, name, orig in reversed(patched):
             setattr(owner, name, orig)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Run the launchers on CPU tensors as if on a GPU, with every Triton kernel launch recorded
+    instead of run: ``with record_launches() as calls: ...``; ``calls`` is a list of
+    (kernel name, grid).  Outputs hold whatever ``torch.empty`` gave: for measuring what the host
+    does around launches (bertfast bench host), never for results.  Restores everything on exit."""
+    import triton.runtime.jit as jit
+
+    from kernels import _common
+
+    calls: list = []
+
+    def getitem(self, grid):
+        name = getattr(self, "__name__", None) or getattr(getattr(self, "fn", None), "__name__", "kernel")
+
+        def launch(*args, **kwargs):
+            calls.append((name, tuple(grid) if isinstance(grid, (tuple, list)) else grid))
+
+        return launch
+
+    classes = [jit.JITFunction]
+    try:  # kernels decorated under TRITON_INTERPRET=1 are InterpretedFunctions
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except ImportError:  # pragma: no cover
+        pass
+    saved = [(c, c.__dict__.get("__getitem__")) for c in classes]
+    token = _common._RECORDING.set(calls)
+    for c in classes:
+        c.__getitem__ = getitem
+    try:
+        yield calls
+    finally:
+        for c, orig in saved:
+            if orig is None:
+                del c.__getitem__
+            else:
+                c.__getitem__ = orig
+        _common._RECORDING.reset(token)

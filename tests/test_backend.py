@@ -168,13 +168,20 @@ def test_unsupported_head_size_auto_runs_torch_triton_refuses(monkeypatch):
     """A head size the attention kernel lacks (16) is found when the backend is chosen: "auto"
     runs the torch path even where it would pick the kernels (CUDA inputs; simulated here), and
     an explicit "triton" refuses by name before any kernel launches."""
-    from bertfast import backend, fast
+    from bertfast import backend, modeling
 
     model = BertModel(tiny_config(num_attention_heads=4)).eval()  # head size 16
     ids, tt, mask = batch()
     want = run(model, "torch", True, ids, tt, mask)
     launched = []
-    monkeypatch.setattr(fast, "encoder_forward", lambda *a, **k: launched.append(1))
+    orig = modeling.encoder_forward
+
+    def spy(*a, **k):
+        if k["kernels"]:
+            launched.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(modeling, "encoder_forward", spy)
     monkeypatch.setattr(backend, "resolve", lambda name, device: "torch" if name == "torch" else "triton")
     got = run(model, "auto", True, ids, tt, mask)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=0)

@@ -146,9 +146,12 @@ def test_bert_base_shape_fp16_triton_within_4x_of_transformers_fp16():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("unpad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_graph_runner_matches_eager(dtype):
-    model = _ours_like(_random_hf("minilm-l6"), dtype, "cuda", unpad=False)
+def test_cuda_graph_runner_matches_eager(dtype, unpad):
+    """Explicit runner (padded buckets with unpad=False, packed token buckets with unpad=True)
+    against the eager forward (graphs=False, so that the reference is not itself a replay)."""
+    model = _ours_like(_random_hf("minilm-l6"), dtype, "cuda", unpad=unpad).set_backend("triton", graphs=False)
     runner = bertfast.CudaGraphRunner(model, max_batch=8, max_seq=128)
     for B, S in ((1, 128), (3, 77), (8, 20), (1, 128)):
         ids, mask, tt = _batch(B, S, model.config.vocab_size, "cuda", seed=B * S)

@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import bertfast  # noqa: E402
-from bertfast import fast, integration  # noqa: E402
+from bertfast import integration, modeling  # noqa: E402
 from kernels.testing import GRAD_FACTOR, count_host_reads, tolerance  # noqa: E402
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -50,17 +50,18 @@ def ids_mask(B=3, S=9, left=False, holes=False):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Records the forwards that ran on bertfast's kernels (fast.encoder_forward): True when
-    packed (padding-free), False when the padded batch ran."""
+    """Records the forwards that ran on bertfast's kernels (modeling.encoder_forward with
+    kernels=True): True when packed (padding-free), False when the padded batch ran."""
     calls = []
-    orig = fast.encoder_forward
+    orig = modeling.encoder_forward
 
     @functools.wraps(orig)
-    def spy(*a, **k):
-        calls.append(k["packing"] is not None if "packing" in k else k.get("unpad"))
-        return orig(*a, **k)
+    def spy(bert, plan, *a, **k):
+        if k["kernels"]:
+            calls.append(plan.packing is not None)
+        return orig(bert, plan, *a, **k)
 
-    monkeypatch.setattr(fast, "encoder_forward", spy)
+    monkeypatch.setattr(modeling, "encoder_forward", spy)
     return calls
 
 
@@ -176,16 +177,16 @@ def test_head_outputs_follow_the_config(kernel_calls):
 
 
 def _count_layer_calls(model, monkeypatch):
-    """Calls of the per-layer function: fast.layer_forward on the kernels, the layer's
+    """Calls of the per-layer function: modeling.layer_forward on the kernels, the layer's
     intermediate module in transformers' layers (the recompute calls forward, not __call__)."""
     calls = []
-    orig = fast.layer_forward
+    orig = modeling.layer_forward
 
     def spy(*a, **k):
         calls.append(1)
         return orig(*a, **k)
 
-    monkeypatch.setattr(fast, "layer_forward", spy)
+    monkeypatch.setattr(modeling, "layer_forward", spy)
     for layer in integration.find_bert(model).encoder.layer:
         layer.intermediate.register_forward_hook(lambda *a: calls.append(1))
     return calls
@@ -228,13 +229,13 @@ def test_gradient_checkpointing_runs_on_the_kernels(monkeypatch, kernel_calls, u
     ids, mask = ids_mask()
     labels = torch.tensor([0, 1, 1])
     calls = []
-    orig = fast.layer_forward
+    orig = modeling.layer_forward
 
     def spy(*a, **k):
         calls.append(1)
         return orig(*a, **k)
 
-    monkeypatch.setattr(fast, "layer_forward", spy)
+    monkeypatch.setattr(modeling, "layer_forward", spy)
     plain, _ = _grads(model, calls, ids, mask, labels)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     calls.clear()

@@ -129,3 +129,26 @@ def test_compile_fullgraph_triton_backend_captures_custom_ops():
         assert f"bertfast.{name}.default" in targets, (name, sorted(targets))
     m = mask[..., None]
     torch.testing.assert_close(out * m, ref * m, **tolerance(torch.float32, 10))
+
+
+@pytest.mark.interpreter
+def test_compiled_model_reads_nothing_on_the_host_when_it_runs():
+    """Compiled code holds no value check: running the compiled forward (custom ops included)
+    reads no tensor value on the host, outside trusted_inputs() too (the custom ops run their
+    launchers trusted).  The eager forward of the same model reads once (its plan)."""
+    from kernels.testing import count_host_reads
+
+    torch._dynamo.reset()
+    model = _tiny_model().set_backend("triton")
+    ids, mask = _ids()
+    compiled = torch.compile(model, fullgraph=True, backend=lambda gm, example_inputs: gm.forward)
+    with torch.no_grad():
+        compiled(ids, mask)  # traces
+        with count_host_reads() as n:
+            out = compiled(ids, mask).last_hidden_state
+        assert n[0] == 0
+        with count_host_reads() as n:
+            ref = model(ids, mask).last_hidden_state
+        assert n[0] == 1
+    m = mask[..., None]
+    torch.testing.assert_close(out * m, ref * m, **tolerance(torch.float32, 10))

@@ -97,11 +97,12 @@ def test_instrument_transformers_model_on_cpu():
 
 @pytest.mark.interpreter
 def test_instrument_groups_the_functional_triton_path():
-    """The Triton backend calls no submodule forward: the wrapped bertfast.fast / kernels.ops
+    """The layers call no submodule forward: the wrapped bertfast.modeling / bertfast.ops
     entry points give the same groups (grouping only: interpreter times mean nothing)."""
-    import bertfast.fast as fast
+    import bertfast.modeling as fast
+    from bertfast import ops
 
-    orig_layer, orig_linear = fast.layer_forward, fast.ops.linear
+    orig_layer, orig_linear = fast.layer_forward, ops.linear
     torch.manual_seed(0)
     model = BertModel(BertConfig(**{**TINY, "hidden_size": 64, "num_attention_heads": 2})).eval()
     model.set_backend("triton", unpad=True)
@@ -111,7 +112,7 @@ def test_instrument_groups_the_functional_triton_path():
     att = profiling.profile_forward(model, lambda: model(input_ids=ids, attention_mask=mask), steps=1, warmup=0)
     for name in ("embeddings", "qkv", "attention", "add+LN", "ffn"):
         assert att["groups"][name] > 0, (name, att["groups"])
-    assert fast.layer_forward is orig_layer and fast.ops.linear is orig_linear  # restored
+    assert fast.layer_forward is orig_layer and ops.linear is orig_linear  # restored
 
 
 def test_instrument_without_cuda_has_no_nvtx():

@@ -78,3 +78,14 @@ def test_ci_script_is_executable_bash():
     text = _read(".ci", "run")
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
     assert "PIP_DISABLE_PIP_VERSION_CHECK=1" in text
+
+
+def test_loading_does_not_import_modeling():
+    """One direction only: modeling uses loading (from_pretrained), loading never imports modeling."""
+    import ast
+
+    with open(os.path.join(ROOT, "bertfast", "loading.py")) as f:
+        tree = ast.parse(f.read())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any("modeling" in n for n in names), names

@@ -1,13 +1,15 @@
 """``bertfast bench``: benchmarks users can run.
 
-    bertfast bench [kernels|attention|encoder|all] [--model NAME ...] [--dtype auto|fp16|bf16|fp32]
+    bertfast bench [kernels|attention|encoder|host|all] [--model NAME ...] [--dtype auto|fp16|bf16|fp32]
                    [--batch N ...] [--seq N ...] [--lengths full|mixed|both] [--out DIR] [--quick]
                    [--device auto|cuda|cpu] [--impl NAME ...] [--compile/--no-compile] [--timer events|do_bench]
 
 Suites: ``kernels`` (each Triton op vs its eager PyTorch equivalent and torch.compile, plus the
 attention cases), ``attention`` (attention only: padded / varlen / causal vs eager, SDPA and
 torch.compile, forward and forward+backward), ``encoder`` (whole encoders: bertfast vs
-transformers eager / SDPA / torch.compile), ``all`` (everything).
+transformers eager / SDPA / torch.compile), ``host`` (bertfast's host work per forward on the
+Triton path: launches, device reads and host microseconds with launches recorded instead of run,
+on any machine: :mod:`bertfast.bench.host`), ``all`` (kernels, attention, encoder).
 
 On a CUDA GPU everything runs.  Without one, the CPU comparisons run (bertfast's PyTorch path vs
 transformers eager and SDPA, minilm by default; the eager kernel equivalents at small sizes) and
@@ -25,7 +27,7 @@ import itertools
 import sys
 from typing import List, Optional, Sequence
 
-SUITES = ("kernels", "attention", "encoder", "all")
+SUITES = ("kernels", "attention", "encoder", "host", "all")
 MODELS = ("minilm", "bert-base", "bert-large")
 DEFAULT_OUT = "bench-results"
 
@@ -34,7 +36,7 @@ DEFAULT_OUT = "bench-results"
 # here so that the parser does not import torch; tests/test_cli.py checks it against the suites
 IMPLS = ("triton", "triton-varlen", "eager", "sdpa", "sdpa-mask", "compile",
          "hf-eager", "hf-sdpa", "hf-compile", "bertfast-torch", "bertfast-triton", "bertfast-triton-unpad",
-         "bertfast-triton-graphs")
+         "bertfast-triton-graphs", "bertfast-triton-unpad-graphs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     < 1) are refused while parsing, before anything runs."""
     from bertfast.cli import bench_device_arg, out_dir_arg, positive_int as _pos_int
     parser.description = ((parser.description + ". ") if parser.description else "") + (
-        "Suites: kernels (ops + attention), attention, encoder, all (give the suite first). Without a CUDA GPU the "
+        "Suites: kernels (ops + attention), attention, encoder, host (host work per forward, any machine), "
+        "all (give the suite first). Without a CUDA GPU the "
         "CPU comparisons run and Triton rows are marked unavailable.")
     parser.add_argument("suite", nargs="?", default="all", choices=SUITES, help="what to benchmark (default: all)")
     parser.add_argument("--model", nargs="+", choices=MODELS, default=None, metavar="NAME",
@@ -172,6 +175,10 @@ def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bertfast: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
+    if args.suite == "host":
+        from bertfast.bench import host
+
+        return host.run(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -195,7 +202,9 @@ def run(args) -> int:
             model_notes.add(f"{r.shape.get('model')}: {w}")
     notes += sorted(model_notes)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}
-    settings.update({"device": str(device), "dtype": str(dtype).replace("torch.", ""),
+    from kernels._common import dtype_name
+
+    settings.update({"device": str(device), "dtype": dtype_name(dtype),
                      "bench_settings": vars(bencher.settings)})
     out = report.write_all(results, env, calibration, settings, ran, args.out, notes, make_plots=not args.no_plots)
     print(out["text"])

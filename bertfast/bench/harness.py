@@ -40,6 +40,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from kernels._common import dtype_name
+
 SCHEMA = "bertfast.bench/1"
 
 INTERPRETER_REASON = (
@@ -638,7 +640,7 @@ def calibrate(device: torch.device, dtype: torch.dtype, quick: bool = False,
         c = torch.randn(n, n, device=device, dtype=torch.float32, generator=g).to(mm_dtype)
         t = b.time(torch.matmul, [(a, c)], flush=False)
         fl = 2.0 * n ** 3
-        out["matmul"] = {"m": n, "n": n, "k": n, "dtype": str(mm_dtype).replace("torch.", ""),
+        out["matmul"] = {"m": n, "n": n, "k": n, "dtype": dtype_name(mm_dtype),
                          "median_ms": t["median_ms"], "min_ms": t["min_ms"], "p90_ms": t["p90_ms"],
                          "tflops": fl / (t["min_ms"] / 1e3) / 1e12,
                          "tflops_median": fl / (t["median_ms"] / 1e3) / 1e12,

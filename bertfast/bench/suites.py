@@ -633,20 +633,25 @@ class _BackendSwitch:
         self._prev = None
 
     def _state(self):
+        runtime = getattr(self.model, "runtime", None)
         return (getattr(self.model, "backend", None) or getattr(self.model.config, "backend", None),
-                getattr(self.model.config, "unpad", None))
+                getattr(runtime, "unpad", getattr(self.model.config, "unpad", None)),
+                getattr(runtime, "graphs", None))
 
     def apply(self):
         import inspect
 
         self._prev = self._state()
-        takes_unpad = "unpad" in inspect.signature(self.model.set_backend).parameters
+        params = inspect.signature(self.model.set_backend).parameters
+        takes_unpad = "unpad" in params
         want_unpad = self.unpad if self.backend != "torch" else None
+        # eager rows time the eager forward: no CUDA-graph replay (the graphs rows use CudaGraphRunner)
+        extra = {"graphs": False} if "graphs" in params else {}
         try:
             if takes_unpad and want_unpad is not None:
-                self.model.set_backend(self.backend, unpad=want_unpad)
+                self.model.set_backend(self.backend, unpad=want_unpad, **extra)
             else:
-                self.model.set_backend(self.backend)
+                self.model.set_backend(self.backend, **extra)
         except Exception as e:
             raise Unavailable(f"model.set_backend({self.backend!r}) failed: {type(e).__name__}: {e}") from None
         if want_unpad is not None and not takes_unpad:
@@ -656,13 +661,16 @@ class _BackendSwitch:
                 raise Unavailable("bertfast has no padding-free (unpad=True) execution yet")
 
     def restore(self):
-        prev_backend, prev_unpad = self._prev or (None, None)
+        prev_backend, prev_unpad, prev_graphs = self._prev or (None, None, None)
         if prev_backend is not None:
             try:
-                self.model.set_backend(prev_backend)
+                if prev_graphs is not None:
+                    self.model.set_backend(prev_backend, unpad=prev_unpad, graphs=prev_graphs)
+                else:
+                    self.model.set_backend(prev_backend)
             except Exception:
                 pass
-        if prev_unpad is not None and hasattr(self.model.config, "unpad"):
+        if prev_graphs is None and prev_unpad is not None and hasattr(self.model.config, "unpad"):
             self.model.config.unpad = prev_unpad
 
     def prepare(self):
@@ -688,9 +696,9 @@ def _graph_runner(model) -> Callable:
         raise Unavailable(f"bertfast.CudaGraphRunner(model) failed: {type(e).__name__}: {e}") from None
 
 
-# CUDA graphs need static shapes, so the graph runner always runs the padded path (no "-unpad-graphs")
+# graphs rows: CudaGraphRunner replay of the padded route and of the padding-free route (token buckets)
 ENCODER_IMPLS = ("hf-eager", "hf-sdpa", "hf-compile", "bertfast-torch", "bertfast-triton", "bertfast-triton-unpad",
-                 "bertfast-triton-graphs")
+                 "bertfast-triton-graphs", "bertfast-triton-unpad-graphs")
 
 
 def encoder_cases(models: Sequence[str], shapes: Sequence[tuple], device: torch.device, dtype: torch.dtype,

@@ -1,0 +1,246 @@
+"""``bertfast bench host``: what the host does per forward on the Triton path, measured on any machine.
+
+    bertfast bench host [--model bert-base] [--batch N ...] [--seq N ...] [--out DIR] [--quick]
+
+The model runs on CPU tensors with every Triton launch *recorded instead of run*
+(``kernels.testing.record_launches``): the launchers do all their host work (checks, launch
+plans, allocation, argument marshalling) and nothing runs on a device, so the time measured is
+bertfast's own Python around the kernels, before Triton's launch cost (about 10 us per launch
+on a GPU host).  Per forward it reports:
+
+* ``launches``: Triton kernel launches, and per layer (the layer loop's launches / layers);
+* ``torch_ops``: PyTorch ops that do device work (not views, not allocations): each is one more
+  launch on a GPU;
+* ``reads``: device reads (``.item()``, ``.tolist()``, ``nonzero``, ``bool(tensor)``, ...), in
+  the whole forward and inside the layer loop;
+* ``host_us``: wall time per forward (median, p10, p90, min over interleaved repeats);
+  ``torch_cpu_us``: the CPU time of those PyTorch ops (real CPU compute here, an asynchronous
+  launch on a GPU), so ``host_us - torch_cpu_us`` is the host cost a GPU would see, less
+  Triton's and PyTorch's launch costs.
+
+The model is bertfast's BertModel with the config's shapes, fp16, random weights, no pooler (its
+one GEMM would be real CPU compute here), in eval mode under ``torch.no_grad``.  Writes
+``<date>_host.json`` and ``.md`` into ``--out``.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+# PyTorch ops that do no device work (metadata, views, allocation): not counted as launches
+_NO_WORK = {
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view", "aten::reshape",
+    "aten::_reshape_alias", "aten::as_strided", "aten::select", "aten::slice", "aten::expand", "aten::unsqueeze",
+    "aten::squeeze", "aten::t", "aten::transpose", "aten::permute", "aten::detach", "aten::alias", "aten::lift_fresh",
+    "aten::split", "aten::split_with_sizes", "aten::narrow", "aten::unbind", "aten::resolve_conj", "aten::resolve_neg",
+    "aten::contiguous", "aten::result_type", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense",
+    "aten::to", "aten::dropout", "aten::lift", "aten::expand_as", "aten::view_as",
+}
+
+
+def workloads(batches: Optional[List[int]], seqs: Optional[List[int]], quick: bool) -> List[Dict[str, Any]]:
+    """(B, S, lengths) cases: the issue's (1,128) full, (32,128) full and mixed by default."""
+    if batches or seqs:
+        out = []
+        for b in batches or [1, 32]:
+            for s in seqs or [128]:
+                out.append({"B": b, "S": s, "lengths": "full"})
+                if b > 1:
+                    out.append({"B": b, "S": s, "lengths": "mixed"})
+        return out
+    cases = [{"B": 1, "S": 128, "lengths": "full"}, {"B": 32, "S": 128, "lengths": "full"},
+             {"B": 32, "S": 128, "lengths": "mixed"}, {"B": 32, "S": 128, "lengths": "mixed", "unpad": False}]
+    return cases[:1] + cases[2:3] if quick else cases
+
+
+def _inputs(case, vocab: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    B, S = case["B"], case["S"]
+    ids = torch.randint(1, vocab, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if case["lengths"] == "mixed":  # right padding, lengths uniform in [0.3 S, S]
+        lens = torch.randint(max(1, int(0.3 * S)), S + 1, (B,), generator=g)
+        mask = (torch.arange(S)[None, :] < lens[:, None]).long()
+    return ids, mask
+
+
+def _count(model, ids, mask):
+    """(launches, launches in the layer loop, torch ops with device work, reads, reads in the layer loop)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels.testing import count_host_reads, record_launches
+
+    layers = model.encoder.layer
+    marks = {}
+    ops = []
+
+    class _Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = "aten::" + func.__name__.split(".")[0]
+            if name not in _NO_WORK:
+                ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with record_launches() as calls, count_host_reads() as reads:
+        h1 = layers[0].register_forward_pre_hook(lambda *a: marks.update(start=(len(calls), reads[0])))
+        h2 = layers[-1].register_forward_hook(lambda *a: marks.update(end=(len(calls), reads[0])))
+        try:
+            with _Ops():
+                model(input_ids=ids, attention_mask=mask)
+        finally:
+            h1.remove()
+            h2.remove()
+    if "start" not in marks or "end" not in marks:  # a model that runs its layers without their module call
+        return len(calls), None, ops, reads[0], None
+    in_loop = marks["end"][0] - marks["start"][0]
+    return len(calls), in_loop, ops, reads[0], marks["end"][1] - marks["start"][1]
+
+
+def _torch_cpu_us(model, ids, mask, steps: int) -> float:
+    """CPU time of the PyTorch ops that do device work, per forward (profiler self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kernels.testing import record_launches
+
+    with record_launches(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            model(input_ids=ids, attention_mask=mask)
+    total = 0.0
+    for evt in prof.key_averages():
+        if evt.key.startswith("aten::") and evt.key not in _NO_WORK:
+            total += evt.self_cpu_time_total
+    return total / steps
+
+
+def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmup: int = 10, seed: int = 0,
+            progress=None, **config_overrides) -> Dict[str, Any]:
+    """Run the host measurement; returns the JSON document (see the module docstring).
+    ``config_overrides``: BertConfig fields over the preset's (e.g. num_hidden_layers)."""
+    import torch
+
+    from bertfast import BertConfig, BertModel
+    from bertfast.config import PRESETS
+    from kernels.testing import record_launches
+
+    presets = {"bert-base": "bert-base", "bert-large": "bert-large", "minilm": "minilm-l6"}
+    cfg = BertConfig(**{**PRESETS[presets[config_name]], **config_overrides}, backend="triton")
+    torch.manual_seed(seed)
+    cases = cases or workloads(None, None, False)
+    with torch.no_grad():
+        model = BertModel(cfg, add_pooling_layer=False).to(torch.float16).eval()
+        inputs = []
+        rows = []
+        for case in cases:
+            model.set_backend("triton", unpad=case.get("unpad", True))
+            ids, mask = _inputs(case, cfg.vocab_size, seed)
+            with record_launches():
+                for _ in range(warmup):
+                    model(input_ids=ids, attention_mask=mask)
+            launches, in_loop, ops, reads, loop_reads = _count(model, ids, mask)
+            rows.append({**case, "unpad": case.get("unpad", True), "tokens": int(mask.sum()),
+                         "launches": launches,
+                         "launches_per_layer": in_loop / cfg.num_hidden_layers if in_loop is not None else None,
+                         "torch_ops": len(ops), "torch_op_names": sorted(set(ops)),
+                         "reads": reads, "reads_in_layer_loop": loop_reads, "times_us": []})
+            inputs.append((ids, mask))
+        # interleaved timing: one forward of each case per round, so machine noise hits all alike
+        with record_launches():
+            for r in range(repeat):
+                for row, (ids, mask) in zip(rows, inputs):
+                    model.set_backend("triton", unpad=row["unpad"])
+                    t0 = time.perf_counter()
+                    model(input_ids=ids, attention_mask=mask)
+                    row["times_us"].append((time.perf_counter() - t0) * 1e6)
+                if progress is not None and r % max(1, repeat // 10) == 0:
+                    progress(f"timing {r}/{repeat}")
+        for row, (ids, mask) in zip(rows, inputs):
+            model.set_backend("triton", unpad=row["unpad"])
+            xs = sorted(row.pop("times_us"))
+            q = statistics.quantiles(xs, n=10) if len(xs) >= 10 else [xs[0]] * 9
+            row["host_us"] = {"median": statistics.median(xs), "p10": q[0], "p90": q[-1], "min": xs[0], "n": len(xs)}
+            row["torch_cpu_us"] = _torch_cpu_us(model, ids, mask, steps=min(20, repeat))
+            row["host_minus_torch_cpu_us"] = row["host_us"]["median"] - row["torch_cpu_us"]
+    return {"schema": "bertfast.bench.host/1", "model": config_name, "dtype": "float16",
+            "layers": cfg.num_hidden_layers, "rows": rows, "environment": _environment()}
+
+
+def _environment() -> Dict[str, Any]:
+    import os
+    import platform
+
+    import torch
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:  # pragma: no cover
+        tv = None
+    try:
+        load = os.getloadavg()
+    except OSError:  # pragma: no cover
+        load = None
+    from bertfast.bench.harness import _git_commit
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": tv,
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "loadavg": load,
+            "machine": platform.machine(), "commit": _git_commit()}
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))
+
+
+def format_table(doc: Dict[str, Any]) -> str:
+    lines = [f"bertfast bench host: {doc['model']} ({doc['layers']} layers, fp16), Triton launches recorded, "
+             f"not run; times per forward",
+             "",
+             "| B x S | lengths | unpad | tokens | launches | per layer | torch ops | reads | reads in layers | "
+             "host us median [p10, p90] | torch CPU us | host - torch CPU us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        h = r["host_us"]
+        lines.append(
+            f"| {r['B']} x {r['S']} | {r['lengths']} | {r['unpad']} | {r['tokens']} | {r['launches']} | "
+            f"{_fmt(r['launches_per_layer'])} | {r['torch_ops']} | {r['reads']} | {_fmt(r['reads_in_layer_loop'])} | "
+            f"{h['median']:.0f} [{h['p10']:.0f}, {h['p90']:.0f}] | {r['torch_cpu_us']:.0f} | "
+            f"{r['host_minus_torch_cpu_us']:.0f} |")
+    env = doc["environment"]
+    lines += ["", f"torch {env['torch']}, triton {env['triton']}, {env['cpu_count']} CPUs, {env['threads']} threads, "
+                  f"load average {env['loadavg']}, commit {env['commit']}"]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    models = args.model or ["bert-base"]
+    if len(models) != 1:
+        print("bertfast: error: bench host takes one --model", file=sys.stderr)
+        return 2
+    cases = workloads(args.batch, args.seq, args.quick)
+    repeat = 30 if args.quick else 200
+
+    def progress(msg):
+        if not args.no_progress:
+            print(f"bertfast bench host: {msg}", file=sys.stderr)
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    doc = measure(models[0], cases, repeat=repeat, warmup=3 if args.quick else 10, seed=args.seed, progress=progress)
+    text = format_table(doc)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{date.today().isoformat()}_host"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(f"bertfast bench host: wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return 0

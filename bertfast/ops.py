@@ -1,0 +1,252 @@
+"""The ops a BERT layer calls.  Each picks, per call, the Triton kernel or PyTorch.
+
+    qkv_projection(x, attn_self, H)        # (B, S, C) -> q, k, v (B, H, S, D);  (T, C) -> (T, H, D) each
+    attention(q, k, v, mask, ...)          # -> (B, S, C)   (padded batch; mask: bertfast.masks.ForwardMask)
+    attention_varlen(q, k, v, packing, ...)  # -> (T, C)    (packed real tokens)
+    linear(x, weight, bias, activation)    # bias + activation fused into the GEMM epilogue on the kernels
+    add_layernorm(y, residual, ln, x_bias) # LayerNorm(y + x_bias + residual), one kernel
+    embeddings_layernorm(...)              # word + position + token type, LayerNorm
+
+The rule, the same for every op: the kernels run when the forward's ``kernels`` flag is set
+(``bertfast.backend.resolve_for``: the user's backend choice, the device, the interpreter, the
+config's head size / activation / position embeddings and the dtype, decided once per forward)
+and the op itself can serve the call; otherwise the op runs its PyTorch path.  What an op's
+kernel cannot serve: attention with dropout in training (no dropout in the fused kernel: SDPA),
+attention probabilities (``need_weights``: the explicit softmax), an activation the GEMM
+epilogue lacks (the GEMM on the kernels, the activation by torch), ``inputs_embeds`` (nothing to
+gather).  The PyTorch paths compute exactly what transformers' BERT modules compute (same ops,
+same order), so the torch backend matches transformers within rounding.
+
+The ops read parameters from the modules at every call: nothing is copied or cached.  The fused
+QKV weight is the one exception to "nothing copied" in training (a ``torch.cat`` of the three
+Linear weights, differentiable); in inference it is a zero-copy view when the three weights lie
+back to back in one storage, as bertfast's own models keep them (``fuse_qkv_storage``).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from bertfast.activations import get_activation, kernel_epilogue
+
+try:  # triton is a Linux x86-64 dependency; without it only the PyTorch paths exist
+    from kernels import ops as kops
+except ImportError:  # pragma: no cover
+    kops = None
+
+
+# ----------------------------------------------------------------------------- fused QKV weight
+
+
+def _back_to_back(ts: Tuple[torch.Tensor, ...]) -> bool:
+    """Whether the tensors are contiguous and lie one after the other in one storage (so that
+    one strided view covers all of them)."""
+    first = ts[0]
+    if not all(t.is_contiguous() and t.dtype == first.dtype for t in ts):
+        return False
+    base = first.untyped_storage().data_ptr()
+    n = first.numel()
+    off = first.storage_offset()
+    for i, t in enumerate(ts):
+        if t.numel() != n or t.untyped_storage().data_ptr() != base or t.storage_offset() != off + i * n:
+            return False
+    return True
+
+
+def fused_qkv(query, key, value) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The [query; key; value] weight (3C, C) and bias (3C,) of three nn.Linear.
+
+    A zero-copy view of the live parameters when they lie back to back in one storage and no
+    gradient is wanted (inference); otherwise a ``torch.cat`` (differentiable), built at every
+    call.  Never cached: either way the values are those of the parameters now."""
+    qp, kp, vp = query._parameters, key._parameters, value._parameters  # (nn.Module.__getattr__ costs ~1.4 us)
+    ws = (qp["weight"], kp["weight"], vp["weight"])
+    bs = (qp["bias"], kp["bias"], vp["bias"])
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in ws + bs)
+    if not grad and not torch.compiler.is_compiling() and _back_to_back(ws) and _back_to_back(bs):
+        C_out, C_in = ws[0].shape
+        w = ws[0].as_strided((3 * C_out, C_in), (C_in, 1))
+        b = bs[0].as_strided((3 * C_out,), (1,))
+        return w, b
+    return torch.cat(ws), torch.cat(bs)
+
+
+@torch.no_grad()
+def fuse_qkv_storage(query, key, value) -> None:
+    """Put the three Linear weights (and biases) back to back in one new storage each, in place
+    (``param.data``: the Parameter objects, their names and any optimizer state stay), so that
+    ``fused_qkv`` needs no copy.  Called by bertfast's attention module after construction and
+    after every ``.to()`` / ``.half()`` / ``.cuda()``."""
+    for attr in ("weight", "bias"):
+        ps = [getattr(m, attr) for m in (query, key, value)]
+        if any(p is None for p in ps) or _back_to_back(tuple(ps)):
+            continue
+        if len({(p.shape, p.dtype, p.device) for p in ps}) != 1:
+            continue
+        buf = torch.empty((3, *ps[0].shape), dtype=ps[0].dtype, device=ps[0].device)
+        for i, p in enumerate(ps):
+            buf[i].copy_(p)
+        for i, p in enumerate(ps):
+            p.data = buf[i]
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def qkv_projection(x: torch.Tensor, attn_self, num_heads: int, kernels: bool):
+    """q, k, v of one layer: x (B, S, C) -> three (B, H, S, D) views; x (T, C) -> three (T, H, D)."""
+    if kernels:
+        mods = attn_self._modules
+        w, b = fused_qkv(mods["query"], mods["key"], mods["value"])
+        return kops.qkv_projection(x, w, b, num_heads).unbind(0)  # 3 x (B, H, S, D) / (T, H, D)
+    C = x.shape[-1]
+    D = C // num_heads
+    if x.dim() == 2:  # packed (T, C)
+        T = x.shape[0]
+        return tuple(lin(x).view(T, num_heads, D) for lin in (attn_self.query, attn_self.key, attn_self.value))
+    B, S, _ = x.shape
+    # (B, S, C) -> (B, S, H, D) -> (B, H, S, D); views, no copies
+    return tuple(lin(x).view(B, S, num_heads, D).transpose(1, 2)
+                 for lin in (attn_self.query, attn_self.key, attn_self.value))
+
+
+def attention(q, k, v, mask, *, dropout_p: float, training: bool, need_weights: bool, kernels: bool,
+              probs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    """Self-attention core of the padded batch: q, k, v (B, H, S, D) -> (B, S, C) (heads merged).
+    ``mask``: the forward's ``bertfast.masks.ForwardMask`` (causal included).  With
+    ``need_weights`` the probabilities (B, H, S, S) are appended to ``probs``."""
+    B, H, S, D = q.shape
+    p = dropout_p if training else 0.0
+    if kernels and p == 0.0 and not need_weights:
+        a = kops.attention(q, k, v, mask.kernel, causal=mask.kernel_causal)  # (B, S, H, D)
+        return a.view(B, S, H * D)
+    y, w = attention_torch(q, k, v, mask.additive(), mask.torch_causal, p, training, need_weights)
+    if need_weights and probs is not None:
+        probs.append(w)
+    return y.transpose(1, 2).reshape(B, S, H * D)  # (B, H, S, D) -> (B, S, C)
+
+
+def attention_varlen(q, k, v, packing, *, causal: bool, dropout_p: float, training: bool,
+                     kernels: bool) -> torch.Tensor:
+    """Self-attention within each packed sequence: q, k, v (T, H, D) -> (T, C)."""
+    T, H, D = q.shape
+    if kernels:  # (the plan never packs a training forward with attention dropout on the kernels)
+        a = kops.attention_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen, causal=causal)  # (T, H, D)
+        return a.view(T, H * D)
+    return attention_varlen_torch(q, k, v, packing.seqlens, causal, dropout_p, training).view(T, H * D)
+
+
+def linear(x, weight, bias, activation: Optional[str], kernels: bool) -> torch.Tensor:
+    """activation(x @ weight.T + bias); ``activation``: a name of the activation table or None."""
+    if kernels:
+        epi = kernel_epilogue(activation) if activation is not None else None
+        y = kops.linear(x, weight, bias, epi)
+        if activation is not None and epi is None:
+            y = get_activation(activation)(y)
+        return y
+    y = F.linear(x, weight, bias)
+    return get_activation(activation)(y) if activation is not None else y
+
+
+def add_layernorm(y, residual, ln, x_bias: Optional[torch.Tensor], kernels: bool) -> torch.Tensor:
+    """LayerNorm(y + x_bias + residual) with ``ln``'s weight, bias and eps."""
+    p = ln._parameters
+    if kernels:
+        return kops.add_layernorm(y, residual, p["weight"], p["bias"], ln.eps, x_bias)
+    if x_bias is not None:
+        y = y + x_bias
+    return F.layer_norm(y + residual, ln.normalized_shape, p["weight"], p["bias"], ln.eps)
+
+
+def embeddings_layernorm(input_ids, token_type_ids, position_ids, inputs_embeds, word, position_table,
+                         token_type, ln, kernels: bool) -> torch.Tensor:
+    """LayerNorm(word[ids] + token_type[types] + position_table[positions]) -> (B, S, C).
+
+    ``position_ids`` None: positions 0..S-1; ``token_type_ids`` None: type 0 everywhere."""
+    if kernels and inputs_embeds is None:
+        return kops.embeddings_layernorm(input_ids, token_type_ids, position_ids, word.weight, position_table,
+                                         token_type.weight, ln.weight, ln.bias, ln.eps,
+                                         padding_idx=word.padding_idx)
+    if inputs_embeds is None:
+        inputs_embeds = word(input_ids)  # (B, S, C)
+    S = inputs_embeds.shape[1]
+    if position_ids is None:
+        pos = position_table[:S]  # (S, C): broadcast over the batch (no gather)
+    else:
+        pos = F.embedding(position_ids, position_table)  # (B|1, S, C) or (S, C)
+    typ = token_type.weight[0] if token_type_ids is None else token_type(token_type_ids)  # (C,) / (B, S, C)
+    return ln(inputs_embeds + typ + pos)
+
+
+# ----------------------------------------------------------------------------- PyTorch attention cores
+
+
+def attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    additive_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    need_weights: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """softmax(q @ k^T / sqrt(D) + mask) @ v.
+
+    q, k, v: (B, H, S, D); additive_mask: float, broadcastable to (B, H, S, S), or None;
+    causal: query i sees keys 0..i only.  Returns (out (B, H, S, D), probs (B, H, S, S) or None);
+    probs are returned (after dropout, as transformers does) only when need_weights."""
+    from bertfast.masks import fold_causal
+
+    p = dropout_p if training else 0.0
+    if causal and additive_mask is not None:
+        additive_mask = fold_causal(additive_mask, q.shape[-2])  # (B, 1|H, S, S)
+        causal = False
+    if not need_weights:
+        # fused kernel (flash / memory-efficient on CPU and CUDA)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=p, is_causal=causal)
+        return out, None
+    # explicit path, when the attention probabilities are wanted
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, S, S)
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    if causal:
+        scores = fold_causal(scores, scores.shape[-1])
+    probs = torch.softmax(scores, dim=-1)  # (B, H, S, S)
+    if p > 0.0:
+        probs = F.dropout(probs, p=p, training=True)
+    out = torch.matmul(probs, v)  # (B, H, S, D)
+    return out, probs
+
+
+def attention_varlen_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seqlens: list,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Attention within each sequence of a packed batch.
+
+    q, k, v: (T, H, D), the tokens of B sequences one after the other, ``seqlens[b]`` of them for
+    sequence b (python ints, sum T); a token attends only to its own sequence (and, when causal,
+    to the tokens before it there).  No mask, no work on padding.  Returns (T, H, D).
+
+    One unmasked SDPA call per sequence (4-D, so that CPU takes its flash kernel).  On CPU this
+    beat scattering q/k/v to a padded (B, H, S, D) layout for one masked SDPA call and gathering
+    the result, at every batch shape measured (B x S = 32 x 66 with 71% padding: 5x; 256 x 20: 2x;
+    256 x 128: 3.5x; 4 x 512: 3x; 1 thread, H=12, D=32), and sorting the sequences into 4 length
+    buckets (one masked call each) on the whole all-MiniLM-L6-v2 forward (175 vs 194 ms)."""
+    p = dropout_p if training else 0.0
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, T, D) views (4-D: CPU flash kernel)
+    out = [
+        F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p, is_causal=causal)[0].transpose(0, 1)  # (L, H, D)
+        for qs, ks, vs in zip(q.split(seqlens, 2), k.split(seqlens, 2), v.split(seqlens, 2))
+    ]
+    return torch.cat(out)  # (T, H, D)

@@ -1,0 +1,168 @@
+"""How one forward runs: padded batch or packed real tokens, decided in one place.
+
+``plan_forward`` validates a forward's inputs and decides, from one host read (shared with the
+value checks), whether the layers run the packed real tokens (``kernels.padding.Packing``) or
+the padded batch; the rule and what it guarantees are in bertfast/modeling.py's docstring.  The
+result, a ``ForwardPlan``, is made once per forward and handed to everything that needs the
+layout: the embeddings, every layer, the heads and the output restore.  The same function plans
+bertfast's models and transformers models accelerated with ``bertfast.optimize``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from bertfast.config import unpad_mode
+from bertfast.masks import additive_mask_from
+from bertfast.validation import _validate_inputs
+from kernels._common import host_read_possible
+from kernels.padding import Packing
+
+_PLAN_OVERRIDE = contextvars.ContextVar("bertfast_plan_override", default=None)
+
+
+@contextlib.contextmanager
+def plan_override(plan: "ForwardPlan"):
+    """Inside this block every forward takes ``plan`` instead of planning itself (input shapes,
+    dtypes and devices are still checked; values are not read: use it inside
+    ``kernels._common.trusted_inputs()`` after validating the inputs).  For CUDA-graph capture
+    (bertfast/cuda_graphs.py): the plan's Packing is built on the device from the static mask
+    buffer, so the captured graph holds no decision made from one particular batch's values."""
+    token = _PLAN_OVERRIDE.set(plan)
+    try:
+        yield plan
+    finally:
+        _PLAN_OVERRIDE.reset(token)
+
+
+@dataclass
+class ForwardPlan:
+    """How one forward runs: the decision of ``plan_forward``.
+
+    ``packing``: the layout of the packed route, or None for the padded batch.  ``mask``: the
+    attention mask of the padded batch (None when nothing is padded; 2-D 0/1, or a 4-D additive
+    (B, 1, 1, S) mask where some query row would see no real key, so that it gets transformers'
+    uniform softmax).  ``masked``: "always" semantics took effect (the packed route although an
+    output reads padded positions).  ``reason``: why the padded batch runs ("" when packed).
+    ``reads_padding``: what reads padded positions (the pooler, the loss, labels; "" when nothing
+    does or nothing was read), whichever route was chosen: a caller whose padded route is not
+    exact either (a decoder's padded query that sees no key) runs something else there."""
+
+    B: int
+    S: int
+    packing: Optional[Packing]
+    mask: Optional[torch.Tensor]
+    masked: bool = False
+    reason: str = ""
+    reads_padding: str = ""
+    # padded route with a right-padding (prefix) 2-D mask: the per-row lengths, int32 (B,) on the
+    # device, for the attention kernel's fastest mask variant; None otherwise
+    key_lengths: Optional[torch.Tensor] = None
+
+
+def plan_forward(
+    config,
+    input_ids: Optional[torch.Tensor],
+    attention_mask: Optional[torch.Tensor],
+    token_type_ids: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor],
+    inputs_embeds: Optional[torch.Tensor],
+    dtype: torch.dtype,
+    *,
+    triton: bool = False,
+    output_attentions: bool = False,
+    attention_dropout: bool = False,
+    causal: bool = False,
+    reads_first_token: bool = False,
+    reads_all_positions: bool = False,
+    labels: Optional[torch.Tensor] = None,
+    shifted_labels: bool = False,
+    unpad=None,
+) -> ForwardPlan:
+    """Validate the inputs and decide, in one place, whether this forward runs the packed real
+    tokens or the padded batch (see the module docstring for the rule).  One host read in all:
+    the validation's value checks and the padding statistics (per-row lengths, whether a first
+    token is padding, whether labels sit on padding) are read together.
+
+    What the caller will read: ``reads_first_token`` (the pooler), ``reads_all_positions`` (a
+    loss over every position, QA), ``labels`` (per-token labels, -100 = ignored;
+    ``shifted_labels``: a causal LM loss may also score the logits at i against label i + 1, so
+    a position counts as read when its own or the next label is not -100).  ``triton``:
+    the Triton backend runs (packs on any device; no attention dropout in its varlen kernel);
+    ``attention_dropout``: training with attention dropout; ``causal``: decoder attention.
+    ``unpad``: overrides ``config.unpad`` (for configs without one, e.g. transformers')."""
+    forced = None if torch.compiler.is_compiling() else _PLAN_OVERRIDE.get()  # (dynamo cannot read a ContextVar)
+    if forced is not None:  # a CUDA-graph capture: the plan of the static buffers, nothing read
+        B, S, _ = _validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                   dtype)
+        if (forced.B, forced.S) != (B, S):
+            raise ValueError(f"plan_override: the plan is for (B, S) = {(forced.B, forced.S)}, the inputs are "
+                             f"{(B, S)}")
+        return forced
+    mode = unpad_mode(getattr(config, "unpad", True) if unpad is None else unpad)
+    m = attention_mask
+    stats_wanted = torch.is_tensor(m) and m.dim() == 2 and host_read_possible(m.device)
+    lab = labels if (torch.is_tensor(labels) and not labels.is_floating_point()) else None
+    dev_lens = []  # the per-row lengths on the device, int32 (B,), made by stats()
+
+    def stats(B, S):
+        if not stats_wanted or tuple(m.shape) != (B, S):
+            return None
+        valid = m != 0
+        lens32 = valid.sum(1, dtype=torch.int32)  # (B,)
+        dev_lens.append(lens32)
+        prefix = (valid == (torch.arange(S, device=m.device)[None, :] < lens32[:, None])).all()  # right padding
+        parts = [lens32.to(torch.int64), (~valid[:, 0]).any().to(torch.int64)[None], prefix.to(torch.int64)[None]]
+        if lab is not None and lab.numel() == B * S:
+            read = lab.to(m.device).reshape(B, S) != -100  # (transformers' heads take labels on any device)
+            if shifted_labels and S > 1:  # the logits at i are scored against label i + 1
+                read = torch.cat([read[:, :-1] | read[:, 1:], read[:, -1:]], 1)
+            parts.append((read & ~valid).any().to(torch.int64)[None])
+        return torch.cat(parts)
+
+    B, S, vals = _validate_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                  dtype, extra=stats)
+    if vals is None:  # no 2-D mask, or no host read allowed: the padded batch, mask as given
+        why = "no 2-D mask" if not (torch.is_tensor(m) and m.dim() == 2) else "no host read allowed (tracing/capture)"
+        return ForwardPlan(B, S, None, m, reason=why)
+    lens, first_padded, right_padded = vals[:B], bool(vals[B]), bool(vals[B + 1])
+    labels_on_padding = bool(vals[B + 2]) if len(vals) > B + 2 else False
+    T = sum(lens)
+    if T == B * S:
+        return ForwardPlan(B, S, None, None, reason="no padding")
+    # the padded batch with a padding mask; a query row that sees no real key gets the
+    # uniform softmax of transformers' additive mask (the Triton 0/1 key mask gives zeros)
+    dead_rows = min(lens) == 0 or (causal and first_padded)
+    padded_mask, key_lengths = m, (dev_lens[0] if right_padded else None)
+    if triton and dead_rows:
+        padded_mask, key_lengths = additive_mask_from(m, dtype, known_padded=True), None  # (B, 1, 1, S)
+    needs = []
+    if reads_first_token and first_padded:
+        needs.append("the pooler reads a padded first token")
+    if reads_all_positions:
+        needs.append("the loss reads every position")
+    if labels_on_padding:
+        needs.append("labels on padded positions")
+    reads = "; ".join(needs)
+
+    def padded(why):
+        return ForwardPlan(B, S, None, padded_mask, reason=why, reads_padding=reads, key_lengths=key_lengths)
+
+    if mode == "off":
+        return padded("unpad=False")
+    if output_attentions:
+        return padded("output_attentions (the probabilities are (B, H, S, S))")
+    if not triton and m.device.type != "cpu":
+        return padded("torch backend on a GPU (the per-sequence attention loop is launch-bound)")
+    if triton and attention_dropout:
+        return padded("attention dropout in training (the varlen kernel has no dropout)")
+    if T == 0:
+        return padded("every token is padding")
+    if needs and mode == "exact":
+        return padded(reads)
+    return ForwardPlan(B, S, Packing.from_lengths(m, lens), None, masked=bool(needs), reads_padding=reads)
+
