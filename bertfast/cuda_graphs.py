@@ -405,14 +405,21 @@ class CudaGraphRunner:
     # ------------------------------------------------------------------ bookkeeping
     def _weights_key(self):
         """Where the weights live: a graph holds their addresses, so it is dropped when a
-        parameter or buffer is replaced (``model.half()``, ``.to()``, a new Parameter).  Reads
-        the modules' own tables (the module list is taken once: ``model.modules()`` per call
-        would cost more than a replay)."""
-        mods = self.__dict__.get("_weight_modules")
-        if mods is None:
-            mods = self._weight_modules = [m for m in self.model.modules() if m._parameters or m._buffers]
-        return tuple([t.data_ptr() if t is not None else 0
-                      for m in mods for table in (m._parameters, m._buffers) for t in table.values()])
+        parameter or buffer is replaced (``model.half()``, ``.to()``, a new Parameter, a new
+        submodule).  Walks the module tree's own tables at every call (nothing kept between
+        calls; ``model.parameters()`` would cost four times as much)."""
+        out = []
+
+        def walk(mod):
+            for table in (mod._parameters, mod._buffers):
+                for t in table.values():
+                    out.append(t.data_ptr() if t is not None else 0)
+            for child in mod._modules.values():
+                if child is not None:
+                    walk(child)
+
+        walk(self.model)
+        return tuple(out)
 
     def reset(self) -> None:
         """Release every graph and the memory pool."""

@@ -360,9 +360,9 @@ class BertSelfAttention(nn.Module):
 
 
 class BertSelfOutput(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, in_features: Optional[int] = None):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -392,11 +392,10 @@ class BertIntermediate(nn.Module):
 
 
 class BertOutput(BertSelfOutput):
+    """The FFN's down-projection + dropout + residual + LayerNorm (BertSelfOutput from intermediate_size)."""
+
     def __init__(self, config: BertConfig):
-        nn.Module.__init__(self)
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        super().__init__(config, config.intermediate_size)
 
 
 class BertLayer(nn.Module):

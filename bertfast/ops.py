@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bertfast.activations import get_activation, kernel_epilogue
+from bertfast.masks import fold_causal
 
 try:  # triton is a Linux x86-64 dependency; without it only the PyTorch paths exist
     from kernels import ops as kops
@@ -199,8 +200,6 @@ def attention_torch(
     q, k, v: (B, H, S, D); additive_mask: float, broadcastable to (B, H, S, S), or None;
     causal: query i sees keys 0..i only.  Returns (out (B, H, S, D), probs (B, H, S, S) or None);
     probs are returned (after dropout, as transformers does) only when need_weights."""
-    from bertfast.masks import fold_causal
-
     p = dropout_p if training else 0.0
     if causal and additive_mask is not None:
         additive_mask = fold_causal(additive_mask, q.shape[-2])  # (B, 1|H, S, S)

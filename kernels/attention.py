@@ -981,10 +981,6 @@ _PLANS = PlanCache()
 _REFERENCE = object()
 
 
-def template_scale(scale, q) -> float:
-    return _check_scale(OP, scale, q.shape[-1])
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None, *,
               causal: bool = False, scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
               fallback: bool = False) -> torch.Tensor:
@@ -1008,7 +1004,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=
         template = _PLANS.get(key) if key is not None else None
         if template is not None:
             if template is _REFERENCE:
-                return attention_reference(q, k, v, pm, causal=causal, scale=template_scale(scale, q))
+                return attention_reference(q, k, v, pm, causal=causal, scale=_check_scale(OP, scale, q.shape[-1]))
             B, H, S = template.batch, template.heads, template.seqlen
             kind, mask_t, mstrides, kvlen = _mask_args(pm, B, H, S)
             plan = template._replace(mask=mask_t, mask_strides=mstrides, kvlen=kvlen)
