@@ -34,6 +34,10 @@ _LAZY = {
     "restore": "bertfast.integration",
     "register_attention": "bertfast.integration",
     "CudaGraphRunner": "bertfast.cuda_graphs",
+    "BertLMHeadModel": "bertfast.modeling",
+    "Tokenizer": "bertfast.tokenization",
+    "train": "bertfast.train",
+    "Index": "bertfast.index",
 }
 
 __all__ = [

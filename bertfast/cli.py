@@ -24,10 +24,19 @@ from typing import Callable, Optional, Sequence
 PROG = "bertfast"
 
 # subcommands whose implementation lives in another module, imported only when used:
-# name -> (module, one-line help).  The module provides add_arguments(parser) and run(args) -> int.
+# name -> (target, one-line help).  The target is "module" or "module:attr"; it (the module, or
+# that attribute of it) provides add_arguments(parser) and run(args) -> int.
 LAZY_COMMANDS = {
     "bench": ("bertfast.bench", "benchmark bertfast against transformers"),
     "profile": ("bertfast.profiling", "profile one forward pass"),
+    "tune": ("bertfast.tune", "choose the fastest kernel configurations for this GPU and cache them"),
+    "finetune": ("bertfast.train", "fine-tune a model on a task from JSONL/CSV files"),
+    "fill-mask": ("bertfast.tasks:FILL_MASK", "predict the [MASK]ed word(s) of a text"),
+    "classify": ("bertfast.tasks:CLASSIFY", "classify texts (or text pairs) with a fine-tuned checkpoint"),
+    "tag": ("bertfast.tasks:TAG", "label every word of a text with a fine-tuned checkpoint"),
+    "answer": ("bertfast.tasks:ANSWER", "extract the answer to a question from a context"),
+    "generate": ("bertfast.tasks:GENERATE", "continue a text with a causal LM checkpoint"),
+    "search": ("bertfast.index", "search an embedding file for the texts nearest a query"),
 }
 
 # how many values of each embedding the default preview shows
@@ -379,12 +388,19 @@ def cmd_info(args) -> int:
 
 
 # ---------------------------------------------------------------------------- bench / profile
-def _lazy_runner(name: str, module: str, error: Optional[str]) -> Callable:
+def lazy_target(target: str):
+    """The object a LAZY_COMMANDS target names: a module, or ``module:attr``."""
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    return getattr(obj, attr) if attr else obj
+
+
+def _lazy_runner(name: str, target: str, error: Optional[str]) -> Callable:
     def run(args) -> int:
         if error is not None:
             print(f"{PROG}: error: '{name}' is not available ({error})", file=sys.stderr)
             return 2
-        return importlib.import_module(module).run(args)
+        return lazy_target(target).run(args)
 
     return run
 
@@ -434,19 +450,19 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     p.set_defaults(func=cmd_info)
 
     selected = _first_command(list(argv) if argv is not None else sys.argv[1:])
-    for name, (module, help_text) in LAZY_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=f"{help_text} ({module})")
+    for name, (target, help_text) in LAZY_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=f"{help_text} ({target})")
         error = None
         if selected == name:
             try:
-                importlib.import_module(module).add_arguments(p)
+                lazy_target(target).add_arguments(p)
             except ImportError as e:
-                error = _one_line(f"cannot import {module}: {e}")
+                error = _one_line(f"cannot import {target}: {e}")
             except AttributeError as e:
-                error = _one_line(f"{module} has no add_arguments(): {e}")
+                error = _one_line(f"{target} has no add_arguments(): {e}")
             if error is not None:  # main() ignores whatever follows, then reports "not available"
                 parser.unavailable_commands[name] = error
-        p.set_defaults(func=_lazy_runner(name, module, error))
+        p.set_defaults(func=_lazy_runner(name, target, error))
     return parser
 
 
