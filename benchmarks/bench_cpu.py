@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bertfast.bench.harness import _cpu_name
+from bertfast.bench.harness import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     print(f"model      {model_dir}")
     print(f"batch      {b} x {t} tokens (real lengths {int(lengths.min())}..{int(lengths.max())}, "
           f"mean {lengths.float().mean():.1f}; {100 * (1 - lengths.sum().item() / (b * t)):.0f}% padding), fp32")
-    print(f"machine    {_cpu_name()}, {os.cpu_count()} cores visible, torch threads={torch.get_num_threads()}")
+    print(f"machine    {cpu_name()}, {os.cpu_count()} cores visible, torch threads={torch.get_num_threads()}")
     print(f"versions   torch {torch.__version__}, python {platform.python_version()}", end="")
     try:
         import transformers
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         "date": now.isoformat(timespec="seconds"),
         "command": " ".join(["python3", "benchmarks/bench_cpu.py", *sys.argv[1:]]),
         "host": host,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

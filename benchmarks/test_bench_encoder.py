@@ -1,13 +1,10 @@
 """pytest-benchmark: whole encoders (bertfast vs transformers) at small sizes."""
 import pytest
 
-import torch
-
 from bertfast.bench import harness, suites
 
-CUDA = torch.cuda.is_available() and not harness.interpreter_active()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.float16 if CUDA else torch.float32
+DEVICE, DTYPE = harness.bench_device()
+CUDA = DEVICE.type == "cuda"
 
 if CUDA:
     MODELS, SHAPES = ["bert-base"], [(8, 128)]

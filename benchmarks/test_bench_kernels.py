@@ -1,13 +1,10 @@
 """pytest-benchmark: the kernel-suite ops (Triton vs eager PyTorch) at small sizes."""
 import pytest
 
-import torch
-
 from bertfast.bench import harness, suites
 
-CUDA = torch.cuda.is_available() and not harness.interpreter_active()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-DTYPE = torch.float16 if CUDA else torch.float32
+DEVICE, DTYPE = harness.bench_device()
+CUDA = DEVICE.type == "cuda"
 
 if CUDA:
     MODELS, TOKENS = ["bert-base"], [2048]

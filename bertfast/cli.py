@@ -2,10 +2,17 @@
 
     bertfast encode TEXT... [--file FILE] [--model PATH|minilm] [--device cpu|cuda]
                             [--dtype float32|float16|bfloat16] [--json] [--batch-size N]
+    bertfast encode --input FILE --output FILE.npy|.parquet|.jsonl [--field NAME] [--skip-empty]
+                            [--output-dtype float32|float16] [--resume] [--overwrite] [--ray]
+                            (bertfast.corpus; under torchrun each rank encodes its share)
     bertfast similarity TEXT_A TEXT_B [--model ...] [--device ...] [--dtype ...]
+    bertfast search --index FILE --query TEXT [--top K]   (bertfast.index)
+    bertfast finetune --task TASK --train FILE ...        (bertfast.train)
+    bertfast fill-mask | classify | tag | answer | generate ...   (bertfast.tasks)
     bertfast info
     bertfast bench ...      (bertfast.bench)
-    bertfast profile ...    (bertfast.profiling)
+    bertfast profile ...    (bertfast.bench.profile)
+    bertfast tune ...       (bertfast.tune; needs a CUDA GPU)
 
 Expected failures (a missing model, a bad argument, no CUDA, ...) print one line
 ``bertfast: error: ...`` on stderr and exit 1 (2 for usage errors); anything else is a bug and
@@ -28,7 +35,7 @@ PROG = "bertfast"
 # that attribute of it) provides add_arguments(parser) and run(args) -> int.
 LAZY_COMMANDS = {
     "bench": ("bertfast.bench", "benchmark bertfast against transformers"),
-    "profile": ("bertfast.profiling", "profile one forward pass"),
+    "profile": ("bertfast.bench.profile", "profile one forward pass"),
     "tune": ("bertfast.tune", "choose the fastest kernel configurations for this GPU and cache them"),
     "finetune": ("bertfast.train", "fine-tune a model on a task from JSONL/CSV files"),
     "fill-mask": ("bertfast.tasks:FILL_MASK", "predict the [MASK]ed word(s) of a text"),
@@ -103,7 +110,7 @@ def _int_at_least(lo: int, what: str):
 _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
-# public names: bertfast.bench and bertfast.profiling use them in their add_arguments
+# public names: bertfast.bench and bertfast.bench.profile use them in their add_arguments
 positive_int = _positive_int
 nonnegative_int = _nonnegative_int
 
@@ -226,11 +233,15 @@ def _read_stdin() -> str:
 
 
 def _read_lines(source: str) -> list[str]:
+    """The lines of a file ('-': stdin), blank ones kept as rows (row i = line i), split as
+    bertfast.corpus splits .txt input (on \\n only)."""
+    from bertfast.corpus import split_lines
+
     if source == "-":
         data = _read_stdin()
     else:
         try:
-            with open(source, encoding="utf-8-sig") as f:
+            with open(source, encoding="utf-8-sig", newline="") as f:
                 data = f.read()
         except FileNotFoundError:
             raise CLIError(f"file not found: {source}") from None
@@ -240,7 +251,7 @@ def _read_lines(source: str) -> list[str]:
             raise CLIError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except OSError as e:
             raise CLIError(f"cannot read {source}: {e.strerror or e}") from None
-    return [line.strip() for line in data.splitlines() if line.strip()]
+    return split_lines(data)
 
 
 def _collect_texts(args) -> list[str]:
@@ -260,7 +271,10 @@ def _collect_texts(args) -> list[str]:
         stdin_used = stdin_used or f == "-"
         texts.extend(_read_lines(f))
     if not texts:
-        raise CLIError("no texts to encode: give TEXT arguments, --file FILE, or - to read stdin")
+        raise CLIError("no texts to encode: give TEXT arguments, --file FILE, - to read stdin, or --input FILE "
+                       "--output FILE")
+    if not any(t.strip() for t in texts):
+        raise CLIError(f"no texts to encode: the {len(texts)} text(s) given are all blank")
     return texts
 
 
@@ -276,12 +290,89 @@ def _preview(text: str, width: int = 70) -> str:
     return t if len(t) <= width else t[: width - 3] + "..."
 
 
+def _encode_corpus(args) -> int:
+    """``encode --input FILE --output FILE``: bertfast.corpus in one process, bertfast.distributed
+    under torchrun (WORLD_SIZE > 1) or with --ray."""
+    if args.texts or args.file:
+        raise CLIError("give either TEXT/--file (a preview on stdout) or --input/--output (a file), not both")
+    if args.output is None:
+        raise CLIError("--input needs --output FILE (.npy, .parquet or .jsonl)")
+    if args.json:
+        raise CLIError("--json prints a preview of TEXT/--file; with --input, choose the format with --output "
+                       "(e.g. out.jsonl)")
+    progress = True if args.progress else (False if args.progress is False else None)
+    common = dict(model=args.model, field=args.field, device=args.device, dtype=args.dtype,
+                  max_length=args.max_length, backend=args.backend, batch_size=args.batch_size,
+                  normalize=not args.no_normalize, output_dtype=args.output_dtype, skip_empty=args.skip_empty,
+                  chunk_size=args.chunk_size, resume=True if args.resume else None, overwrite=args.overwrite,
+                  progress=progress)
+    if args.workers is not None and not args.ray:
+        raise CLIError("--workers is for --ray (under torchrun, --nproc-per-node sets the number of processes)")
+    if args.ray:
+        from bertfast.distributed import encode_file_ray
+
+        manifest = encode_file_ray(args.input, args.output, num_workers=args.workers, **common)
+    elif int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from bertfast.distributed import encode_file_torchrun
+
+        manifest = encode_file_torchrun(args.input, args.output, _kill_after_chunks=args.kill_after_chunks, **common)
+        if manifest is None:  # ranks other than 0: rank 0 reports
+            return 0
+    else:
+        from bertfast.corpus import encode_file
+
+        manifest = encode_file(args.input, args.output, _kill_after_chunks=args.kill_after_chunks, **common)
+    skipped = len(manifest.get("skipped_rows") or [])
+    note = f", {skipped} blank row(s) skipped (listed in the manifest)" if skipped else ""
+    print(f"{args.output}: {manifest['rows']} rows x {manifest['embedding_dim']} ({manifest['output']['dtype']})"
+          f"{note}; manifest {args.output}.manifest.json")
+    return 0
+
+
+def _encode_layers(args):
+    """The ``layers=`` of SentenceEncoder.encode from --layer N (repeatable) / --scalar-mix."""
+    if args.scalar_mix:
+        return "scalar_mix"
+    if args.layer:
+        return args.layer[0] if len(args.layer) == 1 else list(args.layer)
+    return None
+
+
+def _print_token_vectors(rows, as_json: bool) -> None:
+    out = sys.stdout
+    if as_json:
+        json.dump([{"text": r.text, "tokens": r.tokens, "offsets": [list(o) for o in r.offsets],
+                    "vectors": r.vectors.tolist(), "truncated": r.truncated} for r in rows], out)
+        out.write("\n")
+        return
+    for i, r in enumerate(rows):
+        cut = " (truncated)" if r.truncated else ""
+        out.write(f"[{i}] {_preview(r.text) if r.text.strip() else '(blank: no tokens)'}{cut}\n")
+        for tok, (a, b), v in zip(r.tokens, r.offsets, r.vectors):
+            vals = ", ".join(f"{x:+.4f}" for x in v[:PREVIEW_VALUES].tolist())
+            more = ", ..." if v.shape[0] > PREVIEW_VALUES else ""
+            out.write(f"    {tok}\t{a}-{b}\t[{vals}{more}]\n")
+
+
 def cmd_encode(args) -> int:
+    layers = _encode_layers(args)
+    if args.input is not None:
+        if args.tokens or layers is not None:
+            raise CLIError("--tokens / --layer / --scalar-mix apply to TEXT / --file; corpus files (--input) "
+                           "store sentence embeddings of the last layer")
+        return _encode_corpus(args)
+    if args.output is not None:
+        raise CLIError("--output needs --input FILE (TEXT/--file print a preview on stdout)")
     texts = _collect_texts(args)  # before loading the model: a bad file fails fast
     enc = _make_encoder(args)
     progress = True if args.progress else (False if args.progress is False else None)
+    if args.tokens:  # raw vectors unless asked otherwise: --no-normalize is the default here
+        rows = enc.encode(texts, batch_size=args.batch_size, normalize=False, show_progress=progress,
+                          output="tokens", layers=layers)
+        _print_token_vectors(rows, args.json)
+        return 0
     emb = enc.encode(texts, batch_size=args.batch_size, normalize=not args.no_normalize,
-                     show_progress=progress).cpu()
+                     show_progress=progress, layers=layers).cpu()
     out = sys.stdout
     if args.json:
         json.dump([{"text": t, "embedding": e} for t, e in zip(texts, emb.tolist())], out)
@@ -292,7 +383,7 @@ def cmd_encode(args) -> int:
     for i, (t, e) in enumerate(zip(texts, emb)):
         vals = ", ".join(f"{v:+.4f}" for v in e[:PREVIEW_VALUES].tolist())
         more = ", ..." if dim > PREVIEW_VALUES else ""
-        out.write(f"[{i}] {_preview(t)}\n")
+        out.write(f"[{i}] {_preview(t) if t.strip() else '(blank: the embedding of [CLS] [SEP])'}\n")
         out.write(f"    dim={dim} norm={float(norms[i]):.4f} [{vals}{more}]\n")
     return 0
 
@@ -431,6 +522,39 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="texts per batch (default 32)")
     p.add_argument("--json", action="store_true", help='print [{"text": ..., "embedding": [...]}, ...]')
     p.add_argument("--no-normalize", action="store_true", help="skip the L2 normalisation")
+    p.add_argument("--tokens", action="store_true",
+                   help="print the contextual vector of every word piece (with its character offsets) instead "
+                        "of one sentence embedding; [CLS], [SEP] and padding left out; not normalised")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--layer", type=int, action="append", metavar="N",
+                   help="read hidden state N (0 = embeddings, -1 = last layer, the default); repeat to average "
+                        "several layers")
+    g.add_argument("--scalar-mix", action="store_true",
+                   help="an equal-weight ScalarMix of every layer's hidden states (embeddings included)")
+    g = p.add_argument_group("corpus files (bertfast.corpus): row i of --output is row i of --input")
+    g.add_argument("--input", "-i", metavar="FILE",
+                   help="encode every row of FILE: .txt (one text per line, blank lines kept as rows: the "
+                        "embedding of [CLS] [SEP]), .jsonl / .csv / .parquet (with --field)")
+    g.add_argument("--field", metavar="NAME", help="the JSON key / CSV or parquet column holding the text")
+    g.add_argument("--output", "-o", metavar="FILE",
+                   help="write the embeddings to FILE: .npy (N, D), .parquet (id, embedding) or .jsonl, plus "
+                        "FILE.manifest.json")
+    g.add_argument("--output-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the stored vectors (default float32)")
+    g.add_argument("--skip-empty", action="store_true",
+                   help="leave blank rows out (the manifest lists them in skipped_rows; the id column of "
+                        ".parquet/.jsonl keeps the input row)")
+    g.add_argument("--chunk-size", type=_positive_int, default=None, metavar="N",
+                   help="rows per chunk file, the unit of resuming and of work per process (default 2048)")
+    g.add_argument("--resume", action="store_true",
+                   help="insist on resuming an interrupted run (a matching one is resumed anyway)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output or interrupted run")
+    g.add_argument("--ray", action="store_true",
+                   help="encode on Ray Data (bertfast[ray]): the current cluster, or a local one")
+    g.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="with --ray: model replicas (default: one per GPU, else 2 CPU workers)")
+    # tests only: SIGKILL the process after N chunks, a real interruption (see tests/test_corpus.py)
+    g.add_argument("--kill-after-chunks", type=_positive_int, default=None, help=argparse.SUPPRESS)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="always show a progress line on stderr")

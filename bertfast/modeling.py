@@ -81,6 +81,7 @@ their default values (None, or False for use_cache) and refuses other values by 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -97,6 +98,7 @@ from bertfast.ops import attention_torch, attention_varlen_torch  # noqa: F401  
 from bertfast.options import RuntimeOptions, attach, options_of
 from bertfast.outputs import (  # noqa: F401  (re-exported: the output classes)
     BaseModelOutputWithPooling,
+    CausalLMOutput,
     MaskedLMOutput,
     ModelOutput,
     QuestionAnsweringModelOutput,
@@ -518,8 +520,12 @@ class BertPreTrainedModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # tied parameters counted once
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters, tied ones counted once; transformers' flags (its Trainer calls
+        ``num_parameters(exclude_embeddings=True)`` for its FLOP count)."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
 
     def get_input_embeddings(self) -> nn.Embedding:
         base = getattr(self, self.base_model_prefix, self)
@@ -881,3 +887,208 @@ class BertForQuestionAnswering(BertPreTrainedModel):
                 "start_token": s, "end_token": e}
 
 
+# ----------------------------------------------------------------------------- causal LM head
+
+
+def _shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, S) labels -> (B, S) the label each position's logits are scored against: the next
+    token's (``labels[:, 1:]``), -100 at the last position (transformers' ForCausalLMLoss)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def _next_token_loss(logits, packed_logits, packing, shifted, num_items_in_batch=None):
+    """Cross-entropy of the logits at i against label i + 1 (``shifted``), -100 ignored, in fp32
+    (as transformers).  Packed: over the real tokens only.  ``num_items_in_batch`` (transformers'
+    Trainer under gradient accumulation): summed, then divided by it."""
+    n = logits.shape[-1]
+    if packing is not None:
+        lg, lab = packed_logits, packing.gather(shifted.to(packed_logits.device))  # (T, V), (T,)
+    else:
+        lg, lab = logits.reshape(-1, n), shifted.reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(lg.float(), lab, ignore_index=-100)
+    total = F.cross_entropy(lg.float(), lab, ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class BertLMHeadModel(BertPreTrainedModel):
+    """GPT-style next-token prediction with BERT: causal self-attention (``config.is_decoder=True``,
+    required: with bidirectional attention every position would see the token it predicts) and
+    the MLM head's transform + decoder (``cls.predictions.*``, decoder tied to the word
+    embeddings unless ``config.tie_word_embeddings=False``).  Parameter names, logits, loss and
+    gradients are transformers' BertLMHeadModel's.
+
+    From an encoder checkpoint (e.g. minilm, which has no head)::
+
+        model = BertLMHeadModel.from_pretrained("minilm", is_decoder=True)   # head newly initialised
+    """
+
+    _tied_weights_keys = BertForMaskedLM._tied_weights_keys
+    tie_weights = BertForMaskedLM.tie_weights  # one tying rule for both MLM-head models
+
+    def __init__(self, config: BertConfig):
+        if isinstance(config, BertConfig) and not config.is_decoder:
+            raise ValueError(
+                "BertLMHeadModel needs config.is_decoder=True (causal attention; bidirectional attention "
+                "would let every position see the token it predicts): pass is_decoder=True, e.g. "
+                "BertLMHeadModel.from_pretrained(path, is_decoder=True)")
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.init_head_weights()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=False, output_attentions=False,
+                return_dict=True, num_items_in_batch=None, **kwargs):
+        """labels: (B, S) token ids (usually ``input_ids`` with -100 at padding); shifted inside:
+        the logits at i are scored against ``labels[:, i + 1]`` (-100 ignored), as transformers.
+        Padding-free, the head runs on the real tokens only and the logits at padded positions
+        are 0; a padded position whose next label is not -100 makes the forward run the padded
+        batch (its logits are then read)."""
+        shifted = None
+        if labels is not None:
+            ref = input_ids if input_ids is not None else inputs_embeds
+            want = tuple(ref.shape[:2]) if torch.is_tensor(ref) else None
+            if not torch.is_tensor(labels) or labels.is_floating_point() or tuple(labels.shape) != want:
+                got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+                raise ValueError(f"BertLMHeadModel: labels must be an integer tensor of shape (B, S) = {want}, "
+                                 f"got {got}")
+            shifted = _shift_labels(_wide(labels))  # (B, S)
+        o, packed, packing = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids,
+                                                inputs_embeds, output_hidden_states, output_attentions, kwargs,
+                                                labels=shifted)
+        logits, lp = _per_token(self.cls, o, packed, packing)  # (B, S, V)
+        loss = _next_token_loss(logits, lp, packing, shifted, num_items_in_batch) if shifted is not None else None
+        out = CausalLMOutput(loss=loss, logits=logits, hidden_states=o.hidden_states, attentions=o.attentions)
+        return out if return_dict is None or return_dict else out.to_tuple()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens=20, do_sample=False, top_k=50,
+                 temperature=1.0, eos_token_id=None, generator=None) -> torch.LongTensor:
+        """Continue each prompt by up to ``max_new_tokens`` tokens, one forward per token (no KV
+        cache: every step re-reads the prompt and the tokens so far).
+
+        ``do_sample=False``: greedy (the most likely token; deterministic).  ``do_sample=True``:
+        sample from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely
+        tokens (``top_k=0``: the whole vocabulary), drawn with ``generator`` (a
+        ``torch.Generator`` on the model's device; a fixed seed gives the same tokens every time;
+        None: torch's global RNG).  A row stops at ``eos_token_id`` (an id or a list of ids; it
+        is kept in the output) and is filled with ``config.pad_token_id`` (0 if None)
+        afterwards; generation ends when every row has stopped.
+
+        input_ids (B, S) with ``attention_mask`` (B, S) 0/1: prompts padded on either side (or
+        with holes); each prompt is continued after its last real token, positions counted from
+        its first real token, as transformers' generate does for left padding.  Returns (B, S + n)
+        int64: ``input_ids`` as given, then the n <= max_new_tokens new tokens per row."""
+        ids, mask = self._check_generate_args(input_ids, attention_mask, max_new_tokens, do_sample, top_k,
+                                              temperature, eos_token_id, generator)
+        B, S = ids.shape
+        dev = ids.device
+        eos = torch.tensor(sorted(set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])),
+                           dtype=torch.long, device=dev)
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        # left-align the prompts: real tokens last, so that position -1 is every row's newest token
+        lens = mask.sum(1)  # (B,)
+        L = int(lens.max())
+        order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # padding first, real tokens in order
+        seq = torch.gather(ids, 1, order)[:, S - L:]  # (B, L)
+        seq_mask = torch.gather(mask, 1, order)[:, S - L:]  # (B, L)
+        seq = seq.masked_fill(seq_mask == 0, pad)
+        new = torch.empty(B, 0, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                pos = (seq_mask.cumsum(1) - 1).clamp(min=0)  # (B, L + t): counted from the first real token
+                h = self.bert(input_ids=seq, attention_mask=seq_mask, position_ids=pos).last_hidden_state  # (B, L+t, C)
+                logits = self.cls(h[:, -1]).float()  # (B, V): the head on the newest position only
+                nxt = self._next_token(logits, do_sample, top_k, temperature, generator)  # (B,)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                new = torch.cat([new, nxt[:, None]], 1)
+                seq = torch.cat([seq, nxt[:, None]], 1)
+                seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
+                if eos.numel():
+                    done |= torch.isin(nxt, eos)
+                    if bool(done.all()):
+                        break
+        finally:
+            self.train(was_training)
+        return torch.cat([ids, new], 1)
+
+    @staticmethod
+    def _next_token(logits, do_sample, top_k, temperature, generator) -> torch.Tensor:
+        """(B, V) fp32 logits -> (B,) the chosen token ids."""
+        if not do_sample:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    def _check_generate_args(self, input_ids, attention_mask, max_new_tokens, do_sample, top_k, temperature,
+                             eos_token_id, generator):
+        """Every generate() argument checked before the first forward: ValueError naming it."""
+        cfg, V = self.config, self.config.vocab_size
+
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+                or input_ids.dtype == torch.bool:
+            what = (f"a {input_ids.dim()}-D {input_ids.dtype} tensor" if torch.is_tensor(input_ids)
+                    else type(input_ids).__name__)
+            raise ValueError(f"generate: input_ids must be a 2-D integer tensor (B, S) (one prompt: ids[None]), "
+                             f"got {what}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"generate: input_ids of shape {tuple(input_ids.shape)} holds no prompt")
+        if input_ids.device != self.device:
+            raise ValueError(f"generate: input_ids is on {input_ids.device}, the model on {self.device}")
+        ids = input_ids.long()
+        if attention_mask is None:
+            mask = torch.ones_like(ids)
+        else:
+            if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(ids.shape):
+                got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+                raise ValueError(f"generate: attention_mask must be a (B, S) = {tuple(ids.shape)} tensor, got {got}")
+            if attention_mask.device != ids.device:
+                raise ValueError(f"generate: attention_mask is on {attention_mask.device}, input_ids on {ids.device}")
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("generate: attention_mask must hold only 0 (padding) and 1 (real token)")
+            mask = attention_mask.long()
+            if bool((mask.sum(1) == 0).any()):
+                row = int((mask.sum(1) == 0).nonzero()[0])
+                raise ValueError(f"generate: prompt {row} is all padding (attention_mask row {row} is all 0)")
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        longest = int(mask.sum(1).max()) + max_new_tokens
+        if longest > cfg.max_position_embeddings:  # the position table (learned or sinusoidal) has no more rows
+            raise ValueError(f"generate: the longest prompt plus max_new_tokens={max_new_tokens} is {longest} "
+                             f"tokens; the model has max_position_embeddings={cfg.max_position_embeddings}")
+        if not isinstance(do_sample, bool):
+            raise ValueError(f"generate: do_sample must be True or False, got {do_sample!r}")
+        if top_k is not None and (not is_int(top_k) or top_k < 0):
+            raise ValueError(f"generate: top_k must be an int >= 0 (0: no top-k filter), got {top_k!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"generate: temperature must be a finite number > 0, got {temperature!r}")
+        if eos_token_id is not None:
+            eos = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+            bad = [e for e in eos if not is_int(e) or not 0 <= e < V]
+            if bad or not eos:
+                raise ValueError(f"generate: eos_token_id must be a token id in [0, vocab_size={V}) or a list of "
+                                 f"them, got {eos_token_id!r}")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ValueError(f"generate: generator must be a torch.Generator, got {type(generator).__name__}")
+            if generator.device.type != ids.device.type:
+                raise ValueError(f"generate: generator is on {generator.device}, the model on {ids.device} "
+                                 f"(make it with torch.Generator(device=...))")
+        return ids, mask

@@ -61,6 +61,13 @@ class MaskedLMOutput(ModelOutput):
 
 
 @dataclass(eq=False)
+class CausalLMOutput(MaskedLMOutput):
+    """BertLMHeadModel's output: ``loss`` (next-token cross-entropy), ``logits`` (B, S, V),
+    ``hidden_states``, ``attentions`` (transformers' CausalLMOutputWithCrossAttentions without
+    the cache and cross-attention fields, which bertfast does not have)."""
+
+
+@dataclass(eq=False)
 class SequenceClassifierOutput(ModelOutput):
     loss: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None  # (B, num_labels)

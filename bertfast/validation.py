@@ -41,12 +41,18 @@ _IGNORED_KWARGS = {
     "head_mask": (None,),
     "cache_position": (None,),
 }
+# accepted with any value and ignored: transformers' Trainer passes num_items_in_batch to every
+# forward that takes **kwargs; transformers' classification / token / QA / MLM heads ignore it
+# too (a mean loss).  BertLMHeadModel takes it as a real argument, as transformers' does.
+_ANY_VALUE_KWARGS = ("num_items_in_batch",)
 
 
 def check_ignored_kwargs(where: str, kwargs: dict) -> None:
     """Accept transformers' forward keywords at their do-nothing values; refuse the rest by name
     (ValueError for a value that needs an unsupported feature, TypeError for an unknown name)."""
     for name, value in kwargs.items():
+        if name in _ANY_VALUE_KWARGS:
+            continue
         if name not in _IGNORED_KWARGS:
             raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
         if not any(value is ok for ok in _IGNORED_KWARGS[name]):

@@ -175,10 +175,15 @@ def meta(t: Optional[torch.Tensor]):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
+# Bumped by kernels.tuning whenever a stored or measured choice may change a configuration, so
+# that launch plans made before it are made again (one int in every plan key).
+TUNE_EPOCH = [0]
+
+
 def mode_key(dtype: torch.dtype) -> tuple:
     """The global switches a launch plan depends on: the interpreter, recording
-    (kernels.testing) and, for fp32, torch's TF32 switch."""
-    return (INTERPRET, _RECORDING.get() is not None, dtype == torch.float32 and tf32_allowed())
+    (kernels.testing), for fp32 torch's TF32 switch, and the tuner's epoch (kernels.tuning)."""
+    return (INTERPRET, _RECORDING.get() is not None, dtype == torch.float32 and tf32_allowed(), TUNE_EPOCH[0])
 
 
 class PlanCache:

@@ -7,7 +7,10 @@ One Triton kernel computes ``out = act(x @ weight.T + bias)`` for x (M, K) and w
 
 This module is also the single place that decides the block sizes: ``gemm_configs`` holds the
 finite list of configurations per (architecture, dtype, precision) and ``pick_config`` is the one
-deterministic rule that chooses among them.  ``gemm_specs`` turns the same lists into the
+deterministic rule that chooses among them (the default); ``gemm_candidates`` is what the tuner
+(``kernels.tuning``) may time instead: every table entry, and for plain GEMMs split-K, a persistent
+TMA kernel (``gemm_tma_kernel``, sm_90) and cuBLAS.  ``plan_gemm`` asks the tuner, which answers
+with a stored choice or the default unless tuning is switched on.  ``gemm_specs`` turns the same lists into the
 ``KernelSpec`` entries the compile check needs, so the check covers exactly what can run.
 
 Two launcher guarantees keep every configuration spill-free and let the compile check see the
@@ -53,10 +56,29 @@ class GemmConfig:
     # Relative throughput of one SM running this tile (bigger tiles reuse operands more);
     # only used by ``pick_config`` to trade tile efficiency against wave quantization.
     efficiency: float = 1.0
+    # Tuning candidates only (``gemm_candidates``; never picked by ``pick_config``):
+    # split_k > 1: the K loop is split over that many programs per output tile, each storing fp32
+    # partial sums into a (split_k, M, N) workspace that the host reduces (bias-free, activation-free
+    # GEMMs only).  library "cublas": no Triton kernel, ``torch.mm`` (bias-free, activation-free,
+    # row-major output only, so no fusion is lost).
+    split_k: int = 1
+    library: str = "triton"
 
     @property
     def label(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k}"
+        if self.library == "cublas":
+            return "cublas"
+        tile = f"{self.block_m}x{self.block_n}x{self.block_k}"
+        if self.library == "tma":
+            tile = "tma " + tile
+        return tile + (f" splitk{self.split_k}" if self.split_k > 1 else "")
+
+    @property
+    def name(self) -> str:
+        """Unique, stable spelling of the configuration (the tuning cache stores it)."""
+        if self.library == "cublas":
+            return "cublas"
+        return f"{self.label} w{self.num_warps} s{self.num_stages}"
 
     def shared_bytes(self, elsize: int) -> int:
         """Estimate of the operand ring buffer in shared memory."""
@@ -102,6 +124,25 @@ _TABLES = {
     "sm80": {"half": _SM80_HALF, "tf32": _SM80_TF32, "ieee": _SM80_FP32},
 }
 
+# --- tuning candidates (``gemm_candidates``), fp16 / bf16 only.  Split-K for the bias-free
+# output projections (N = hidden, K = hidden or intermediate) at small M, where even the small
+# tile leaves most SMs idle (M = 128, N = 768: 12 tiles on 132 SMs): the one-warpgroup tile of
+# the default table, K split over 2, 4 or 8 programs.
+SPLIT_K_TILE = {
+    "sm90": GemmConfig(64, 128, 64, num_warps=4, num_stages=4, efficiency=0.75),
+    "sm80": GemmConfig(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.75),
+}
+SPLIT_K_FACTORS = (2, 4, 8)
+CUBLAS = GemmConfig(0, 0, 0, num_warps=0, num_stages=0, library="cublas")
+# Persistent TMA GEMM (``gemm_tma_kernel``) for plain fp16 / bf16 GEMMs on Hopper: both tiles
+# compile for sm_90 under triton 3.6 and 3.9 without spills, with wgmma and cp.async.bulk.tensor
+# (the 128x256 tile, which spills in ``gemm_kernel``'s fused epilogue under 3.6, does not here:
+# no epilogue besides the store).
+TMA_TILES = (
+    GemmConfig(128, 128, 64, num_warps=8, num_stages=4, library="tma"),
+    GemmConfig(128, 256, 64, num_warps=8, num_stages=3, library="tma"),
+)
+
 
 def _family(capability: tuple[int, int]) -> str:
     # Hopper and datacenter Blackwell (>= 227 KiB shared memory) take the Hopper list; A100
@@ -132,6 +173,31 @@ def gemm_configs(dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bo
         while c.num_stages > 2 and c.shared_bytes(elsize) > 96 * 1024:
             c = replace(c, num_stages=c.num_stages - 1)
         out.append(c)
+    return tuple(out)
+
+
+def gemm_candidates(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool, *,
+                    plain: bool) -> tuple[GemmConfig, ...]:
+    """What the tuner may time for one GEMM, the default (``pick_config``) first: every entry of
+    the table, and for a ``plain`` GEMM (no bias, no activation, no pre-activation store,
+    row-major output: the output projections whose bias goes into the LayerNorm kernel) cuBLAS
+    via ``torch.mm`` plus, for fp16 / bf16, split-K at small M (fewer tiles than SMs) and the
+    persistent TMA kernel on sm_90."""
+    default = pick_config(M, N, K, dtype, capability, allow_tf32)
+    out = [default] + [c for c in gemm_configs(dtype, capability, allow_tf32) if c != default]
+    if not plain:
+        return tuple(out)
+    fam = _family(capability)
+    if dtype in (torch.float16, torch.bfloat16) and fam in SPLIT_K_TILE:
+        tile = SPLIT_K_TILE[fam]
+        sms = _SM_COUNT.get(capability[0], 108)
+        tiles = -(-M // tile.block_m) * -(-N // tile.block_n)
+        steps = -(-K // tile.block_k)
+        if tiles < sms:
+            out += [replace(tile, split_k=s) for s in SPLIT_K_FACTORS if steps >= 2 * s and tiles * s <= 2 * sms]
+    if dtype in (torch.float16, torch.bfloat16) and capability[0] == 9 and N % 8 == 0 and K % 8 == 0:
+        out += TMA_TILES  # descriptors need 16-byte row strides (K is aligned by the launcher; N here)
+    out.append(CUBLAS)
     return tuple(out)
 
 
@@ -187,6 +253,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
         HEAD_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+        SPLIT_K: tl.constexpr,
     ):
         """out = act(x @ w.T + bias).  x: (M, K), w: (N, K), both with unit stride along K.
 
@@ -197,7 +264,10 @@ if HAS_TRITON:
         STORE_PRE: also store the pre-activation (x @ w.T + bias) to pre_ptr, laid out as out.
         DOT_UPCAST: interpreter only (never compiled for a GPU): the Triton interpreter's tl.dot
         multiplies bf16 operands as their raw uint16 bit patterns, so bf16 tiles are widened to
-        fp32 first (exact; the products and fp32 sums are what the tensor cores compute)."""
+        fp32 first (exact; the products and fp32 sums are what the tensor cores compute).
+        SPLIT_K: program (tile, s) of a (tiles, splits) grid sums only its share of the K steps
+        and stores the fp32 partial sum to plane s of a (splits, M, N) fp32 workspace at out_ptr
+        (the host adds the planes); only without bias, activation, pre-activation or head split."""
         if HEAD_SPLIT:
             n_part = HIDDEN
             parts = 3
@@ -229,8 +299,14 @@ if HAS_TRITON:
         # only the K tail needs a load mask.
         rows = tl.where(m_ok, m0 + rm, 0)
         cols = tl.where(n_ok, which * n_part + n0 + rn, 0)
-        x_ptrs = x_ptr + (rows.to(tl.int64) * stride_xm)[:, None] + offs_k[None, :]
-        w_ptrs = w_ptr + (cols.to(tl.int64) * stride_wn)[None, :] + offs_k[:, None]  # (BK, BN) of w.T
+        k_lo = 0
+        k_hi = K
+        if SPLIT_K:  # this program's share of the K steps: [k_lo, k_hi), whole BLOCK_K steps but the last
+            per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+            k_lo = tl.program_id(1) * per_split
+            k_hi = tl.minimum(K, k_lo + per_split)
+        x_ptrs = x_ptr + (rows.to(tl.int64) * stride_xm)[:, None] + (k_lo + offs_k)[None, :]
+        w_ptrs = w_ptr + (cols.to(tl.int64) * stride_wn)[None, :] + (k_lo + offs_k)[:, None]  # (BK, BN) of w.T
         # The launcher guarantees (copying into a K-padded buffer otherwise) that x and w start
         # 16-byte aligned and that their row strides and K are whole 16-byte units: every row of
         # both tiles starts 16-byte aligned and the K tail ends on a 16-byte boundary, so loads
@@ -240,8 +316,8 @@ if HAS_TRITON:
         w_ptrs = tl.multiple_of(w_ptrs, [16, 16])
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_left = tl.multiple_of(K - k0, VEC)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_left = tl.multiple_of(k_hi - k0, VEC)
             a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             if DOT_UPCAST:
@@ -269,6 +345,8 @@ if HAS_TRITON:
             col_off = h_idx * (SEQ * HEAD_DIM) + (n0 + rn - h_idx * HEAD_DIM)
         else:
             base = m0.to(tl.int64) * stride_om + n0
+            if SPLIT_K:  # this program's plane of the (splits, M, N) workspace
+                base += tl.program_id(1).to(tl.int64) * M * stride_om
             row_off = rm * stride_om
             col_off = rn
         offs = row_off[:, None] + col_off[None, :]
@@ -281,6 +359,38 @@ if HAS_TRITON:
         elif ACTIVATION == 2:
             acc = _gelu_tanh(acc)
         tl.store(out_ptr + base + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["M"])
+    def gemm_tma_kernel(x_desc, w_desc, out_desc, M, N, K,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        DOT_UPCAST: tl.constexpr):
+        """Persistent plain GEMM, out = x @ w.T, operands and result through TMA tensor
+        descriptors (sm_90+; host ``TensorDescriptor`` s of blocks (BLOCK_M, BLOCK_K),
+        (BLOCK_N, BLOCK_K), (BLOCK_M, BLOCK_N)).  A grid of at most one program per SM walks the
+        output tiles in the grouped order of ``gemm_kernel``; TMA zero-fills loads past the edges
+        and clips stores, so there are no masks.  A tuning candidate for plain GEMMs only."""
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * tiles_n
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0), flatten=True):
+            group = tile // per_group
+            m_first = group * GROUP_M
+            rows_in_group = tl.minimum(tiles_m - m_first, GROUP_M)
+            local = tile - group * per_group
+            m0 = (m_first + local % rows_in_group) * BLOCK_M
+            n0 = (local // rows_in_group) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                a = x_desc.load([m0, k0])
+                b = w_desc.load([n0, k0])
+                if DOT_UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b.T, acc)
+            out_desc.store([m0, n0], acc.to(out_desc.dtype))
 
 
 _TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -315,20 +425,56 @@ class GemmPlan(NamedTuple):
     grid: tuple
     ints: tuple  # M, N, K, stride_x, stride_w, N (output row stride), SEQ, HEAD_DIM, HIDDEN
     kwargs: dict
+    split_k: int = 1  # > 1: fp32 partial sums in a (split_k, M, N) workspace, added on the host
+    cublas: bool = False  # torch.mm instead of the Triton kernel
+    tma: bool = False  # gemm_tma_kernel (persistent, TMA descriptors)
+
+
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (the reference chip's count off CUDA)."""
+    if device.type != "cuda":
+        return _SM_COUNT[9]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def plan_gemm(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, stride_x: int, stride_w: int, *,
               activation: int = ACT_NONE, has_bias: bool, has_pre: bool,
               head_split: Optional[tuple[int, int, int]] = None, config: Optional[GemmConfig] = None) -> GemmPlan:
     """Block sizes, grid and scalar arguments of one GEMM launch (operands already aligned:
-    ``_align_operands``).  A pure function of shapes, strides, dtype, device and the global TF32
-    switch, so launchers keep it per shape (``kernels._common.PlanCache``)."""
+    ``_align_operands``).  A pure function of shapes, strides, dtype, device, the global TF32
+    switch and the tuner's stored choices (``kernels.tuning``), so launchers keep it per shape
+    (``kernels._common.PlanCache``).  ``config``: force a configuration (tests, the tuner)."""
+    from kernels import tuning
     from kernels._common import INTERPRET, cuda_capability, tf32_allowed
 
     allow_tf32 = tf32_allowed()
-    cfg = config or pick_config(M, N, K, dtype, cuda_capability(device), allow_tf32)
+    plain = activation == ACT_NONE and not has_bias and not has_pre and head_split is None
+    if config is None:
+        config = tuning.gemm_choice(M, N, K, dtype, device, cuda_capability(device), allow_tf32,
+                                    activation=activation, has_bias=has_bias, has_pre=has_pre, head_split=head_split)
+    cfg = config
+    if (cfg.library != "triton" or cfg.split_k > 1) and not plain:
+        raise ValueError(f"GEMM configuration {cfg.name} needs a GEMM without bias, activation, pre-activation "
+                         f"store or head split")
+    ints = (M, N, K, stride_x, stride_w, N, 1, 1, 1)
+    if cfg.library == "cublas":
+        return GemmPlan((), ints, {}, cublas=True)
     prec = precision_of(dtype, allow_tf32)
     upcast = INTERPRET and dtype == torch.bfloat16
+    if cfg.library == "tma":
+        if prec != "half":
+            raise ValueError(f"GEMM configuration {cfg.name} is for fp16 / bf16 only")
+        tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+        grid = (max(1, min(tiles, _sm_count(device))),)
+        kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                      DOT_UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return GemmPlan(grid, ints, kwargs, tma=True)
     if head_split is not None:
         seq, head_dim, hidden = head_split
         n_part, parts = hidden, 3
@@ -343,18 +489,41 @@ def plan_gemm(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, 
             f"offsets allow" + (f" (sequence length {seq} x hidden {hidden} is too large)" if head_split else "")
         )
     grid = (-(-M // cfg.block_m) * parts * -(-n_part // cfg.block_n),)
+    if cfg.split_k > 1:
+        grid = (grid[0], cfg.split_k)
     kwargs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS=has_bias, ACTIVATION=activation, STORE_PRE=has_pre,
         HEAD_SPLIT=head_split is not None, INPUT_PRECISION="ieee" if prec == "ieee" or upcast else "tf32",
-        DOT_UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_UPCAST=upcast, SPLIT_K=cfg.split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return GemmPlan(grid, (M, N, K, stride_x, stride_w, N, seq, head_dim, hidden), kwargs)
+    return GemmPlan(grid, (M, N, K, stride_x, stride_w, N, seq, head_dim, hidden), kwargs, split_k=cfg.split_k)
 
 
 def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
              out: torch.Tensor, pre: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Launch ``gemm_kernel`` as planned."""
+    """Launch ``gemm_kernel`` (or cuBLAS) as planned."""
+    if plan.cublas:  # plain GEMM only (plan_gemm): out (M, N) = x2 @ weight.T
+        M, N = plan.ints[:2]
+        torch.mm(x2, weight.t(), out=out.view(M, N))
+        return out
+    if plan.tma:  # plain GEMM only
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        M, N = plan.ints[:2]
+        bm, bn, bk = plan.kwargs["BLOCK_M"], plan.kwargs["BLOCK_N"], plan.kwargs["BLOCK_K"]
+        descs = (TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
+                 TensorDescriptor.from_tensor(out.view(M, N), [bm, bn]))
+        with launch_device(x2.device):
+            gemm_tma_kernel[plan.grid](*descs, M, N, plan.ints[2], **plan.kwargs)
+        return out
+    if plan.split_k > 1:  # plain GEMM only: fp32 partial sums, reduced in a fixed order (deterministic)
+        M, N = plan.ints[:2]
+        ws = torch.empty((plan.split_k, M, N), dtype=torch.float32, device=x2.device)
+        with launch_device(x2.device):
+            gemm_kernel[plan.grid](x2, weight, ws, ws, ws, *plan.ints, **plan.kwargs)
+        out.view(M, N).copy_(ws.sum(0))
+        return out
     args = (x2, weight, bias if bias is not None else out, out, pre if pre is not None else out, *plan.ints)
     with launch_device(x2.device):
         gemm_kernel[plan.grid](*args, **plan.kwargs)
@@ -400,38 +569,81 @@ def gemm_specs(op: str, arch: int, flag_sets: list[dict]) -> list:
     Labels: dtype ("tf32" for fp32 with TF32 allowed), BLOCK_MxBLOCK_NxBLOCK_K, then "b" (bias),
     "erf" / "tanh" (exact / tanh GELU), "z" (pre-activation Z stored for the backward), joined
     by "+"; the compile check appends "aligned" to the 16-divisible twin."""
-    from kernels._compile import KernelSpec
-
     cap = (arch // 10, arch % 10)
     specs = []
     for dtype, allow_tf32 in (
         (torch.float16, False), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False),
     ):
-        prec = precision_of(dtype, allow_tf32)
-        t = _TL_NAME[dtype]
-        sig = {
-            "x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "out_ptr": f"*{t}", "pre_ptr": f"*{t}",
-            "M": "i32", "N": "i32", "K": "i32",
-            "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
-            "SEQ": "i32", "HEAD_DIM": "i32", "HIDDEN": "i32",
-        }
         for cfg in gemm_configs(dtype, cap, allow_tf32):
             for flags in flag_sets:
-                const = dict(
-                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                    HAS_BIAS=False, ACTIVATION=ACT_NONE, STORE_PRE=False, HEAD_SPLIT=False,
-                    INPUT_PRECISION="ieee" if prec == "ieee" else "tf32", DOT_UPCAST=False,
-                )
-                const.update(flags)
-                s = dict(sig)
-                s.update({k: "constexpr" for k in const})
-                parts = [("b", const["HAS_BIAS"]), ({ACT_GELU: "erf", ACT_GELU_TANH: "tanh"}.get(const["ACTIVATION"], ""), True),
-                         ("z", const["STORE_PRE"])]
-                tags = "+".join(name for name, on in parts if on and name)
-                label = f"{'tf32' if prec == 'tf32' else t} {cfg.label}" + (f" {tags}" if tags else "")
-                spec = KernelSpec(
-                    op=op, fn=gemm_kernel, signature=s, constexprs=const, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages, expect_tensor_cores=prec != "ieee", label=label,
-                )
-                specs += [spec, replace(spec, divisible=tuple(a for a in sig if a not in _NOT_SPECIALIZED))]
+                specs += _spec_pair(op, dtype, allow_tf32, cfg, flags)
     return specs
+
+
+def split_k_specs(op: str, arch: int) -> list:
+    """KernelSpecs of the split-K tuning candidates on ``arch`` (fp16 / bf16, plain GEMM, fp32
+    workspace output): one kernel per dtype serves every split factor (it reads the number of
+    splits from the grid)."""
+    fam = _family((arch // 10, arch % 10))
+    if fam not in SPLIT_K_TILE:
+        return []
+    cfg = replace(SPLIT_K_TILE[fam], split_k=SPLIT_K_FACTORS[0])
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16):
+        specs += _spec_pair(op, dtype, False, cfg, {})
+    return specs
+
+
+def tma_specs(op: str, arch: int) -> list:
+    """KernelSpecs of the persistent TMA tuning candidates (sm_90 only; fp16 / bf16)."""
+    from kernels._compile import KernelSpec
+
+    if arch // 10 != 9:
+        return []
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16):
+        t = _TL_NAME[dtype]
+        for cfg in TMA_TILES:
+            bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+            sig = {"x_desc": f"tensordesc<{t}[{bm}, {bk}]>", "w_desc": f"tensordesc<{t}[{bn}, {bk}]>",
+                   "out_desc": f"tensordesc<{t}[{bm}, {bn}]>", "M": "i32", "N": "i32", "K": "i32"}
+            const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m, DOT_UPCAST=False)
+            sig.update({k: "constexpr" for k in const})
+            spec = KernelSpec(op=op, fn=gemm_tma_kernel, signature=sig, constexprs=const, num_warps=cfg.num_warps,
+                              num_stages=cfg.num_stages, expect_tensor_cores=True, label=f"{t} {cfg.label}")
+            specs += [spec, replace(spec, divisible=("N", "K"))]
+    return specs
+
+
+def _spec_pair(op: str, dtype: torch.dtype, allow_tf32: bool, cfg: GemmConfig, flags: dict) -> list:
+    """The generic and the "aligned" KernelSpec of one configuration (see ``gemm_specs``)."""
+    from kernels._compile import KernelSpec
+
+    prec = precision_of(dtype, allow_tf32)
+    t = _TL_NAME[dtype]
+    split = cfg.split_k > 1
+    sig = {
+        "x_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}",
+        "out_ptr": "*fp32" if split else f"*{t}", "pre_ptr": "*fp32" if split else f"*{t}",
+        "M": "i32", "N": "i32", "K": "i32",
+        "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
+        "SEQ": "i32", "HEAD_DIM": "i32", "HIDDEN": "i32",
+    }
+    const = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=False, ACTIVATION=ACT_NONE, STORE_PRE=False, HEAD_SPLIT=False,
+        INPUT_PRECISION="ieee" if prec == "ieee" else "tf32", DOT_UPCAST=False, SPLIT_K=split,
+    )
+    const.update(flags)
+    s = dict(sig)
+    s.update({k: "constexpr" for k in const})
+    parts = [("b", const["HAS_BIAS"]), ({ACT_GELU: "erf", ACT_GELU_TANH: "tanh"}.get(const["ACTIVATION"], ""), True),
+             ("z", const["STORE_PRE"])]
+    tags = "+".join(name for name, on in parts if on and name)
+    tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}" + (" splitk" if split else "")
+    label = f"{'tf32' if prec == 'tf32' else t} {tile}" + (f" {tags}" if tags else "")
+    spec = KernelSpec(
+        op=op, fn=gemm_kernel, signature=s, constexprs=const, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, expect_tensor_cores=prec != "ieee", label=label,
+    )
+    return [spec, replace(spec, divisible=tuple(a for a in sig if a not in _NOT_SPECIALIZED))]

@@ -499,25 +499,92 @@ _CONFIGS_SM80 = {
 _INTERPRET_CONFIG = dict(fwd=Config(32, 16, 4, 1), dkdv=Config(16, 32, 4, 1), dq=Config(32, 16, 4, 1))
 _PRE_ROWS = 4096  # delta preprocess: BLOCK_M * D elements per program (32 fp32 / thread / tensor)
 
+# Tuning candidates for the forward of short sequences (max length <= SHORT_SEQ, padded or varlen),
+# fp16 / bf16: at S = 128 the default 128-row tile gives one program per (batch, head), so
+# B * H programs in all (96 at batch 8 with 12 heads, fewer than the SMs).  64-row tiles with one
+# warpgroup (4 warps) double the programs; the tuner times them against the default
+# (``attention_candidates``).  Every entry offered compiles without spills for its arch under
+# triton 3.6 and 3.9 in every mask / causal / dtype variant
+# (``python -m kernels.compile_check --op tuning-full``).
+SHORT_SEQ = 128
+_SHORT_SM90 = {
+    32: (Config(64, 64, 4, 2), Config(64, 128, 4, 2)),
+    64: (Config(64, 64, 4, 2), Config(64, 128, 4, 2)),
+    128: (Config(64, 64, 4, 2),),
+}
+_SHORT_SM80 = {
+    32: (Config(64, 64, 4, 2), Config(32, 64, 4, 2)),
+    64: (Config(64, 64, 4, 2), Config(32, 64, 4, 2)),
+    128: (Config(64, 32, 4, 2),),  # 32x64 spills 8 - 16 B at D = 128 (triton 3.6 and 3.9)
+}
+# (arch family, D) where the short tiles spill with the 4-D additive mask: sm_80 D = 64 under
+# triton 3.6 (4 B: 32x64, and 64x64 with causal).  No short tiles are offered there.
+_SHORT_NO_ADDMASK = {(8, 64)}
+
+
+class TuneContext(NamedTuple):
+    """What the tuner needs, besides the arguments of ``attention_config``, to time forward
+    tiles on first use of a shape class: the launch's device and the rest of its problem."""
+
+    device: torch.device
+    batch: int
+    heads: int
+    causal: bool
+    mask_kind: int
+    varlen: bool
+
+
+def attention_candidates(head_dim: int, dtype: torch.dtype, seqlen: int, capability: tuple[int, int],
+                         additive_mask: bool = False) -> tuple:
+    """Forward configurations the tuner may time for this problem, the default table's first:
+    plus the short-sequence tiles for fp16 / bf16 when ``seqlen <= SHORT_SEQ``."""
+    default = _table_config(head_dim, dtype, capability, additive_mask)["fwd"]
+    out = [default]
+    family = 9 if capability[0] >= 9 else 8
+    if dtype != torch.float32 and seqlen <= SHORT_SEQ and not (additive_mask and (family, head_dim) in _SHORT_NO_ADDMASK):
+        table = _SHORT_SM90 if family == 9 else _SHORT_SM80
+        for c in table.get(head_dim, ()):
+            c = c._replace(num_stages=min(c.num_stages, 2)) if additive_mask else c
+            if c not in out:
+                out.append(c)
+    return tuple(out)
+
+
+def config_name(c: Config) -> str:
+    """Stable spelling of a forward configuration (the tuning cache stores it)."""
+    return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
+
 
 def attention_config(head_dim: int, dtype: torch.dtype, seqlen: int, capability: tuple[int, int],
-                     interpret: bool = INTERPRET, additive_mask: bool = False) -> dict[str, Config]:
+                     interpret: bool = INTERPRET, additive_mask: bool = False,
+                     tune: Optional[TuneContext] = None) -> dict[str, Config]:
     """Block sizes for every attention kernel: keys "fwd", "dkdv", "dq" (block_m = query rows,
-    block_n = key rows) and "pre" (delta preprocess).  Deterministic in (head_dim, dtype,
-    seqlen, capability).  ``seqlen`` does not change the GPU choice today (tiles larger than a
-    short sequence are masked); it is part of the signature so that a short-sequence config can
-    be added without touching the launchers.  ``additive_mask``: the 4-D-mask variant also
+    block_n = key rows) and "pre" (delta preprocess).  Without ``tune``, deterministic in
+    (head_dim, dtype, capability); ``seqlen`` only matters to the tuner's candidates
+    (``attention_candidates``: short-sequence tiles).  ``additive_mask``: the 4-D-mask variant also
     pipelines an fp32 (BLOCK_M, BLOCK_N) mask tile per key tile, so it keeps at most two
-    stages (shared memory)."""
-    del seqlen
+    stages (shared memory).  ``tune``: the launch's problem; the forward tile is then the
+    tuner's stored (or, when enabled, measured) choice among ``attention_candidates``
+    (``kernels.tuning``), the table's otherwise."""
     if interpret:
         cfg = dict(_INTERPRET_CONFIG)
-    else:
-        group = "32" if dtype == torch.float32 else "16"
-        table = _CONFIGS_SM90 if capability[0] >= 9 else _CONFIGS_SM80
-        cfg = dict(table[(head_dim, group)])
-        if additive_mask:
-            cfg = {k: c._replace(num_stages=min(c.num_stages, 2)) for k, c in cfg.items()}
+        cfg["pre"] = Config(_PRE_ROWS // head_dim, head_dim, 4, 1)
+        return cfg
+    cfg = _table_config(head_dim, dtype, capability, additive_mask)
+    if tune is not None and tune.device.type == "cuda":
+        from kernels import tuning
+
+        cfg["fwd"] = tuning.attention_choice(head_dim, dtype, seqlen, capability, additive_mask, tune)
+    return cfg
+
+
+def _table_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int], additive_mask: bool) -> dict:
+    """The default tables' block sizes for a GPU (see ``attention_config``)."""
+    group = "32" if dtype == torch.float32 else "16"
+    table = _CONFIGS_SM90 if capability[0] >= 9 else _CONFIGS_SM80
+    cfg = dict(table[(head_dim, group)])
+    if additive_mask:
+        cfg = {k: c._replace(num_stages=min(c.num_stages, 2)) for k, c in cfg.items()}
     cfg["pre"] = Config(_PRE_ROWS // head_dim, head_dim, 4, 1)
     return cfg
 
@@ -1038,7 +1105,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=
         return res
     kind, mask_t, mstrides, kvlen = _mask_args(pm, B, H, S)
     ieee = dtype == torch.float32 and not tf32_allowed()
-    cfg = attention_config(D, dtype, S, cuda_capability(q.device), additive_mask=kind == MASK_ADD)
+    cfg = attention_config(D, dtype, S, cuda_capability(q.device), additive_mask=kind == MASK_ADD,
+                           tune=TuneContext(q.device, B, H, bool(causal), kind, False))
     plan = _Plan(False, B, H, S, D, kind, mask_t, mstrides, kvlen, None, 0, bool(causal), scale, ieee, cfg)
     if key is not None:
         _PLANS.put(key, plan._replace(mask=None, kvlen=None))
@@ -1101,7 +1169,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         return res
     B = cu_seqlens.numel() - 1
     ieee = dtype == torch.float32 and not tf32_allowed()
-    cfg = attention_config(D, dtype, max_seqlen, cuda_capability(q.device))
+    cfg = attention_config(D, dtype, max_seqlen, cuda_capability(q.device),
+                           tune=TuneContext(q.device, B, H, bool(causal), MASK_NONE, True))
     plan = _Plan(True, B, H, max(int(max_seqlen), 0), D, MASK_NONE, None, (0, 0, 0, 0), None,
                  cu_seqlens.clone() if cu_seqlens.data_ptr() % 16 else cu_seqlens.contiguous(),
                  T, bool(causal), scale, ieee, cfg)

@@ -17,6 +17,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 
+# Pseudo-ops for the tuner's candidates that are not in the ops' default tables
+# (kernels.tuning.compile_specs): "tuning" compiles each candidate once (the test suite's rung),
+# "tuning-full" every mask / causal / head-dim / dtype variant the tuner may launch.
+TUNING_OPS = {"tuning": False, "tuning-full": True}
+
+
 def _specs(ops, arch):
     import importlib
 
@@ -24,6 +30,11 @@ def _specs(ops, arch):
 
     out = []
     for op in ops:
+        if op in TUNING_OPS:
+            from kernels.tuning import compile_specs
+
+            out.extend(compile_specs(arch, full=TUNING_OPS[op]))
+            continue
         mod = importlib.import_module(f"kernels.{OP_MODULES[op]}")
         out.extend(mod.compile_specs(arch))
     return out
@@ -57,9 +68,10 @@ def problems(r: dict) -> list[str]:
 
 
 def run(ops=None, archs=(90, 80), jobs=None) -> list[dict]:
+    """Compile ``ops`` (default: every op and each tuning candidate once) for ``archs``."""
     from kernels import OP_MODULES
 
-    ops = list(ops or OP_MODULES)
+    ops = list(ops or [*OP_MODULES, "tuning"])
     tasks = [(op, arch, i) for arch in archs for op in ops for i in range(len(_specs([op], arch)))]
     jobs = jobs or max(1, min(len(tasks), os.cpu_count() or 1))
     if jobs == 1:
@@ -86,7 +98,9 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80])
-    ap.add_argument("--op", nargs="+", default=None, help="ops to compile (default: all)")
+    ap.add_argument("--op", nargs="+", default=None,
+                    help="ops to compile (default: all, and each tuning candidate once); 'tuning' / 'tuning-full': "
+                         "the tuner's candidates once / in every variant")
     ap.add_argument("--json", default=None, help="write the raw results here")
     ap.add_argument("--jobs", type=int, default=None)
     args = ap.parse_args(argv)

@@ -261,3 +261,14 @@ def tf32_matmul():
     """``with tf32_matmul(True): ...`` runs the block with ``torch.backends.cuda.matmul.allow_tf32``
     set, and restores every switch after it, whatever happens (works on torch 2.4 .. 2.13)."""
     return _tf32
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models and inputs run as fast on one thread, and on a shared 2-core machine OpenMP
+    spin-waiting makes two threads several times slower under load.  Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from bertfast.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny inputs: one intra-op thread avoids OpenMP spin-waiting on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run_module(*args, input=None, timeout=120):
@@ -56,7 +50,8 @@ def test_encode_json_file_and_stdin(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin\n"))
     assert main(["encode", "inline", "-", "--file", str(f), "--json", "--batch-size", "2"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [d["text"] for d in data] == ["inline", "from stdin", "first line", "second line"]
+    # the blank line is a row (row i = line i), encoded as the empty text ([CLS] [SEP])
+    assert [d["text"] for d in data] == ["inline", "from stdin", "first line", "", "second line"]
     for d in data:
         assert len(d["embedding"]) == 384
         assert abs(sum(v * v for v in d["embedding"]) - 1.0) < 1e-4
@@ -65,6 +60,15 @@ def test_encode_json_file_and_stdin(tmp_path, monkeypatch, capsys):
 
     ref = SentenceEncoder("minilm", device="cpu").encode("inline")
     torch.testing.assert_close(torch.tensor(data[0]["embedding"]), ref)
+
+
+def test_encode_preview_keeps_blank_lines(tmp_path, capsys):
+    f = tmp_path / "texts.txt"
+    f.write_text("one\n\n  \nfour\n", encoding="utf-8")
+    assert main(["encode", "--file", str(f), "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "[0] one" in out and "[3] four" in out
+    assert out.count("(blank: the embedding of [CLS] [SEP])") == 2 and out.count("dim=384 norm=1.0000") == 4
 
 
 def test_encode_no_normalize(capsys):
@@ -253,12 +257,12 @@ def test_bad_argument_refused_before_any_work(case, tmp_path, capsys, monkeypatc
         raise AssertionError("a model was loaded / a run started for a bad argument")
 
     import bertfast.bench
-    import bertfast.profiling
+    import bertfast.bench.profile
     import bertfast.sentence
 
     monkeypatch.setattr(bertfast.sentence.SentenceEncoder, "__init__", no_work)
     monkeypatch.setattr(bertfast.bench, "run", no_work)
-    monkeypatch.setattr(bertfast.profiling, "run", no_work)
+    monkeypatch.setattr(bertfast.bench.profile, "run", no_work)
     rc = main(argv)
     captured = capsys.readouterr()
     _assert_one_line_error(rc, captured.err, expect)

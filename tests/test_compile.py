@@ -16,7 +16,10 @@ pytestmark = pytest.mark.compile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("op", sorted(OP_MODULES))
+# "tuning": each candidate of kernels.tuning that is not in an op's default table, compiled once
+# per architecture (split-K GEMM, short-sequence attention tiles); every variant of them:
+# python -m kernels.compile_check --op tuning-full
+@pytest.mark.parametrize("op", [*sorted(OP_MODULES), "tuning"])
 def test_compiles_for_sm90_and_sm80(op, tmp_path):
     out = tmp_path / "res.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -1,4 +1,4 @@
-"""bertfast.profiling: op ranges from module hooks, grouping of profiled ops, and
+"""bertfast.bench.profile (``bertfast profile``): op ranges from module hooks, grouping of profiled ops, and
 ``bertfast profile`` end to end on CPU (PyTorch path)."""
 import argparse
 import json
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from bertfast import profiling
+from bertfast.bench import profile as profiling
 from bertfast.config import BertConfig
 from bertfast.modeling import BertModel
 

@@ -1,6 +1,6 @@
 """``bertfast bench``: benchmarks users can run.
 
-    bertfast bench [kernels|attention|encoder|host|all] [--model NAME ...] [--dtype auto|fp16|bf16|fp32]
+    bertfast bench [kernels|attention|encoder|host|all|evidence] [--model NAME ...] [--dtype auto|fp16|bf16|fp32]
                    [--batch N ...] [--seq N ...] [--lengths full|mixed|both] [--out DIR] [--quick]
                    [--device auto|cuda|cpu] [--impl NAME ...] [--compile/--no-compile] [--timer events|do_bench]
 
@@ -9,7 +9,15 @@ attention cases), ``attention`` (attention only: padded / varlen / causal vs eag
 torch.compile, forward and forward+backward), ``encoder`` (whole encoders: bertfast vs
 transformers eager / SDPA / torch.compile), ``host`` (bertfast's host work per forward on the
 Triton path: launches, device reads and host microseconds with launches recorded instead of run,
-on any machine: :mod:`bertfast.bench.host`), ``all`` (kernels, attention, encoder).
+on any machine: :mod:`bertfast.bench.host`), ``all`` (kernels, attention, encoder), ``evidence``
+(the one-command GPU evidence run, about 8 minutes, every step time-boxed:
+:mod:`bertfast.bench.evidence`; ``--dry-run`` runs its plumbing on CPU in well under a minute).
+
+Numbers that cannot mislead: the rows of one op and shape are timed round-robin in one loop,
+every row keeps its repetitions and reports median and p10-p90, noisy rows are flagged, a
+speedup is printed only when it lies outside the combined spread ("within noise" otherwise),
+and ``% of peak`` is shown only against a peak calibrated on the same device in the same run
+(see :mod:`bertfast.bench.harness`).
 
 On a CUDA GPU everything runs.  Without one, the CPU comparisons run (bertfast's PyTorch path vs
 transformers eager and SDPA, minilm by default; the eager kernel equivalents at small sizes) and
@@ -18,7 +26,8 @@ Triton rows are listed as unavailable: Triton timings need a CUDA GPU, and inter
 
 Writes ``<date>_<device>_<suites>.json`` / ``.md`` / ``_<suite>_speedup.png`` / ``_<suite>_peak.png``
 into ``--out`` and prints the table.  The harness is :mod:`bertfast.bench.harness`, the cases
-:mod:`bertfast.bench.suites`, the output :mod:`bertfast.bench.report`.
+:mod:`bertfast.bench.suites`, the output :mod:`bertfast.bench.report`, ``bertfast profile``
+:mod:`bertfast.bench.profile`.
 """
 from __future__ import annotations
 
@@ -27,7 +36,7 @@ import itertools
 import sys
 from typing import List, Optional, Sequence
 
-SUITES = ("kernels", "attention", "encoder", "host", "all")
+SUITES = ("kernels", "attention", "encoder", "host", "all", "evidence")
 MODELS = ("minilm", "bert-base", "bert-large")
 DEFAULT_OUT = "bench-results"
 
@@ -46,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bertfast.cli import bench_device_arg, out_dir_arg, positive_int as _pos_int
     parser.description = ((parser.description + ". ") if parser.description else "") + (
         "Suites: kernels (ops + attention), attention, encoder, host (host work per forward, any machine), "
-        "all (give the suite first). Without a CUDA GPU the "
+        "all, evidence (the ~8-minute GPU evidence run; --dry-run: its plumbing on CPU) (give the suite first). "
+        "Without a CUDA GPU the "
         "CPU comparisons run and Triton rows are marked unavailable.")
     parser.add_argument("suite", nargs="?", default="all", choices=SUITES, help="what to benchmark (default: all)")
     parser.add_argument("--model", nargs="+", choices=MODELS, default=None, metavar="NAME",
@@ -75,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="evidence: run every step's plumbing on CPU with tiny shapes and the Triton interpreter")
+    parser.add_argument("--budget", type=_pos_int, default=None, metavar="S",
+                        help="evidence: seconds for all steps together (default 480); a step gets at most what is "
+                             "left")
 
 
 def _resolve_dtype(name: str, cuda: bool):
@@ -179,12 +194,19 @@ def run(args) -> int:
         from bertfast.bench import host
 
         return host.run(args)
-    if getattr(args, "threads", None):
+    if args.suite == "evidence":
+        from bertfast.bench import evidence
+
+        return evidence.run(args)
+    if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     dtype = _resolve_dtype(args.dtype, cuda)
     cases, ran, notes = plan(args, device, dtype)
+    busy = harness.busy_note(device)
+    if busy:
+        notes.append(busy)
     for n in notes:
         print(f"bertfast bench: {n}", file=sys.stderr)
     env = harness.environment(device, command=getattr(args, "_command", None))
@@ -208,6 +230,8 @@ def run(args) -> int:
                      "bench_settings": vars(bencher.settings)})
     out = report.write_all(results, env, calibration, settings, ran, args.out, notes, make_plots=not args.no_plots)
     print(out["text"])
+    for line in out["plots_skipped"]:
+        print(f"bertfast bench: {line}", file=sys.stderr)
     print(f"bertfast bench: wrote {out['json']}, {out['markdown']}" +
           (f" and {len(out['plots'])} plots" if out["plots"] else ""), file=sys.stderr)
     errors = [r for r in results if r.status == harness.STATUS_ERROR]

@@ -187,11 +187,11 @@ def _environment() -> Dict[str, Any]:
         load = os.getloadavg()
     except OSError:  # pragma: no cover
         load = None
-    from bertfast.bench.harness import _git_commit
+    from bertfast.bench.harness import git_commit
 
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": tv,
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "loadavg": load,
-            "machine": platform.machine(), "commit": _git_commit()}
+            "machine": platform.machine(), "commit": git_commit()}
 
 
 def _fmt(v) -> str:
@@ -230,7 +230,7 @@ def run(args) -> int:
         if not args.no_progress:
             print(f"bertfast bench host: {msg}", file=sys.stderr)
 
-    if getattr(args, "threads", None):
+    if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)

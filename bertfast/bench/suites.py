@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from bertfast.bench.harness import Case, Prepared, Unavailable
+from kernels._common import dtype_name
 
 # model name -> (hidden, heads, intermediate, layers)
 MODEL_SHAPES: Dict[str, Dict[str, int]] = {
     "minilm": dict(hidden=384, heads=12, inter=1536, layers=6),
     "bert-base": dict(hidden=768, heads=12, inter=3072, layers=12),
     "bert-large": dict(hidden=1024, heads=16, inter=4096, layers=24),
+    "tiny": dict(hidden=64, heads=2, inter=128, layers=2),  # plumbing runs (the evidence dry run, tests)
 }
 PRESET_OF = {"minilm": "minilm-l6", "bert-base": "bert-base", "bert-large": "bert-large"}
 
@@ -45,10 +47,6 @@ ENCODER_SHAPES_CPU_QUICK = [(1, 32), (4, 64)]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 def elsize(dtype: torch.dtype) -> int:
@@ -117,17 +115,13 @@ def _randn(shape, dtype, device, gen, scale=1.0):
 
 
 def _kernels_attr(name: str):
-    import types
-
+    """The Triton op ``kernels.<name>``; Unavailable where triton is not installed (the kernels
+    package then exports only its PyTorch references)."""
     import kernels
 
-    try:
-        obj = getattr(kernels, name)
-        if isinstance(obj, types.ModuleType):  # the op's submodule shadows the lazily exported function
-            obj = getattr(obj, name)
-        return obj
-    except (AttributeError, ImportError, ModuleNotFoundError) as e:
-        raise Unavailable(f"kernels.{name} is not available yet ({type(e).__name__}: {e})") from None
+    if not kernels.HAS_TRITON:
+        raise Unavailable(f"kernels.{name} needs triton, which is not importable here")
+    return getattr(kernels, name)
 
 
 def _close_check(dtype: torch.dtype, factor: float = 1.0):
@@ -146,12 +140,9 @@ def _close_check(dtype: torch.dtype, factor: float = 1.0):
                 except RuntimeError:
                     return {"ok": False, "error": f"shape {tuple(o.shape)} != reference {tuple(r.shape)}"}
             err = (o.float() - r.float()).abs()
-            try:
-                from kernels.testing import tolerance
+            from kernels.testing import tolerance
 
-                tol = tolerance(o.dtype, factor)
-            except Exception:
-                tol = {"atol": 1e-2, "rtol": 1e-2}
+            tol = tolerance(o.dtype, factor)
             ok = bool(torch.all(err <= tol["atol"] + tol["rtol"] * r.float().abs()).item())
             return {"ok": ok, "max_abs_err": float(err.max().item()) if err.numel() else 0.0, **tol}
 
@@ -160,16 +151,13 @@ def _close_check(dtype: torch.dtype, factor: float = 1.0):
     return make
 
 
-def _compiled(fn: Callable, mode: Optional[str] = None) -> Callable:
+def _compiled(fn: Callable, mode: Optional[str] = None, backend: str = "inductor") -> Callable:
     """``torch.compile(fn)`` for one case.  Dynamo's caches are reset first: every case compiles
     the same code object at a new shape, and past the recompile limit Dynamo would silently fall
-    back to eager."""
-    try:
-        torch._dynamo.reset()
-    except Exception:  # pragma: no cover
-        pass
+    back to eager.  ``backend="eager"``: Dynamo's capture only (plumbing runs on CPU)."""
+    torch._dynamo.reset()
     kw = {"mode": mode} if mode else {}
-    return torch.compile(fn, dynamic=False, **kw)
+    return torch.compile(fn, dynamic=False, backend=backend, **kw)
 
 
 def _no_grad(fn: Callable) -> Callable:
@@ -562,7 +550,11 @@ class ModelCache:
     def config(self, name: str):
         from bertfast.config import BertConfig
 
-        return BertConfig.preset(PRESET_OF[name])
+        if name in PRESET_OF:
+            return BertConfig.preset(PRESET_OF[name])
+        sh = MODEL_SHAPES[name]
+        return BertConfig(hidden_size=sh["hidden"], num_attention_heads=sh["heads"], intermediate_size=sh["inter"],
+                          num_hidden_layers=sh["layers"])
 
     def bertfast_base(self, name: str):
         """The bertfast model in its default state (weights shared with the other impls)."""
@@ -583,23 +575,9 @@ class ModelCache:
             self._bf[name] = model.eval()
         return self._bf[name]
 
-    def bertfast(self, name: str, backend: Optional[str], unpad: bool = False):
-        """A bertfast model set to ``backend`` (and padding-free execution); raises Unavailable if
-        this version of bertfast has no such switch."""
-        base = self.bertfast_base(name)
-        if backend is None or (backend == "torch" and not unpad and not hasattr(base, "set_backend")):
-            return base  # today's model is the PyTorch path
-        key = f"{name}/{backend}/{unpad}"
-        if key in self._bf:
-            return self._bf[key]
-        if not hasattr(base, "set_backend"):
-            raise Unavailable("bertfast.BertModel has no set_backend() yet (the Triton backend is not wired into the "
-                              "model)")
-        wrapper = _BackendSwitch(base, backend, unpad)  # shares the weights of the base model
-        wrapper.apply()  # validates now: raises Unavailable if the switch is not supported
-        wrapper.restore()
-        self._bf[key] = wrapper
-        return wrapper
+    def bertfast(self, name: str, backend: str, unpad: bool = False, graphs: bool = False) -> "_BackendSwitch":
+        """The shared bertfast model with the setting a row runs it in (:class:`_BackendSwitch`)."""
+        return _BackendSwitch(self.bertfast_base(name), backend, unpad, graphs)
 
     def transformers(self, name: str, attn: str):
         key = (name, attn)
@@ -611,10 +589,7 @@ class ModelCache:
             bf = self.bertfast_base(name)
             hf_cfg = transformers.BertConfig(**{k: v for k, v in bf.config.to_dict().items()
                                                 if k not in ("architectures",)})
-            try:
-                hf = transformers.BertModel._from_config(hf_cfg, attn_implementation=attn, dtype=self.dtype)
-            except TypeError:
-                hf = transformers.BertModel._from_config(hf_cfg, attn_implementation=attn, torch_dtype=self.dtype)
+            hf = transformers.BertModel._from_config(hf_cfg, attn_implementation=attn, dtype=self.dtype)
             missing, unexpected = hf.load_state_dict(bf.state_dict(), strict=False)
             hf = hf.to(device=self.device, dtype=self.dtype).eval()
             hf._bertfast_same_weights = not missing
@@ -623,80 +598,28 @@ class ModelCache:
 
 
 class _BackendSwitch:
-    """Runs the shared bertfast model with a given backend and padding-free setting
-    (``model.set_backend(name, unpad=...)``), so several implementations share one copy of the
-    weights.  ``prepare()`` applies the setting for a timing loop; ``restore()`` undoes it."""
+    """A row's setting of the shared bertfast model: backend, padding-free execution and CUDA-graph
+    replay (``model.set_backend(name, unpad=..., graphs=...)``), so several implementations share
+    one copy of the weights.  The rows of a group are timed round-robin, so each row applies its
+    setting before each of its calls (``apply``, outside the timed call: Prepared.before)."""
 
-    def __init__(self, model, backend: str, unpad: bool):
-        self.model, self.backend, self.unpad = model, backend, unpad
+    def __init__(self, model, backend: str, unpad: bool, graphs: bool = False):
+        self.model, self.backend, self.unpad, self.graphs = model, backend, unpad, graphs
         self.config = model.config
-        self._prev = None
-
-    def _state(self):
-        runtime = getattr(self.model, "runtime", None)
-        return (getattr(self.model, "backend", None) or getattr(self.model.config, "backend", None),
-                getattr(runtime, "unpad", getattr(self.model.config, "unpad", None)),
-                getattr(runtime, "graphs", None))
 
     def apply(self):
-        import inspect
-
-        self._prev = self._state()
-        params = inspect.signature(self.model.set_backend).parameters
-        takes_unpad = "unpad" in params
-        want_unpad = self.unpad if self.backend != "torch" else None
-        # eager rows time the eager forward: no CUDA-graph replay (the graphs rows use CudaGraphRunner)
-        extra = {"graphs": False} if "graphs" in params else {}
+        rt = self.model.runtime
+        if (rt.backend, rt.unpad, rt.graphs) == (self.backend, self.unpad, self.graphs):
+            return self.model
         try:
-            if takes_unpad and want_unpad is not None:
-                self.model.set_backend(self.backend, unpad=want_unpad, **extra)
-            else:
-                self.model.set_backend(self.backend, **extra)
-        except Exception as e:
-            raise Unavailable(f"model.set_backend({self.backend!r}) failed: {type(e).__name__}: {e}") from None
-        if want_unpad is not None and not takes_unpad:
-            if hasattr(self.model.config, "unpad"):
-                self.model.config.unpad = want_unpad
-            elif want_unpad:
-                raise Unavailable("bertfast has no padding-free (unpad=True) execution yet")
-
-    def restore(self):
-        prev_backend, prev_unpad, prev_graphs = self._prev or (None, None, None)
-        if prev_backend is not None:
-            try:
-                if prev_graphs is not None:
-                    self.model.set_backend(prev_backend, unpad=prev_unpad, graphs=prev_graphs)
-                else:
-                    self.model.set_backend(prev_backend)
-            except Exception:
-                pass
-        if prev_graphs is None and prev_unpad is not None and hasattr(self.model.config, "unpad"):
-            self.model.config.unpad = prev_unpad
-
-    def prepare(self):
-        """Apply the setting and return the model (for timing loops: no per-call switching)."""
-        self.apply()
+            self.model.set_backend(self.backend, unpad=self.unpad, graphs=self.graphs)
+        except ValueError as e:
+            raise Unavailable(f"model.set_backend({self.backend!r}) refused: {e}") from None
         return self.model
 
 
-def _graph_runner(model) -> Callable:
-    """``bertfast.CudaGraphRunner(model)`` (the model already set to its backend), called like the
-    model; Unavailable while bertfast has no such class."""
-    import bertfast
-
-    try:
-        runner_cls = getattr(bertfast, "CudaGraphRunner", None)
-    except Exception as e:  # a lazily exported name whose module is not there yet
-        raise Unavailable(f"bertfast.CudaGraphRunner is not available ({type(e).__name__}: {e})") from None
-    if runner_cls is None:
-        raise Unavailable("bertfast.CudaGraphRunner does not exist yet")
-    try:
-        return runner_cls(model)
-    except Exception as e:
-        raise Unavailable(f"bertfast.CudaGraphRunner(model) failed: {type(e).__name__}: {e}") from None
-
-
-# graphs rows: CudaGraphRunner replay of the padded route and of the padding-free route (token buckets)
+# graphs rows: bertfast's own CUDA-graph replay (set_backend(graphs=True)) of the padded route and of the
+# padding-free route (token buckets); the other bertfast-triton rows run eagerly (graphs=False)
 ENCODER_IMPLS = ("hf-eager", "hf-sdpa", "hf-compile", "bertfast-torch", "bertfast-triton", "bertfast-triton-unpad",
                  "bertfast-triton-graphs", "bertfast-triton-unpad-graphs")
 
@@ -704,7 +627,7 @@ ENCODER_IMPLS = ("hf-eager", "hf-sdpa", "hf-compile", "bertfast-torch", "bertfas
 def encoder_cases(models: Sequence[str], shapes: Sequence[tuple], device: torch.device, dtype: torch.dtype,
                   impls: Sequence[str], lengths_modes: Sequence[str] = ("full", "mixed"), seed: int = 0,
                   compile_mode: Optional[str] = "max-autotune", cache: Optional[ModelCache] = None,
-                  compile_skip_reason: Optional[str] = None) -> List[Case]:
+                  compile_skip_reason: Optional[str] = None, compile_backend: str = "inductor") -> List[Case]:
     """Whole-encoder rows for every (model, (batch, seq), lengths mode, implementation).  The
     baseline is transformers eager; flops count valid tokens only."""
     cache = cache or ModelCache(device, dtype)
@@ -713,13 +636,13 @@ def encoder_cases(models: Sequence[str], shapes: Sequence[tuple], device: torch.
         for batch, seq in shapes:
             for mode in lengths_modes:
                 cases += _encoder_rows(cache, name, batch, seq, mode, device, dtype, impls, seed, compile_mode,
-                                       compile_skip_reason)
+                                       compile_skip_reason, compile_backend)
     return cases
 
 
 def _encoder_rows(cache: ModelCache, name: str, batch: int, seq: int, mode: str, device: torch.device,
                   dtype: torch.dtype, impls: Sequence[str], seed: int, compile_mode: Optional[str],
-                  compile_skip_reason: Optional[str]) -> List[Case]:
+                  compile_skip_reason: Optional[str], compile_backend: str = "inductor") -> List[Case]:
     sh = MODEL_SHAPES[name]
     cuda = device.type == "cuda"
     lengths = lengths_for(mode, batch, seq, seed)
@@ -764,15 +687,13 @@ def _encoder_rows(cache: ModelCache, name: str, batch: int, seq: int, mode: str,
 
     def compile_build():
         hf = cache.transformers(name, "sdpa")
-        return Prepared(fn=wrap(_compiled(hf, compile_mode)), make_inputs=make_inputs)
+        return Prepared(fn=wrap(_compiled(hf, compile_mode, compile_backend)), make_inputs=make_inputs)
 
     def bertfast_build(backend, unpad=False, graphs=False):
         def build():
-            m = cache.bertfast(name, backend, unpad)
-            call = m.prepare() if isinstance(m, _BackendSwitch) else m
-            if graphs:
-                call = _graph_runner(m.model if isinstance(m, _BackendSwitch) else m)
-            return Prepared(fn=wrap(call), make_inputs=make_inputs, check=check,
+            switch = cache.bertfast(name, backend, unpad, graphs)
+            model = switch.apply()  # a refused setting raises Unavailable now, before any timing
+            return Prepared(fn=wrap(model), make_inputs=make_inputs, check=check, before=switch.apply,
                             info={"weights": cache.notes.get(name, "")})
         return build
 
@@ -784,9 +705,10 @@ def _encoder_rows(cache: ModelCache, name: str, batch: int, seq: int, mode: str,
             build = hf_build(impl.split("-")[1])
         elif impl == "hf-compile":
             build, unavailable = compile_build, compile_skip_reason
-            notes = f"torch.compile(mode={compile_mode!r}) of transformers SDPA"
+            notes = f"torch.compile(mode={compile_mode!r}" + (
+                f", backend={compile_backend!r}" if compile_backend != "inductor" else "") + ") of transformers SDPA"
         elif impl == "bertfast-torch":
-            build = bertfast_build("torch")
+            build = bertfast_build("torch", unpad=True)  # the default: padding-free on CPU
         elif triton:
             graphs = impl.endswith("graphs")
             if graphs and not cuda:

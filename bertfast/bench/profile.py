@@ -6,7 +6,9 @@
 
 Writes into ``--out``: ``<stem>.trace.json`` (Chrome / Perfetto trace: open it in
 https://ui.perfetto.dev or chrome://tracing), ``<stem>.md`` (the tables) and ``<stem>.json``
-(the same rows, machine-readable); prints the tables.
+(the same rows, machine-readable); prints the tables.  The forward runs eagerly (no CUDA-graph
+replay: a replay would show as one graph launch, not as the ops).  This module is part of the
+measurement package (:mod:`bertfast.bench`: harness, suites, reports, host budget, evidence run).
 
 How ops are grouped: :class:`instrument` wraps module forwards with hooks (no change to the
 model) that open a ``torch.profiler.record_function`` range, and on CUDA an NVTX range (so Nsight
@@ -135,7 +137,7 @@ class _Range:
         return False
 
 
-# kernels.ops entry point -> op suffix of its range (None: decided per call)
+# bertfast.ops entry point -> op suffix of its range (None: decided per call)
 _FUNCTIONAL_OPS = {
     "qkv_projection": "qkv",
     "attention": "attention",
@@ -143,8 +145,6 @@ _FUNCTIONAL_OPS = {
     "add_layernorm": "add_ln",
     "linear": None,  # first in a layer: attention output projection; later ones: FFN
     "embeddings_layernorm": "embeddings",
-    "unpad": "unpad",
-    "pad": "pad",
 }
 
 
@@ -193,31 +193,26 @@ class instrument:
         setattr(obj, attr, wrapper)
 
     def _patch_functional(self):
-        try:
-            import bertfast.modeling as fast
-            from bertfast import ops
-        except Exception:
-            return
+        import bertfast.modeling as fast
+        from bertfast import ops
+
         index = self._layer_index()
-        orig_layer = getattr(fast, "layer_forward", None)
-        if callable(orig_layer):
-            inst = self
+        orig_layer = fast.layer_forward
+        inst = self
 
-            def layer_forward(layer, *a, **k):
-                i = index.get(id(layer))
-                prev = inst._layer[0], inst._linears
-                inst._layer[0], inst._linears = i, 0
-                try:
-                    with _Range(f"{inst.prefix}.layer{i}" if i is not None else f"{inst.prefix}.layer", inst.nvtx):
-                        return orig_layer(layer, *a, **k)
-                finally:
-                    inst._layer[0], inst._linears = prev
+        def layer_forward(layer, *a, **k):
+            i = index.get(id(layer))
+            prev = inst._layer[0], inst._linears
+            inst._layer[0], inst._linears = i, 0
+            try:
+                with _Range(f"{inst.prefix}.layer{i}" if i is not None else f"{inst.prefix}.layer", inst.nvtx):
+                    return orig_layer(layer, *a, **k)
+            finally:
+                inst._layer[0], inst._linears = prev
 
-            self._patch(fast, "layer_forward", layer_forward)
+        self._patch(fast, "layer_forward", layer_forward)
         for op in _FUNCTIONAL_OPS:
-            orig = getattr(ops, op, None)
-            if callable(orig):
-                self._patch(ops, op, self._op_wrapper(op, orig))
+            self._patch(ops, op, self._op_wrapper(op, getattr(ops, op)))
 
     def _op_wrapper(self, op: str, orig):
         def wrapped(*a, **k):
@@ -397,7 +392,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impl", default="bertfast", choices=("bertfast", "transformers"),
                         help="profile bertfast's BertModel (default) or transformers' (same weights)")
     parser.add_argument("--backend", default=None, choices=("torch", "triton", "auto"),
-                        help="bertfast backend, when the model has set_backend() (default: the model's default)")
+                        help="bertfast backend (default: the model's default); the forward runs eagerly, without "
+                             "CUDA-graph replay, so that every op shows")
     parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa"),
                         help="transformers attention implementation for --impl transformers")
     parser.add_argument("--batch", type=positive_int, default=8)
@@ -417,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args, device, dtype):
     """(model to instrument, callable for the forward)."""
-    from bertfast.bench.suites import MODEL_SHAPES, ModelCache, Unavailable
+    from bertfast.bench.suites import MODEL_SHAPES, ModelCache
 
     cache = ModelCache(device, dtype)
     if args.model in MODEL_SHAPES or args.model == "minilm-l6":
@@ -434,17 +430,12 @@ def _load(args, device, dtype):
         if args.impl == "transformers":
             import transformers
 
-            kw = {"attn_implementation": args.attn}
-            try:
-                hf = transformers.BertModel.from_pretrained(args.model, dtype=dtype, **kw)
-            except TypeError:
-                hf = transformers.BertModel.from_pretrained(args.model, torch_dtype=dtype, **kw)
+            hf = transformers.BertModel.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
             return hf.to(device).eval(), note
     if args.backend is not None:
-        if hasattr(base, "set_backend"):
-            base.set_backend(args.backend)
-        elif args.backend != "torch":
-            raise Unavailable(f"bertfast.BertModel has no set_backend() yet: cannot select backend {args.backend!r}")
+        base.set_backend(args.backend)
+    # the ranges are the eager forward's: CUDA-graph replay would show one replay, not the ops
+    base.set_backend(base.backend, graphs=False)
     return base, note
 
 
@@ -453,7 +444,7 @@ def run(args) -> int:
     from bertfast.bench.harness import Unavailable, device_slug, environment, interpreter_active
     from bertfast.bench.suites import lengths_for
 
-    if getattr(args, "threads", None):
+    if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bertfast: error: --device cuda but no CUDA GPU is available", file=sys.stderr)

@@ -1,0 +1,750 @@
+"""Corpus-scale encoding: a file of texts in, a file of embeddings out.
+
+    bertfast encode --input corpus.txt --output corpus.npy            # one process
+    torchrun --nproc-per-node 4 -m bertfast encode --input ... --output ...   # one rank per GPU / CPU worker
+    bertfast encode --input corpus.parquet --field text --output emb.parquet --ray   # a Ray cluster
+
+    >>> from bertfast.corpus import encode_file
+    >>> manifest = encode_file("corpus.txt", "corpus.npy", model="minilm")
+
+**Rows.**  Row ``i`` of the output is row ``i`` of the input, always: line ``i`` of a ``.txt``
+file (split on ``\\n`` only, a trailing ``\\r`` dropped, so row numbers are those of ``wc -l`` /
+``sed -n``), line ``i`` of a ``.jsonl`` file, record ``i`` of a ``.csv`` (after the header) or of a
+``.parquet`` file.  A blank text (empty or whitespace only; a JSON/parquet null too) is encoded
+like any other: it gets the model's embedding of the empty sequence ``[CLS] [SEP]`` (what
+``SentenceEncoder.encode("")`` gives, as sentence-transformers does).  ``skip_empty=True``
+(``--skip-empty``) leaves blank rows out instead; the manifest lists them (``skipped_rows``)
+and the ``id`` column of .parquet/.jsonl outputs keeps each vector's input row.
+
+**Files.**  While it runs, the work lives in ``OUTPUT.parts/``: ``manifest.json`` (model,
+settings, input path + size + mtime + sha256, chunk size, rows done) and one ``chunk-J.npz`` per
+``chunk_size`` input rows (ids + vectors), each written to a temporary name and renamed into
+place, so a chunk file is whole or absent.  When every chunk is there, the output is assembled
+(chunk by chunk, so memory stays bounded by one chunk whatever the corpus size) into a temporary
+file, renamed to OUTPUT with ``os.replace``, and ``OUTPUT.manifest.json`` is written with
+``"complete": true``; then the parts directory is removed.  A run that stops (a kill, a crash,
+Ctrl-C) leaves the parts directory; running the same command again resumes from the chunks
+already written (``resume=True`` / ``--resume`` insists on it).  A parts directory from a
+different run (another model, input, setting) is refused with a one-line error.
+
+Chunks, not processes, are the unit of work: under torchrun each rank encodes a contiguous range
+of chunks (so the merged output keeps the input order) and rank 0 assembles after a barrier; with
+Ray, the chunks are rows of a Ray dataset (bertfast.distributed).  A run may be resumed with a
+different number of processes.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "INPUT_FORMATS", "OUTPUT_FORMATS", "OUTPUT_DTYPES", "CorpusReader", "EncodeJob", "encode_file",
+    "split_lines", "read_manifest", "manifest_path", "model_fingerprint", "file_fingerprint",
+]
+
+INPUT_FORMATS = ("txt", "jsonl", "csv", "parquet")
+OUTPUT_FORMATS = ("npy", "parquet", "jsonl")
+OUTPUT_DTYPES = ("float32", "float16")
+MANIFEST_VERSION = 1
+DEFAULT_CHUNK_SIZE = 2048
+EMBEDDING_COLUMN = "embedding"
+_SUFFIXES = {".txt": "txt", ".text": "txt", ".tsv": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
+             ".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".json": "jsonl"}
+# the settings that must be equal for a run to resume another one (the rest, e.g. batch size,
+# device or backend, may change between the two)
+_RUN_KEYS = ("model", "model_dtype", "max_length", "normalize", "input", "output", "skip_empty", "chunk_size")
+
+
+def _is_blank(text: str) -> bool:
+    return not text.strip()
+
+
+def split_lines(data: str) -> List[str]:
+    """``data`` split into lines as :class:`CorpusReader` splits a .txt file: on ``\\n`` only,
+    one trailing ``\\r`` dropped from each line, no empty last line for a final ``\\n``.  (Not
+    ``str.splitlines``, which also splits on form feeds, ``\\x1c`` and U+2028, so its line numbers
+    differ from an editor's.)"""
+    if not data:
+        return []
+    lines = data.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def _format_of(path: Union[str, os.PathLike], fmt: Optional[str], allowed: Sequence[str], what: str) -> str:
+    if fmt is not None:
+        if fmt not in allowed:
+            raise ValueError(f"unknown {what} format {fmt!r} (choose from {', '.join(allowed)})")
+        return fmt
+    suffix = Path(path).suffix.lower()
+    found = _SUFFIXES.get(suffix)
+    if found not in allowed:
+        raise ValueError(f"{path}: cannot tell the {what} format from the suffix {suffix or '(none)'!r} "
+                         f"(expected one of {', '.join('.' + f for f in allowed)})")
+    return found
+
+
+def _need_pyarrow(what: str):
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{what} needs pyarrow, which is not installed: pip install 'bertfast[parquet]'") from None
+    return pyarrow
+
+
+# ---------------------------------------------------------------------------- fingerprints
+def file_fingerprint(path: Union[str, os.PathLike], hash_contents: bool = True) -> dict:
+    """{"path", "size", "mtime_ns", "sha256"} of a file (sha256 of its bytes, read in 8 MiB blocks)."""
+    p = Path(path)
+    st = p.stat()
+    out = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if hash_contents:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
+        out["sha256"] = h.hexdigest()
+    return out
+
+
+def model_fingerprint(model: Union[str, os.PathLike]) -> dict:
+    """{"name", "path", "sha256"} identifying a checkpoint: sha256 of config.json, the weights
+    file's size and its first MiB (header + first tensors), so two checkpoints with the same
+    config but other weights differ, without reading gigabytes."""
+    from bertfast.loading import CONFIG_NAME, find_weights_file, resolve_model_path
+
+    d = Path(resolve_model_path(model))
+    h = hashlib.sha256()
+    h.update((d / CONFIG_NAME).read_bytes())
+    w = find_weights_file(d)
+    h.update(str(w.stat().st_size).encode())
+    with open(w, "rb") as f:
+        h.update(f.read(1 << 20))
+    return {"name": str(model), "path": str(d.resolve()), "sha256": h.hexdigest()}
+
+
+# ---------------------------------------------------------------------------- reading
+class CorpusReader:
+    """The texts of an input file, row by row, in order (see the module docstring for what a
+    row is).  ``field`` names the JSON key / CSV column / parquet column holding the text (for
+    .jsonl whose lines are plain JSON strings, and single-column .csv/.parquet, it may be left out).
+
+    ``plan(chunk_size)`` makes one pass over the file and returns the row count and, for each
+    chunk, where it starts (a byte offset, or a row index for parquet), so ``read(lo, hi, start)``
+    can read one chunk without reading what comes before it (torchrun ranks and Ray workers)."""
+
+    def __init__(self, path: Union[str, os.PathLike], field: Optional[str] = None, fmt: Optional[str] = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"input file not found: {path}")
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory, not an input file")
+        self.format = _format_of(path, fmt, INPUT_FORMATS, "input")
+        if self.format == "txt" and field is not None:
+            raise ValueError(f"--field {field!r} is for .jsonl/.csv/.parquet input; {path} is a text file "
+                             f"(one text per line)")
+        self.field = field
+        if self.format == "parquet":
+            self._parquet_field()
+        elif self.format == "csv":
+            self._csv_field()
+
+    # -- per-format row iterators: yield (byte offset or row index of the row, text)
+    def _lines(self, offset: int = 0) -> Iterator[Tuple[int, int, bytes]]:
+        """(line number from 0 relative to offset, byte offset, raw line without \\n / \\r\\n)."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            pos = offset
+            for i, raw in enumerate(f):
+                start = pos
+                pos += len(raw)
+                if raw.endswith(b"\n"):
+                    raw = raw[:-1]
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+                if start == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte order mark
+                yield i, start, raw
+
+    def _decode(self, raw: bytes, row: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: line {row + 1} is not UTF-8 text ({e.reason} at byte {e.start} of the "
+                             f"line)") from None
+
+    def _json_text(self, raw: bytes, row: int) -> str:
+        where = f"{self.path}: line {row + 1}"
+        if not raw.strip():
+            raise ValueError(f"{where} is blank; JSONL needs one JSON value per line (row i = line i)")
+        try:
+            value = json.loads(self._decode(raw, row))
+        except ValueError as e:
+            raise ValueError(f"{where} is not valid JSON ({e})") from None
+        if isinstance(value, dict):
+            if self.field is None:
+                raise ValueError(f"{where} is a JSON object: give --field (its keys: {', '.join(map(str, value))})")
+            if self.field not in value:
+                raise ValueError(f"{where} has no field {self.field!r} (its keys: {', '.join(map(str, value))})")
+            value = value[self.field]
+        elif self.field is not None:
+            raise ValueError(f"{where} is a JSON {type(value).__name__}, not an object with field {self.field!r}")
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: the text{' field ' + repr(self.field) if self.field else ''} is a JSON "
+                             f"{type(value).__name__}, not a string")
+        return value
+
+    def _csv_open(self, offset: int):
+        f = open(self.path, "rb")
+        f.seek(offset)
+        return f
+
+    def _csv_field(self) -> None:
+        with open(self.path, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), None)
+        if not header:
+            raise ValueError(f"{self.path}: empty CSV file (expected a header row naming the columns)")
+        self._pick_column(header, "CSV")
+        self._col = header.index(self.field)
+
+    def _pick_column(self, names: Sequence[str], kind: str) -> None:
+        """Set self.field to the text column among ``names`` (the only one when not given)."""
+        if self.field is None:
+            if len(names) != 1:
+                raise ValueError(f"{self.path}: give --field, the {kind} column holding the text (columns: "
+                                 f"{', '.join(names)})")
+            self.field = names[0]
+        if self.field not in names:
+            raise ValueError(f"{self.path}: no column {self.field!r} (columns: {', '.join(names)})")
+
+    def _csv_rows(self, offset: int) -> Iterator[Tuple[int, str]]:
+        """(byte offset of the record, text) for each record from ``offset`` (0 = the header's start)."""
+        f = self._csv_open(offset)
+        pos = [offset]
+        row_for_errors = [0]
+
+        def lines():  # csv.reader pulls lines one by one, with no read-ahead: pos is exact
+            for raw in f:
+                pos[0] += len(raw)
+                try:
+                    yield raw.decode("utf-8-sig" if pos[0] == len(raw) else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{self.path}: record {row_for_errors[0] + 1} is not UTF-8 text "
+                                     f"({e.reason})") from None
+
+        with f:
+            reader = csv.reader(lines())
+            if offset == 0:
+                next(reader, None)  # the header
+            while True:
+                start = pos[0]
+                try:
+                    rec = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise ValueError(f"{self.path}: bad CSV near byte {start}: {e}") from None
+                yield start, (rec[self._col] if self._col < len(rec) else "")
+                row_for_errors[0] += 1
+
+    def _parquet_field(self) -> None:
+        pa = _need_pyarrow("parquet input")
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(self.path)
+        self._pick_column(pf.schema_arrow.names, "parquet")
+        t = pf.schema_arrow.field(self.field).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise ValueError(f"{self.path}: column {self.field!r} is {t}, not a string column")
+
+    def _parquet_rows(self, start_row: int) -> Iterator[Tuple[int, str]]:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(self.path)
+        row = 0
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row + n <= start_row:  # a whole row group before the range: not read
+                row += n
+                continue
+            col = pf.read_row_group(g, columns=[self.field]).column(self.field)
+            for v in col.to_pylist():
+                if row >= start_row:
+                    yield row, ("" if v is None else v)
+                row += 1
+
+    def _rows(self, start: int = 0, first_row: int = 0) -> Iterator[Tuple[int, str]]:
+        """(position of the row, text) from position ``start`` (a byte offset; a row for parquet)
+        where row ``first_row`` begins (for error messages)."""
+        if self.format == "parquet":
+            yield from self._parquet_rows(start)
+        elif self.format == "csv":
+            yield from self._csv_rows(start)
+        elif self.format == "jsonl":
+            for i, pos, raw in self._lines(start):
+                yield pos, self._json_text(raw, first_row + i)
+        else:
+            for i, pos, raw in self._lines(start):
+                yield pos, self._decode(raw, first_row + i)
+
+    # -- public API
+    def __iter__(self) -> Iterator[str]:
+        for _, text in self._rows():
+            yield text
+
+    def plan(self, chunk_size: int) -> Tuple[int, List[int]]:
+        """(number of rows, start position of each chunk of ``chunk_size`` rows); every row is
+        parsed once, so a bad row fails here, before any model is loaded."""
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            n = pq.ParquetFile(self.path).metadata.num_rows
+            return n, list(range(0, n, chunk_size))
+        starts: List[int] = []
+        n = 0
+        for pos, _ in self._rows():
+            if n % chunk_size == 0:
+                starts.append(pos)
+            n += 1
+        return n, starts
+
+    def read(self, lo: int, hi: int, start: int) -> List[str]:
+        """Texts of rows [lo, hi), the first of which begins at position ``start`` (from plan())."""
+        out: List[str] = []
+        for _, text in self._rows(start, first_row=lo):
+            if len(out) >= hi - lo:
+                break
+            out.append(text)
+        if len(out) != hi - lo:
+            raise ValueError(f"{self.path} changed while it was read: expected rows {lo}..{hi - 1}, "
+                             f"found {len(out)} of them")
+        return out
+
+
+# ---------------------------------------------------------------------------- small file helpers
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` through a temporary name in the same directory, fsync, then os.replace:
+    the file is either the old one, or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _atomic_write(path, lambda f: json.dump(data, f, indent=1, sort_keys=True), mode="w")
+
+
+def manifest_path(output: Union[str, os.PathLike]) -> Path:
+    """Where the manifest of a finished output lives: ``OUTPUT.manifest.json``."""
+    p = Path(output)
+    return p.with_name(p.name + ".manifest.json")
+
+
+def parts_dir(output: Union[str, os.PathLike]) -> Path:
+    p = Path(output)
+    return p.with_name(p.name + ".parts")
+
+
+def read_manifest(path: Union[str, os.PathLike]) -> dict:
+    """A manifest as a dict; ValueError naming the file when it is missing or unreadable."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no manifest {p}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read manifest {p}: {e}") from None
+    if not isinstance(data, dict) or data.get("bertfast_manifest") != MANIFEST_VERSION:
+        raise ValueError(f"{p} is not a bertfast manifest (version {MANIFEST_VERSION})")
+    return data
+
+
+def _first_difference(old: dict, new: dict) -> Optional[str]:
+    """The first setting of ``new`` that ``old`` does not share, as text; None when they agree.
+    Paths, mtimes and names are not compared: a moved, copied or touched file with the same
+    bytes (sha256) is the same input, and a renamed checkpoint the same model."""
+    for key in _RUN_KEYS:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(b):
+                if k in ("mtime_ns", "name", "path"):
+                    continue
+                if a.get(k) != b.get(k):
+                    return f"{key}.{k}: {a.get(k)!r} before, {b.get(k)!r} now"
+        elif a != b:
+            return f"{key}: {a!r} before, {b!r} now"
+    return None
+
+
+def _chunk_name(j: int) -> str:
+    return f"chunk-{j:08d}.npz"
+
+
+class _RunProgress:
+    """A progress line for the rows of this run (rows/s counts only what this run encodes)."""
+
+    def __init__(self, total: int, done: int, desc: str, show: Optional[bool]):
+        from bertfast.sentence import PROGRESS_THRESHOLD, _Progress
+
+        todo = total - done
+        if show is None:
+            show = todo > PROGRESS_THRESHOLD and bool(getattr(sys.stderr, "isatty", lambda: False)())
+        self.bar = _Progress(todo, desc=desc) if show and todo > 0 else None
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------- the job
+class EncodeJob:
+    """One ``encode --input --output`` run: the plan (rows, chunks), the manifest, the chunk
+    files and the final assembly.  :func:`encode_file` drives it in one process; torchrun
+    ranks and Ray drive the same pieces (bertfast.distributed)."""
+
+    def __init__(self, input, output, *, model="minilm", field=None, input_format=None, dtype=None,
+                 max_length=None, normalize=True, output_dtype="float32", skip_empty=False, chunk_size=None,
+                 world_size: int = 1):
+        from bertfast.sentence import parse_dtype
+
+        if output_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"unknown output dtype {output_dtype!r} (choose from {', '.join(OUTPUT_DTYPES)})")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.output = Path(output)
+        self.output_format = _format_of(output, None, OUTPUT_FORMATS, "output")
+        if self.output_format == "parquet":
+            _need_pyarrow("parquet output")
+        if self.output.is_dir():
+            raise IsADirectoryError(f"--output {output} is a directory; give a file name ending in "
+                                    f"{', '.join('.' + f for f in OUTPUT_FORMATS)}")
+        if not self.output.parent.is_dir():
+            raise FileNotFoundError(f"--output {output}: directory {self.output.parent} does not exist")
+        self.reader = CorpusReader(input, field=field, fmt=input_format)
+        if self.reader.path.resolve() == self.output.resolve():
+            raise ValueError(f"--output {output} is the input file")
+        torch_dtype = parse_dtype(dtype)
+        self.model = model
+        self.settings = {
+            "model": model_fingerprint(model),
+            "model_dtype": str(torch_dtype or "torch.float32").replace("torch.", ""),
+            "max_length": max_length,
+            "normalize": bool(normalize),
+            "output": {"format": self.output_format, "dtype": output_dtype},
+            "skip_empty": bool(skip_empty),
+        }
+        self.requested_chunk_size = chunk_size
+        self.world_size = world_size
+        self.parts = parts_dir(output)
+        self.final_manifest = manifest_path(output)
+        self.manifest: Optional[dict] = None
+
+    # -- preparing (one process: rank 0)
+    def prepare(self, resume: Optional[bool] = None, overwrite: bool = False) -> dict:
+        """Check the input, the output and any earlier run; create OUTPUT.parts/manifest.json.
+        Returns the manifest; ``manifest["complete"]`` is True when OUTPUT is already done."""
+        fp = file_fingerprint(self.reader.path)
+        inp = dict(fp, format=self.reader.format, field=self.reader.field)
+        settings = dict(self.settings, input=inp)
+        if overwrite:
+            shutil.rmtree(self.parts, ignore_errors=True)
+            self.final_manifest.unlink(missing_ok=True)
+        # a finished run of the same job: nothing to do
+        if self.final_manifest.exists() and self.output.exists():
+            old = read_manifest(self.final_manifest)
+            diff = _first_difference(old, dict(settings, chunk_size=old.get("chunk_size")))
+            if diff is None and old.get("complete") and not self.parts.exists():
+                if self.requested_chunk_size not in (None, old.get("chunk_size")):
+                    diff = f"chunk_size: {old.get('chunk_size')} before, {self.requested_chunk_size} now"
+                else:
+                    self.manifest = old
+                    return old
+            raise ValueError(f"{self.output} already exists from another run ({diff or 'incomplete'}); "
+                             f"use --overwrite to replace it")
+        if self.output.exists() and not self.parts.exists() and not overwrite:
+            raise ValueError(f"{self.output} already exists (not written by bertfast encode); use --overwrite "
+                             f"to replace it")
+        old = None
+        if self.parts.exists():
+            try:
+                old = read_manifest(self.parts / "manifest.json")
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"{self.parts} is not a resumable run ({e}); use --overwrite to start again")
+            chunk = self.requested_chunk_size or old.get("chunk_size")
+            diff = _first_difference(old, dict(settings, chunk_size=chunk))
+            if diff is not None:
+                raise ValueError(f"{self.parts} is an interrupted run with other settings ({diff}); run the same "
+                                 f"command to resume it, or use --overwrite to start again")
+        elif resume:
+            raise ValueError(f"--resume: nothing to resume ({self.parts} does not exist)")
+        if old is not None:
+            manifest = old
+        else:
+            chunk = self.requested_chunk_size
+            if chunk is None:
+                chunk = DEFAULT_CHUNK_SIZE
+                if self.world_size > 1:  # a small input still gives every process a chunk
+                    n = sum(1 for _ in self.reader)
+                    chunk = max(1, min(chunk, -(-n // self.world_size)))
+            rows, starts = self.reader.plan(chunk)
+            if rows == 0:
+                raise ValueError(f"{self.reader.path} has no rows to encode")
+            manifest = dict(settings, bertfast_manifest=MANIFEST_VERSION, complete=False, chunk_size=chunk,
+                            input_rows=rows, chunk_starts=starts, n_chunks=len(starts), rows_done=0,
+                            started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            self.parts.mkdir(exist_ok=False)
+            _write_json(self.parts / "manifest.json", manifest)
+        self.manifest = manifest
+        return manifest
+
+    def attach(self, manifest: dict) -> None:
+        """Use a manifest prepared by another process (torchrun ranks other than 0)."""
+        self.manifest = manifest
+
+    # -- chunks
+    def chunk_range(self, j: int) -> Tuple[int, int]:
+        cs, n = self.manifest["chunk_size"], self.manifest["input_rows"]
+        return j * cs, min((j + 1) * cs, n)
+
+    def done_chunks(self) -> set:
+        """Chunks whose file is in the parts directory (each file is whole: written by rename)."""
+        done = set()
+        for p in self.parts.glob("chunk-*.npz"):
+            try:
+                done.add(int(p.name[6:-4]))
+            except ValueError:
+                pass
+        return done
+
+    def rank_chunks(self, rank: int, world_size: int) -> range:
+        """The contiguous chunks rank ``rank`` of ``world_size`` encodes."""
+        n = self.manifest["n_chunks"]
+        return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+    def chunk_texts(self, j: int) -> Tuple[np.ndarray, List[str]]:
+        """(input row ids, texts) of chunk ``j``, blank rows left out when skip_empty."""
+        lo, hi = self.chunk_range(j)
+        texts = self.reader.read(lo, hi, self.manifest["chunk_starts"][j])
+        ids = np.arange(lo, hi, dtype=np.int64)
+        if self.manifest["skip_empty"]:
+            keep = [i for i, t in enumerate(texts) if not _is_blank(t)]
+            ids, texts = ids[keep], [texts[i] for i in keep]
+        return ids, texts
+
+    def write_chunk(self, j: int, ids: np.ndarray, emb: np.ndarray) -> None:
+        """Save chunk ``j`` (ids (n,), vectors (n, D) cast to the output dtype) atomically."""
+        dim = self.manifest.get("embedding_dim")
+        if emb.ndim != 2 or emb.shape[0] != len(ids) or (dim is not None and len(ids) and emb.shape[1] != dim):
+            raise ValueError(f"chunk {j}: {len(ids)} ids but embeddings of shape {emb.shape}")
+        emb = np.ascontiguousarray(emb, dtype=self.manifest["output"]["dtype"])
+        _atomic_write(self.parts / _chunk_name(j), lambda f: np.savez(f, ids=ids, emb=emb))
+
+    def encode_chunks(self, encoder, chunks: Sequence[int], *, batch_size: int = 32, progress: Optional[bool] = None,
+                      desc: Optional[str] = None, after_chunk: Optional[Callable[[], None]] = None,
+                      kill_after: Optional[int] = None) -> int:
+        """Encode the chunks of ``chunks`` not yet on disk with ``encoder`` (a SentenceEncoder);
+        returns the number of input rows encoded.  Progress (rows/s) on stderr.  ``after_chunk``
+        runs after each chunk file is written; ``kill_after`` (tests only) SIGKILLs this process
+        after that many chunks, a real interruption between two chunks."""
+        self._note_encoder(encoder)
+        done = self.done_chunks()
+        todo = [j for j in chunks if j not in done]
+        size = lambda j: self.chunk_range(j)[1] - self.chunk_range(j)[0]  # noqa: E731
+        total = sum(size(j) for j in chunks)
+        if todo and len(todo) < len(chunks) and progress is not False:
+            print(f"resuming: {total - sum(size(j) for j in todo)} of {total} rows already encoded",
+                  file=sys.stderr)
+        bar = _RunProgress(total, total - sum(size(j) for j in todo),
+                           desc or f"encoding {self.reader.path.name}", progress)
+        encoded = 0
+        try:
+            for k, j in enumerate(todo):
+                ids, texts = self.chunk_texts(j)
+                if texts:
+                    emb = encoder.encode(texts, batch_size=batch_size, normalize=self.manifest["normalize"],
+                                         show_progress=False, convert_to_numpy=True)  # (n, D) float32
+                else:  # every row of the chunk is blank and skipped
+                    emb = np.zeros((0, self.manifest["embedding_dim"]), dtype=np.float32)
+                self.write_chunk(j, ids, emb)
+                encoded += size(j)
+                bar.update(size(j))
+                if after_chunk is not None:
+                    after_chunk()
+                if kill_after is not None and k + 1 >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            bar.close()
+        return encoded
+
+    def _note_encoder(self, encoder) -> None:
+        self.manifest["embedding_dim"] = int(encoder.embedding_dim)
+        self.manifest["resolved_max_length"] = int(encoder.max_length)
+
+    def record_progress(self) -> None:
+        """Rewrite the parts manifest with the rows done so far (one process, between chunks)."""
+        done = self.done_chunks()
+        self.manifest["rows_done"] = sum(self.chunk_range(j)[1] - self.chunk_range(j)[0] for j in done)
+        _write_json(self.parts / "manifest.json", self.manifest)
+
+    # -- the end
+    def finalize(self) -> dict:
+        """Assemble the chunks into OUTPUT (temporary name + os.replace), write the complete
+        manifest, remove the parts directory.  Refuses when a chunk is missing."""
+        m = self.manifest
+        missing = sorted(set(range(m["n_chunks"])) - self.done_chunks())
+        if missing:
+            raise ValueError(f"{self.parts}: {len(missing)} chunk(s) missing (first: {missing[0]}); run the same "
+                             f"command again to encode them")
+        chunks = [self.parts / _chunk_name(j) for j in range(m["n_chunks"])]
+        counts, dim = [], None
+        for p in chunks:  # headers only: np.load of an .npz is lazy
+            with np.load(p) as z:
+                counts.append(len(z["ids"]))
+                if len(z["ids"]):
+                    dim = z["emb"].shape[1]
+        rows = sum(counts)
+        if dim is None:
+            dim = m.get("embedding_dim")
+        if rows == 0 or dim is None:
+            raise ValueError(f"{self.reader.path}: every row is blank; nothing was encoded (--skip-empty)")
+        dtype = np.dtype(m["output"]["dtype"])
+        fmt = m["output"]["format"]
+        tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
+        skipped: List[int] = []
+        try:
+            writer = _OutputWriter(fmt, tmp, rows, dim, dtype)
+            for p in chunks:
+                with np.load(p) as z:
+                    ids, emb = z["ids"], z["emb"]
+                    writer.write(ids, emb.reshape(len(ids), dim))
+                    if m["skip_empty"]:
+                        skipped.extend(_gaps(ids, self._range_of_file(p)))
+            writer.close()
+            os.replace(tmp, self.output)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        m.update(complete=True, rows=rows, rows_done=m["input_rows"], embedding_dim=int(dim), skipped_rows=skipped,
+                 output=dict(m["output"], path=str(self.output.resolve()), size=self.output.stat().st_size),
+                 finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        m.pop("chunk_starts", None)
+        _write_json(self.final_manifest, m)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return m
+
+    def _range_of_file(self, p: Path) -> Tuple[int, int]:
+        return self.chunk_range(int(p.name[6:-4]))
+
+
+def _gaps(ids: np.ndarray, rng: Tuple[int, int]) -> List[int]:
+    """Rows of [lo, hi) not in ids."""
+    present = np.zeros(rng[1] - rng[0], dtype=bool)
+    present[ids - rng[0]] = True
+    return (np.nonzero(~present)[0] + rng[0]).tolist()
+
+
+class _OutputWriter:
+    """Writes (ids, vectors) blocks, in order, to one output file of the given format."""
+
+    def __init__(self, fmt: str, path: Path, rows: int, dim: int, dtype: np.dtype):
+        self.fmt, self.path, self.dim, self.dtype = fmt, path, dim, dtype
+        self.pos = 0
+        if fmt == "npy":
+            self.mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, dim))  # (N, D)
+        elif fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            value = pa.float16() if dtype == np.float16 else pa.float32()
+            self.schema = pa.schema([("id", pa.int64()), (EMBEDDING_COLUMN, pa.list_(value, dim))])
+            self.pq = pq.ParquetWriter(path, self.schema)
+        else:
+            self.f = open(path, "w", encoding="utf-8")
+
+    def write(self, ids: np.ndarray, emb: np.ndarray) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        if self.fmt == "npy":
+            self.mm[self.pos:self.pos + n] = emb
+        elif self.fmt == "parquet":
+            import pyarrow as pa
+
+            flat = pa.array(np.ascontiguousarray(emb, dtype=self.dtype).reshape(-1))
+            vectors = pa.FixedSizeListArray.from_arrays(flat, self.dim)
+            self.pq.write_table(pa.table([pa.array(ids, pa.int64()), vectors], schema=self.schema))
+        else:
+            values = emb.astype(self.dtype).tolist()
+            buf = io.StringIO()
+            for i, v in zip(ids.tolist(), values):
+                buf.write(json.dumps({"id": i, EMBEDDING_COLUMN: v}))
+                buf.write("\n")
+            self.f.write(buf.getvalue())
+        self.pos += n
+
+    def close(self) -> None:
+        if self.fmt == "npy":
+            self.mm.flush()
+            del self.mm
+        elif self.fmt == "parquet":
+            self.pq.close()
+        else:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+
+
+# ---------------------------------------------------------------------------- one process
+def encode_file(input, output, *, model="minilm", field=None, input_format=None, device=None, dtype=None,
+                max_length=None, backend=None, batch_size: int = 32, normalize: bool = True,
+                output_dtype: str = "float32", skip_empty: bool = False, chunk_size: Optional[int] = None,
+                resume: Optional[bool] = None, overwrite: bool = False, progress: Optional[bool] = None,
+                encoder=None, _kill_after_chunks: Optional[int] = None) -> dict:
+    """Encode every row of ``input`` into ``output`` (.npy / .parquet / .jsonl) in one process,
+    resuming an interrupted run of the same job.  Returns the complete manifest (a dict; also in
+    ``OUTPUT.manifest.json``).  ``encoder``: an already loaded SentenceEncoder of ``model``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    job = EncodeJob(input, output, model=model, field=field, input_format=input_format, dtype=dtype,
+                    max_length=max_length, normalize=normalize, output_dtype=output_dtype, skip_empty=skip_empty,
+                    chunk_size=chunk_size)
+    manifest = job.prepare(resume=resume, overwrite=overwrite)
+    if manifest.get("complete"):
+        return manifest
+    if encoder is None:
+        from bertfast.sentence import SentenceEncoder
+
+        encoder = SentenceEncoder(model, device=device, dtype=dtype, max_length=max_length, backend=backend)
+    job.encode_chunks(encoder, range(manifest["n_chunks"]), batch_size=batch_size, progress=progress,
+                      after_chunk=job.record_progress, kill_after=_kill_after_chunks)
+    return job.finalize()

@@ -1,0 +1,975 @@
+"""Fine-tuning: ``bertfast.train(...)`` and ``bertfast finetune``.
+
+    bertfast finetune --task classify --train train.jsonl --eval dev.jsonl --model minilm --out runs/sst
+    bertfast finetune --task qa --train squad.jsonl --eval dev.jsonl --out runs/qa --epochs 2 --precision bf16
+    bertfast finetune ... --out runs/sst --resume          # continue an interrupted run, nothing lost
+
+    >>> import bertfast
+    >>> result = bertfast.train("classify", "train.jsonl", "dev.jsonl", model="minilm", out="runs/sst")
+    >>> result.metrics        # {'loss': ..., 'accuracy': ..., 'macro_f1': ...} of the last evaluation
+
+Tasks, their head, the fields each JSONL line / CSV row needs (renamed with ``--*-field``) and
+the evaluation metric:
+
+==========  =================================  ==================================  ========================
+task        head                               fields (default names)              metric
+==========  =================================  ==================================  ========================
+classify    BertForSequenceClassification      text, label                         accuracy, macro F1
+pair        BertForSequenceClassification      text, text_pair, label              accuracy, macro F1
+tokens      BertForTokenClassification         tokens (words), tags (one per word) token accuracy, F1
+qa          BertForQuestionAnswering           question, context, answers          exact match, F1
+mlm         BertForMaskedLM                    text                                masked accuracy, perplexity
+causal-lm   BertLMHeadModel (is_decoder=True)  text                                perplexity
+==========  =================================  ==================================  ========================
+
+Labels / tags are strings or ints; their names go into the checkpoint's config (``id2label``,
+``label2id``).  ``answers`` is ``{"text": str, "answer_start": int}`` (a character offset into
+the context) or SQuAD's ``{"text": [...], "answer_start": [...]}``; in CSV files it is that
+JSON as a string, and tokens / tags are whitespace-separated.
+
+Written to ``--out``: the fine-tuned model (``save_pretrained``: transformers loads it) with its
+tokenizer, ``metrics.json`` (every epoch's evaluation) and ``checkpoint/`` -- the latest training
+state (model, optimizer, scheduler, RNG states, position in the data order), written at the end
+of each epoch, every ``--save-steps`` optimizer steps, on Ctrl-C and at ``--stop-after-steps``.
+``--resume`` continues from it and reaches the same weights, step count and losses as a run that
+was never interrupted (fp32 on CPU, bit for bit).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import string
+import sys
+import time
+import types
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from bertfast.collators import (
+    IGNORE_INDEX, LengthGroupedBatches, MLMCollator, align_labels, causal_lm_labels, pad_batch, qa_features,
+)
+from bertfast.sentence import _Progress
+
+__all__ = ["train", "TrainResult", "TASKS", "read_records", "add_arguments", "run"]
+
+TASKS = ("classify", "tokens", "pair", "qa", "mlm", "causal-lm")
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.json"
+# settings a resumed run must share with the run it continues (else it would not be the same run)
+_RESUME_KEYS = ("task", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed",
+                "max_length", "stride", "mlm_probability", "whole_word", "label_all_subwords", "precision",
+                "max_grad_norm")
+DEFAULT_FIELDS = {"text_field": "text", "text_pair_field": "text_pair", "label_field": "label",
+                  "tokens_field": "tokens", "tags_field": "tags", "question_field": "question",
+                  "context_field": "context", "answers_field": "answers"}
+_FIELDS_OF_TASK = {
+    "classify": ("text_field", "label_field"),
+    "pair": ("text_field", "text_pair_field", "label_field"),
+    "tokens": ("tokens_field", "tags_field"),
+    "qa": ("question_field", "context_field", "answers_field"),
+    "mlm": ("text_field",),
+    "causal-lm": ("text_field",),
+}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns.  ``metrics``: the last evaluation (empty without an eval
+    file); ``history``: one dict per epoch (``epoch``, ``train_loss``, eval metrics);
+    ``stopped``: True when the run stopped early (``stop_after_steps``) with a checkpoint to resume."""
+    output_dir: Path
+    global_step: int
+    total_steps: int
+    metrics: Dict[str, float]
+    history: List[Dict[str, float]]
+    train_loss: float
+    stopped: bool = False
+    seconds: float = 0.0
+
+
+# ============================================================================ reading data
+class _Record(dict):
+    """One example: its fields, plus where it came from (for error messages)."""
+    source: str = ""
+    line: int = 0
+
+
+def read_records(path: Union[str, os.PathLike], fmt: Optional[str] = None) -> List[_Record]:
+    """Read a JSONL file (one JSON object a line; blank lines skipped) or a CSV / TSV file with a
+    header row.  The format comes from the extension (.jsonl / .json / .csv / .tsv) unless
+    ``fmt`` is given.  Every problem is a one-line error naming the file and the line."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"file not found: {p}")
+    if p.is_dir():
+        raise IsADirectoryError(f"{p} is a directory, not a data file")
+    fmt = (fmt or p.suffix.lstrip(".")).lower()
+    if fmt in ("json", "jsonl", "ndjson"):
+        fmt = "jsonl"
+    elif fmt not in ("csv", "tsv"):
+        raise ValueError(f"{p}: unknown data format {fmt!r}; use a .jsonl, .csv or .tsv file")
+    try:
+        with open(p, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    records: List[_Record] = []
+    if fmt == "jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{p}:{n}: expected a JSON object with named fields, got {type(obj).__name__}")
+            r = _Record(obj)
+            r.source, r.line = str(p), n
+            records.append(r)
+    else:
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if fmt == "tsv" else ",")
+        if not reader.fieldnames:
+            raise ValueError(f"{p}: no header row (the first line must name the fields)")
+        for row in reader:
+            if None in row:
+                raise ValueError(f"{p}:{reader.line_num}: more values than the {len(reader.fieldnames)} header fields")
+            r = _Record(row)
+            r.source, r.line = str(p), reader.line_num
+            records.append(r)
+    if not records:
+        raise ValueError(f"{p}: no examples")
+    return records
+
+
+def _field(rec: _Record, name: str, flag: str) -> Any:
+    if name not in rec or rec[name] is None:
+        have = ", ".join(map(str, rec)) or "none"
+        raise ValueError(f"{rec.source}:{rec.line}: missing field {name!r} (fields: {have}; choose another with "
+                         f"--{flag.replace('_', '-')})")
+    return rec[name]
+
+
+def _text(rec, name, flag) -> str:
+    v = _field(rec, name, flag)
+    if not isinstance(v, str):
+        raise ValueError(f"{rec.source}:{rec.line}: field {name!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _words(rec, name, flag) -> List[Any]:
+    v = _field(rec, name, flag)
+    if isinstance(v, str):  # CSV: whitespace-separated
+        v = v.split()
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"{rec.source}:{rec.line}: field {name!r} must be a non-empty list, got {v!r}")
+    return v
+
+
+def _label_key(v: Any, rec, name) -> Union[str, int]:
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise ValueError(f"{rec.source}:{rec.line}: field {name!r} must be a label name (str) or id (int), got {v!r}")
+    return v
+
+
+def _label_names(values: Sequence[Union[str, int]]) -> List[str]:
+    """Sorted label names; ints sort numerically (and must then be 0..K-1, used as their ids)."""
+    uniq = set(values)
+    if all(isinstance(v, int) for v in uniq):
+        return [str(v) for v in range(max(uniq) + 1)]
+    return sorted(str(v) for v in uniq)
+
+
+# ============================================================================ options
+@dataclasses.dataclass
+class _Options:
+    task: str
+    train_file: str
+    eval_file: Optional[str]
+    model: str
+    out: str
+    epochs: int = 3
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    stride: int = 32
+    mlm_probability: float = 0.15
+    whole_word: bool = False
+    label_all_subwords: bool = False
+    precision: str = "fp32"
+    seed: int = 0
+    device: Optional[str] = None
+    save_steps: int = 0
+    stop_after_steps: Optional[int] = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: Optional[bool] = None
+    fields: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.max_length < 4:
+            raise ValueError(f"max_length must be >= 4 tokens, got {self.max_length}")
+        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm", "mlm_probability"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_ratio > 1 or not 0 < self.mlm_probability <= 1:
+            raise ValueError("warmup_ratio must be in [0, 1] and mlm_probability in (0, 1]")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            raise ValueError(f"stop_after_steps must be >= 1, got {self.stop_after_steps}")
+        unknown = sorted(set(self.fields) - set(DEFAULT_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field option(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_FIELDS)}")
+
+    def field(self, key: str) -> str:
+        return self.fields.get(key) or DEFAULT_FIELDS[key]
+
+
+# ============================================================================ tasks
+class _Task:
+    """What differs between tasks: the head, how records become features, the collator, the metric."""
+    head = ""
+    metric_names: tuple = ()
+
+    def __init__(self, opts: _Options, tokenizer):
+        self.opts, self.tok = opts, tokenizer
+        self.labels: Optional[List[str]] = None
+
+    def fit_labels(self, records: Sequence[_Record], config_labels: Optional[List[str]]) -> None:
+        """Decide the label names (from the training data, or a fine-tuned checkpoint's config)."""
+
+    def config_overrides(self) -> dict:
+        if self.labels is None:
+            return {}
+        return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+                "label2id": {n: i for i, n in enumerate(self.labels)}}
+
+    def features(self, records: Sequence[_Record]) -> List[dict]:
+        raise NotImplementedError
+
+    def collate(self, feats: Sequence[dict], generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+        return pad_batch(feats, self.tok.pad_token_id)
+
+    def evaluate(self, model, records, feats, batches, run_batch) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def _outputs(self, feats, batches, run_batch, generator=None):
+        """(example indices, collated batch, model output) for each evaluation batch."""
+        for idx in batches:
+            batch = self.collate([feats[i] for i in idx], generator)
+            yield idx, batch, run_batch(batch)
+
+    def _label_id(self, v, rec, name) -> int:
+        key = str(_label_key(v, rec, name))
+        if key not in self.label2id:
+            raise ValueError(f"{rec.source}:{rec.line}: label {v!r} of field {name!r} is not one of the "
+                             f"training labels ({', '.join(self.labels)})")
+        return self.label2id[key]
+
+    def _set_labels(self, names: List[str], config_labels: Optional[List[str]]) -> None:
+        if config_labels and set(names) <= set(config_labels):
+            names = list(config_labels)  # keep a fine-tuned checkpoint's label ids
+        if len(names) < 2:
+            raise ValueError(f"the training data has {len(names)} label(s) ({', '.join(names)}); need at least 2")
+        self.labels = names
+        self.label2id = {n: i for i, n in enumerate(names)}
+
+
+def _macro_f1(pred: Sequence[int], gold: Sequence[int], classes: Sequence[int]) -> float:
+    f1s = []
+    for c in classes:
+        tp = sum(1 for p, g in zip(pred, gold) if p == c and g == c)
+        fp = sum(1 for p, g in zip(pred, gold) if p == c and g != c)
+        fn = sum(1 for p, g in zip(pred, gold) if p != c and g == c)
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    return sum(f1s) / len(f1s) if f1s else 0.0
+
+
+class _Classify(_Task):
+    head = "BertForSequenceClassification"
+    pair = False
+
+    def _label_field(self):
+        return self.opts.field("label_field")
+
+    def fit_labels(self, records, config_labels):
+        name = self._label_field()
+        self._set_labels(_label_names([_label_key(_field(r, name, "label_field"), r, name) for r in records]),
+                         config_labels)
+
+    def features(self, records):
+        tf, pf, lf = self.opts.field("text_field"), self.opts.field("text_pair_field"), self._label_field()
+        texts = [_text(r, tf, "text_field") for r in records]
+        pairs = [_text(r, pf, "text_pair_field") for r in records] if self.pair else None
+        labels = [self._label_id(_field(r, lf, "label_field"), r, lf) for r in records]
+        enc = self.tok(texts, pairs, truncation=True, max_length=self.opts.max_length, padding=False,
+                       return_tensors=None)
+        return [{"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i], "labels": labels[i]}
+                for i in range(len(records))]
+
+    def evaluate(self, model, records, feats, batches, run_batch):
+        pred, gold, loss, n = [], [], 0.0, 0
+        for idx, batch, out in self._outputs(feats, batches, run_batch):
+            loss += float(out.loss) * len(idx)
+            n += len(idx)
+            pred += out.logits.argmax(-1).tolist()
+            gold += batch["labels"].tolist()
+        acc = sum(p == g for p, g in zip(pred, gold)) / len(gold)
+        return {"loss": loss / n, "accuracy": acc, "macro_f1": _macro_f1(pred, gold, range(len(self.labels)))}
+
+
+class _Pair(_Classify):
+    pair = True
+
+
+class _Tokens(_Task):
+    head = "BertForTokenClassification"
+
+    def fit_labels(self, records, config_labels):
+        name = self.opts.field("tags_field")
+        tags = [_label_key(t, r, name) for r in records for t in _words(r, name, "tags_field")]
+        self._set_labels(_label_names(tags), config_labels)
+        self.outside = self.label2id.get("O")  # NER's outside tag: F1 leaves it out
+
+    def features(self, records):
+        wf, tf = self.opts.field("tokens_field"), self.opts.field("tags_field")
+        words, tags = [], []
+        for r in records:
+            w = [str(x) for x in _words(r, wf, "tokens_field")]
+            t = [self._label_id(x, r, tf) for x in _words(r, tf, "tags_field")]
+            if len(w) != len(t):
+                raise ValueError(f"{r.source}:{r.line}: {len(w)} word(s) in {wf!r} but {len(t)} tag(s) in {tf!r}")
+            words.append(w)
+            tags.append(t)
+        enc = self.tok(words, is_split_into_words=True, truncation=True, max_length=self.opts.max_length,
+                       padding=False, return_tensors=None)
+        return [{"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i],
+                 "labels": align_labels(enc.word_ids(i), tags[i], label_all_subwords=self.opts.label_all_subwords)}
+                for i in range(len(records))]
+
+    def evaluate(self, model, records, feats, batches, run_batch):
+        pred, gold, loss, n = [], [], 0.0, 0
+        for _, batch, out in self._outputs(feats, batches, run_batch):
+            labels = batch["labels"]
+            keep = labels != IGNORE_INDEX
+            k = int(keep.sum())
+            loss += float(out.loss) * k
+            n += k
+            pred += out.logits.argmax(-1)[keep].tolist()
+            gold += labels[keep].tolist()
+        acc = sum(p == g for p, g in zip(pred, gold)) / max(len(gold), 1)
+        o = self.outside
+        tp = sum(1 for p, g in zip(pred, gold) if p == g and g != o)
+        n_pred = sum(1 for p in pred if p != o)
+        n_gold = sum(1 for g in gold if g != o)
+        f1 = 2 * tp / (n_pred + n_gold) if n_pred + n_gold else 1.0
+        return {"loss": loss / max(n, 1), "accuracy": acc, "f1": f1}
+
+
+# --- QA: SQuAD's answer normalisation and scores
+def _normalize_answer(s: str) -> str:
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _span_f1(pred: str, gold: str) -> float:
+    p, g = _normalize_answer(pred).split(), _normalize_answer(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(g)
+    return 2 * prec * rec / (prec + rec)
+
+
+class _QA(_Task):
+    head = "BertForQuestionAnswering"
+    max_answer_len = 30
+
+    def _columns(self, records):
+        qf, cf, af = (self.opts.field(k) for k in ("question_field", "context_field", "answers_field"))
+        qs = [_text(r, qf, "question_field") for r in records]
+        cs = [_text(r, cf, "context_field") for r in records]
+        ans = []
+        for r in records:
+            a = _field(r, af, "answers_field")
+            if isinstance(a, str):  # CSV: the answers dict as JSON
+                try:
+                    a = json.loads(a)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{r.source}:{r.line}: field {af!r} must be JSON "
+                                     f'{{"text": ..., "answer_start": ...}}, got {a[:40]!r}') from None
+            ans.append(a)
+        return qs, cs, ans
+
+    def features(self, records):
+        qs, cs, ans = self._columns(records)
+        try:
+            f = qa_features(self.tok, qs, cs, ans, max_length=self.opts.max_length, stride=self.opts.stride)
+        except ValueError as e:  # name the line: "answers[3]" -> the record's file and line
+            m = re.search(r"answers\[(\d+)\]", str(e))
+            if m:
+                r = records[int(m.group(1))]
+                raise ValueError(f"{r.source}:{r.line}: {e}") from None
+            raise
+        feats = []
+        for r in range(f["input_ids"].shape[0]):
+            n = int(f["attention_mask"][r].sum())
+            feats.append({"input_ids": f["input_ids"][r, :n].tolist(), "token_type_ids": f["token_type_ids"][r, :n].tolist(),
+                          "start_positions": int(f["start_positions"][r]), "end_positions": int(f["end_positions"][r]),
+                          "example_index": int(f["example_index"][r]), "offsets": f["offset_mapping"][r][:n]})
+        return feats
+
+    def config_overrides(self):
+        return {"num_labels": 2, "id2label": None, "label2id": None}
+
+    def collate(self, feats, generator=None):
+        batch = pad_batch([{k: v for k, v in f.items() if k not in ("offsets", "example_index")} for f in feats],
+                          self.tok.pad_token_id)
+        return batch
+
+    def evaluate(self, model, records, feats, batches, run_batch):
+        from bertfast.qa import best_span
+
+        _, contexts, answers = self._columns(records)
+
+        best: Dict[int, tuple] = {}
+        loss, n = 0.0, 0
+        for idx, batch, out in self._outputs(feats, batches, run_batch):
+            loss += float(out.loss) * len(idx)
+            n += len(idx)
+            for row, i in enumerate(idx):
+                offs = feats[i]["offsets"]
+                mask = torch.tensor([o is not None for o in offs] + [False] * (batch["input_ids"].shape[1] - len(offs)))
+                if not mask.any():
+                    continue
+                s, e, score = best_span(out.start_logits[row].float(), out.end_logits[row].float(),
+                                        max_answer_len=self.max_answer_len, mask=mask)
+                ex = feats[i]["example_index"]
+                if ex not in best or score > best[ex][0]:
+                    best[ex] = (score, contexts[ex][offs[s][0]:offs[e][1]])
+        em = f1 = 0.0
+        for ex, a in enumerate(answers):
+            golds = a["text"] if isinstance(a["text"], list) else [a["text"]]
+            golds = golds or [""]
+            pred = best.get(ex, (0.0, ""))[1]
+            em += max(float(_normalize_answer(pred) == _normalize_answer(g)) for g in golds)
+            f1 += max(_span_f1(pred, g) for g in golds)
+        k = len(answers)
+        return {"loss": loss / max(n, 1), "exact_match": em / k, "f1": f1 / k}
+
+
+class _MLM(_Task):
+    head = "BertForMaskedLM"
+    eval_seed = 12345  # the eval set is masked the same way every epoch
+
+    def __init__(self, opts, tokenizer):
+        super().__init__(opts, tokenizer)
+        self.collator = MLMCollator(tokenizer, opts.mlm_probability, whole_word=opts.whole_word)
+
+    def features(self, records):
+        tf = self.opts.field("text_field")
+        texts = [_text(r, tf, "text_field") for r in records]
+        enc = self.tok(texts, truncation=True, max_length=self.opts.max_length, padding=False, return_tensors=None)
+        feats = []
+        for i in range(len(texts)):
+            f = {"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i]}
+            if self.opts.whole_word:
+                f["word_ids"] = enc.word_ids(i)
+            feats.append(f)
+        return feats
+
+    def collate(self, feats, generator=None):
+        return self.collator(feats, generator=generator)
+
+    def evaluate(self, model, records, feats, batches, run_batch):
+        g = torch.Generator().manual_seed(self.eval_seed)
+        nll, correct, n = 0.0, 0, 0
+        for _, batch, out in self._outputs(feats, batches, run_batch, g):
+            labels = batch["labels"].to(out.logits.device)
+            keep = labels != IGNORE_INDEX
+            logits = out.logits[keep].float()  # (M, V)
+            nll += float(torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"))
+            correct += int((logits.argmax(-1) == labels[keep]).sum())
+            n += int(keep.sum())
+        mean = nll / max(n, 1)
+        return {"loss": mean, "masked_accuracy": correct / max(n, 1), "perplexity": math.exp(min(mean, 700.0))}
+
+
+class _CausalLM(_MLM):
+    head = "BertLMHeadModel"
+
+    def __init__(self, opts, tokenizer):
+        _Task.__init__(self, opts, tokenizer)
+
+    def config_overrides(self):
+        return {"is_decoder": True}
+
+    def features(self, records):
+        tf = self.opts.field("text_field")
+        texts = [_text(r, tf, "text_field") for r in records]
+        enc = self.tok(texts, truncation=True, max_length=self.opts.max_length, padding=False, return_tensors=None)
+        return [{"input_ids": enc["input_ids"][i]} for i in range(len(texts))]
+
+    def collate(self, feats, generator=None):
+        batch = pad_batch(feats, self.tok.pad_token_id)
+        batch["labels"] = causal_lm_labels(batch["input_ids"], batch["attention_mask"])
+        return batch
+
+    def evaluate(self, model, records, feats, batches, run_batch):
+        nll, correct, n = 0.0, 0, 0
+        for _, batch, out in self._outputs(feats, batches, run_batch):
+            labels = batch["labels"].to(out.logits.device)[:, 1:]
+            keep = labels != IGNORE_INDEX
+            logits = out.logits[:, :-1][keep].float()  # (M, V): position t predicts token t + 1
+            nll += float(torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"))
+            correct += int((logits.argmax(-1) == labels[keep]).sum())
+            n += int(keep.sum())
+        mean = nll / max(n, 1)
+        return {"loss": mean, "next_token_accuracy": correct / max(n, 1), "perplexity": math.exp(min(mean, 700.0))}
+
+
+_TASK_CLASSES = {"classify": _Classify, "pair": _Pair, "tokens": _Tokens, "qa": _QA, "mlm": _MLM,
+                 "causal-lm": _CausalLM}
+
+
+# ============================================================================ progress
+class _StepProgress(_Progress):
+    """The progress line of one epoch: steps, running loss, examples/s and tokens/s."""
+
+    def __init__(self, total: int, desc: str, stream=None):
+        super().__init__(total, desc=desc, stream=stream)
+        self.loss = float("nan")
+        self.examples = 0
+        self.tokens = 0
+
+    def _line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        ex = self.examples / elapsed if elapsed > 0 else 0.0
+        tk = self.tokens / elapsed if elapsed > 0 else 0.0
+        return (f"{self.desc}: {self.done}/{self.total} batches ({pct:3.0f}%) loss {self.loss:.4f}, "
+                f"{ex:,.1f} examples/s, {tk:,.0f} tokens/s, {elapsed:.1f}s")
+
+
+class _Quiet:
+    def __init__(self, *a, **k):
+        self.loss, self.examples, self.tokens = float("nan"), 0, 0
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+# ============================================================================ state
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:  # linear warm-up, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def _model_class(name: str):
+    import bertfast
+
+    if not hasattr(bertfast.modeling, name):
+        raise ValueError(f"this bertfast has no {name} (needed for this task)")
+    return getattr(bertfast.modeling, name)
+
+
+def _batch_to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+# ============================================================================ the loop
+def train(task: str, train_file: Union[str, os.PathLike], eval_file: Union[None, str, os.PathLike] = None, *,
+          model: Union[str, os.PathLike] = "minilm", out: Union[str, os.PathLike] = "bertfast-finetuned",
+          epochs: int = 3, batch_size: int = 16, eval_batch_size: int = 64, grad_accum: int = 1, lr: float = 5e-5,
+          weight_decay: float = 0.01, warmup_ratio: float = 0.1, max_grad_norm: float = 1.0, max_length: int = 128,
+          stride: int = 32, mlm_probability: float = 0.15, whole_word: bool = False,
+          label_all_subwords: bool = False, precision: str = "fp32", seed: int = 0, device=None,
+          save_steps: int = 0, stop_after_steps: Optional[int] = None, resume: bool = False,
+          overwrite: bool = False, progress: Optional[bool] = None, **fields: str) -> TrainResult:
+    """Fine-tune ``model`` (a checkpoint directory or "minilm") on ``task`` from ``train_file``
+    (JSONL / CSV), evaluating on ``eval_file`` after every epoch; write the result to ``out``.
+
+    ``fields``: the field names, e.g. ``text_field="sentence"``, ``label_field="y"`` (see the
+    module docstring for each task's fields).  ``grad_accum`` micro-batches make one optimizer
+    step (AdamW, linear warm-up over ``warmup_ratio`` of the steps then linear decay, gradient
+    norm clipped at ``max_grad_norm``).  ``precision="bf16"`` runs forward and loss under bf16
+    autocast (weights and optimizer stay fp32).  ``seed`` fixes the head's initialisation, the
+    data order, dropout and MLM masking.  ``stop_after_steps`` stops (checkpointed) after that
+    many optimizer steps in all, as an interruption would; ``resume=True`` continues from
+    ``out/checkpoint``.  ``progress``: show the progress line on stderr (default: on a terminal;
+    a few plain lines otherwise, ``False`` for none)."""
+    opts = _Options(task=task, train_file=str(train_file), eval_file=None if eval_file is None else str(eval_file),
+                    model=str(model), out=str(out), epochs=epochs, batch_size=batch_size,
+                    eval_batch_size=eval_batch_size, grad_accum=grad_accum, lr=float(lr),
+                    weight_decay=float(weight_decay), warmup_ratio=float(warmup_ratio),
+                    max_grad_norm=float(max_grad_norm), max_length=max_length, stride=stride,
+                    mlm_probability=float(mlm_probability), whole_word=bool(whole_word),
+                    label_all_subwords=bool(label_all_subwords), precision=precision, seed=int(seed),
+                    device=None if device is None else str(device), save_steps=int(save_steps or 0),
+                    stop_after_steps=stop_after_steps, resume=bool(resume), overwrite=bool(overwrite),
+                    progress=progress, fields={k: v for k, v in fields.items() if v is not None})
+    opts.check()
+    return _Trainer(opts).run()
+
+
+class _Trainer:
+    def __init__(self, opts: _Options):
+        from bertfast.loading import resolve_model_path
+        from bertfast.sentence import parse_device
+        from bertfast.tokenization import Tokenizer
+
+        self.opts = opts
+        self.err = sys.stderr
+        self.device = parse_device(opts.device)
+        self.out = Path(opts.out)
+        self.ckpt = self.out / CHECKPOINT_DIR
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"--out {self.out} is a file, not a directory")
+        self.state = None
+        if opts.resume:
+            if not (self.ckpt / STATE_FILE).is_file():
+                raise FileNotFoundError(f"nothing to resume: {self.ckpt / STATE_FILE} does not exist "
+                                        f"(run without --resume first)")
+            try:
+                self.state = torch.load(self.ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+            except Exception as e:  # a truncated or foreign file: pickle / zip / torch errors
+                raise ValueError(f"cannot read the training state {self.ckpt / STATE_FILE}: {e}") from None
+            saved = self.state["options"]
+            diff = [f"{k}={getattr(opts, k)!r} (checkpoint: {saved.get(k)!r})" for k in _RESUME_KEYS
+                    if saved.get(k) != getattr(opts, k)]
+            if diff:
+                raise ValueError(f"--resume with settings other than the interrupted run's: {', '.join(diff)}")
+        elif (self.ckpt / STATE_FILE).is_file() and not opts.overwrite:
+            raise ValueError(f"{self.out} already holds a training run; pass --resume to continue it or "
+                                  f"--overwrite to start over")
+        model_dir = self.ckpt if self.state is not None else resolve_model_path(opts.model)
+        self.model_dir = Path(model_dir)
+        self.tok = Tokenizer.from_pretrained(self.model_dir, max_length=None)
+        self.task = _TASK_CLASSES[opts.task](opts, self.tok)
+
+    # ------------------------------------------------------------------ setup
+    def _load(self):
+        opts, task = self.opts, self.task
+        from bertfast.loading import load_config
+
+        train_records = read_records(opts.train_file)
+        eval_records = read_records(opts.eval_file) if opts.eval_file else None
+        config = load_config(self.model_dir)
+        if opts.max_length > config.max_position_embeddings:
+            raise ValueError(f"max_length={opts.max_length} exceeds the model's max_position_embeddings="
+                             f"{config.max_position_embeddings}")
+        names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else None
+        task.fit_labels(train_records, names)
+        self.train_feats = task.features(train_records)
+        self.eval_records = eval_records
+        self.eval_feats = task.features(eval_records) if eval_records else None
+        torch.manual_seed(opts.seed)  # a new head's initialisation
+        cls = _model_class(task.head)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = cls.from_pretrained(self.model_dir, **task.config_overrides())
+        for w in caught:
+            if "newly initialised" in str(w.message) or "has no pooler" in str(w.message):
+                print(f"bertfast finetune: {w.message}", file=self.err)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        self.model = model.to(self.device)
+        lengths = [len(f["input_ids"]) for f in self.train_feats]
+        self.sampler = LengthGroupedBatches(lengths, opts.batch_size, seed=opts.seed)
+        self.batches_per_epoch = len(self.sampler)
+        self.steps_per_epoch = -(-self.batches_per_epoch // opts.grad_accum)
+        self.total_steps = self.steps_per_epoch * opts.epochs
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            (no_decay if p.dim() < 2 or "LayerNorm" in n or n.endswith(".bias") else decay).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
+        warmup = int(round(opts.warmup_ratio * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(warmup, self.total_steps))
+
+    def _eval_batches(self) -> List[List[int]]:
+        n = len(self.eval_feats)
+        order = sorted(range(n), key=lambda i: -len(self.eval_feats[i]["input_ids"]))
+        bs = self.opts.eval_batch_size
+        return [order[i:i + bs] for i in range(0, n, bs)]
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opts.precision == "bf16")
+
+    def _run_batch(self, batch):
+        with self._autocast():
+            return self.model(**_batch_to(batch, self.device))
+
+    def evaluate(self) -> Dict[str, float]:
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.model, self.eval_records, self.eval_feats, self._eval_batches(),
+                                         self._run_batch)
+        self.model.train()
+        return {k: float(v) for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_model(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        self.tok.save_pretrained(directory)
+
+    def _save_checkpoint(self, epoch: int, batch_pos: int, rng: dict, loss_sum: float, loss_count: int) -> None:
+        """Everything the next step needs: weights, optimizer, scheduler, RNG states, position."""
+        tmp = self.out / (CHECKPOINT_DIR + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self._save_model(tmp)
+        torch.save({"options": dataclasses.asdict(self.opts), "epoch": epoch, "batch_pos": batch_pos,
+                    "global_step": self.global_step, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "rng": rng, "history": self.history,
+                    "loss_sum": loss_sum, "loss_count": loss_count, "last_loss": self.last_loss},
+                   tmp / STATE_FILE)
+        if self.ckpt.exists():  # replace the old checkpoint only once the new one is complete
+            old = self.out / (CHECKPOINT_DIR + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            self.ckpt.rename(old)
+            tmp.rename(self.ckpt)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(self.ckpt)
+
+    def _write_metrics(self) -> None:
+        with open(self.out / METRICS_FILE, "w", encoding="utf-8") as f:
+            json.dump({"task": self.opts.task, "global_step": self.global_step, "total_steps": self.total_steps,
+                       "history": self.history}, f, indent=2)
+
+    # ------------------------------------------------------------------ run
+    def _batch_generator(self, epoch: int, pos: int) -> torch.Generator:
+        """The MLM masking of batch ``pos`` of ``epoch``: a function of the seed and position only,
+        so a resumed run masks exactly as an uninterrupted one."""
+        return torch.Generator().manual_seed((self.opts.seed * 1_000_003 + epoch) * 1_000_003 + pos)
+
+    def _progress(self, epoch: int):
+        show = self.opts.progress
+        if show is False:
+            return _Quiet()
+        return _StepProgress(self.batches_per_epoch, f"epoch {epoch + 1}/{self.opts.epochs}", stream=self.err)
+
+    def run(self) -> TrainResult:
+        opts = self.opts
+        t0 = time.perf_counter()
+        self._load()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.history: List[Dict[str, float]] = []
+        self.global_step, start_epoch, start_pos = 0, 0, 0
+        loss_sum, loss_count = 0.0, 0
+        self.last_loss = float("nan")
+        if self.state is not None:
+            st = self.state
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scheduler.load_state_dict(st["scheduler"])
+            self.global_step, start_epoch, start_pos = st["global_step"], st["epoch"], st["batch_pos"]
+            self.history, loss_sum, loss_count = list(st["history"]), st["loss_sum"], st["loss_count"]
+            self.last_loss = st["last_loss"]
+            _set_rng_state(st["rng"])
+            print(f"bertfast finetune: resuming at step {self.global_step}/{self.total_steps} "
+                  f"(epoch {start_epoch + 1}, batch {start_pos})", file=self.err)
+        else:
+            torch.manual_seed(opts.seed)
+            random.seed(opts.seed)
+        self.model.train()
+        stopped = False
+        boundary = (start_epoch, start_pos, _rng_state(), loss_sum, loss_count)  # the last optimizer step
+        try:
+            for epoch in range(start_epoch, opts.epochs):
+                batches = self.sampler.batches(epoch)
+                pos0 = start_pos if epoch == start_epoch else 0
+                if epoch != start_epoch:
+                    loss_sum, loss_count = 0.0, 0
+                bar = self._progress(epoch)
+                bar.update(pos0)
+                self.optimizer.zero_grad(set_to_none=True)
+                for pos in range(pos0, len(batches)):
+                    idx = batches[pos]
+                    # the micro-batches of this optimizer step (the last step of an epoch may have fewer)
+                    group0 = (pos // opts.grad_accum) * opts.grad_accum
+                    n_group = min(opts.grad_accum, len(batches) - group0)
+                    batch = self.task.collate([self.train_feats[i] for i in idx], self._batch_generator(epoch, pos))
+                    out = self._run_batch(batch)
+                    loss = out.loss.float()
+                    if not torch.isfinite(loss):
+                        raise ValueError(f"the loss is {float(loss)} at step {self.global_step + 1} "
+                                                 f"(epoch {epoch + 1}, batch {pos}); try a lower --lr")
+                    (loss / n_group).backward()
+                    loss_sum += float(loss.detach())
+                    loss_count += 1
+                    bar.loss = loss_sum / loss_count
+                    bar.examples += len(idx)
+                    bar.tokens += int(batch["attention_mask"].sum())
+                    if pos - group0 + 1 == n_group:  # the step
+                        if opts.max_grad_norm > 0:
+                            torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.max_grad_norm)
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.global_step += 1
+                        self.last_loss = float(loss.detach())
+                        boundary = (epoch, pos + 1, _rng_state(), loss_sum, loss_count)
+                        stop = opts.stop_after_steps is not None and self.global_step >= opts.stop_after_steps
+                        if stop or (opts.save_steps and self.global_step % opts.save_steps == 0):
+                            self._save_checkpoint(*boundary)
+                        if stop:
+                            stopped = True
+                            break
+                    bar.update(1)
+                bar.close()
+                if stopped:
+                    print(f"bertfast finetune: stopped after step {self.global_step}/{self.total_steps}; "
+                          f"continue with --resume", file=self.err)
+                    break
+                record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": loss_sum / max(loss_count, 1)}
+                if self.eval_feats:
+                    record.update(self.evaluate())
+                self.history.append(record)
+                print("bertfast finetune: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in record.items()), file=self.err)
+                self._write_metrics()
+                self._save_checkpoint(epoch + 1, 0, _rng_state(), 0.0, 0)
+                boundary = (epoch + 1, 0, _rng_state(), 0.0, 0)
+        except KeyboardInterrupt:  # keep everything up to the last optimizer step
+            self._save_checkpoint(*boundary)
+            print(f"\nbertfast finetune: interrupted; checkpoint at step {self.global_step} in {self.ckpt} "
+                  f"(continue with --resume)", file=self.err)
+            raise
+        if not stopped:
+            self._save_model(self.out)
+        metrics = {k: v for k, v in (self.history[-1] if self.history else {}).items()
+                   if k not in ("epoch", "step", "train_loss")}
+        train_loss = self.history[-1]["train_loss"] if self.history and not stopped else (
+            loss_sum / max(loss_count, 1))
+        return TrainResult(output_dir=self.out, global_step=self.global_step, total_steps=self.total_steps,
+                           metrics=metrics, history=list(self.history), train_loss=float(train_loss),
+                           stopped=stopped, seconds=time.perf_counter() - t0)
+
+
+# ============================================================================ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bertfast.cli import _device_arg, _model_arg, nonnegative_int, out_dir_arg, positive_int
+
+    p.add_argument("--task", required=True, choices=TASKS, help="what to fine-tune (the head and the metric)")
+    p.add_argument("--train", required=True, metavar="FILE", help="training data (.jsonl, .csv or .tsv)")
+    p.add_argument("--eval", metavar="FILE", default=None, help="evaluation data, scored after every epoch")
+    p.add_argument("--model", default="minilm", type=_model_arg, metavar="PATH|minilm",
+                   help="checkpoint to start from (default: minilm)")
+    p.add_argument("--out", required=True, type=out_dir_arg, metavar="DIR",
+                   help="output directory: the fine-tuned model, metrics.json, checkpoint/")
+    p.add_argument("--epochs", type=positive_int, default=3, metavar="N", help="default 3")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="examples per micro-batch (16)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=64, metavar="N", help="default 64")
+    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
+                   help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, metavar="X", default=5e-5, help="peak learning rate of AdamW (default 5e-5)")
+    p.add_argument("--weight-decay", type=float, metavar="X", default=0.01, help="default 0.01 (not on biases / LayerNorm)")
+    p.add_argument("--warmup-ratio", type=float, metavar="X", default=0.1, help="share of the steps for linear warm-up (0.1)")
+    p.add_argument("--max-grad-norm", type=float, metavar="X", default=1.0, help="gradient clipping (0: none; default 1)")
+    p.add_argument("--max-length", type=positive_int, default=128, metavar="N", help="tokens per example (128)")
+    p.add_argument("--stride", type=nonnegative_int, default=32, metavar="N",
+                   help="qa: tokens shared by consecutive windows of a long context (default 32)")
+    p.add_argument("--mlm-probability", type=float, metavar="X", default=0.15, help="mlm: share of tokens masked (0.15)")
+    p.add_argument("--whole-word", action="store_true", help="mlm: mask whole words")
+    p.add_argument("--label-all-subwords", action="store_true",
+                   help="tokens: label every sub-word of a word (default: the first only)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 autocast (weights stay fp32)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the head init, data order, dropout, masking")
+    p.add_argument("--device", type=_device_arg, default=None, metavar="cpu|cuda",
+                   help="default: cuda when available")
+    p.add_argument("--save-steps", type=nonnegative_int, default=0, metavar="N",
+                   help="also checkpoint every N optimizer steps (default: at the end of each epoch)")
+    p.add_argument("--stop-after-steps", type=positive_int, default=None, metavar="N",
+                   help="stop after N optimizer steps with a checkpoint, as an interruption would")
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over although --out holds a run")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="always show the progress line")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
+    for key, default in DEFAULT_FIELDS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, metavar="NAME",
+                       help=f"field name (default {default!r})")
+
+
+def run(args) -> int:
+    fields = {k: getattr(args, k) for k in DEFAULT_FIELDS if getattr(args, k, None) is not None}
+    unused = sorted(set(fields) - set(_FIELDS_OF_TASK[args.task]))
+    if unused:
+        raise ValueError(f"--task {args.task} does not read {', '.join('--' + k.replace('_', '-') for k in unused)}")
+    result = train(args.task, args.train, args.eval, model=args.model, out=args.out, epochs=args.epochs,
+                   batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum,
+                   lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                   max_grad_norm=args.max_grad_norm, max_length=args.max_length, stride=args.stride,
+                   mlm_probability=args.mlm_probability, whole_word=args.whole_word,
+                   label_all_subwords=args.label_all_subwords, precision=args.precision, seed=args.seed,
+                   device=args.device, save_steps=args.save_steps, stop_after_steps=args.stop_after_steps,
+                   resume=args.resume, overwrite=args.overwrite, progress=args.progress, **fields)
+    summary = {"output_dir": str(result.output_dir), "global_step": result.global_step,
+               "total_steps": result.total_steps, "stopped": result.stopped, "train_loss": result.train_loss,
+               "metrics": result.metrics, "seconds": round(result.seconds, 2)}
+    print(json.dumps(summary))
+    return 0
+
+
+# ``bertfast.train(...)`` works whether ``bertfast.train`` resolved to this function (the lazy
+# export) or to this module (after ``import bertfast.train``, e.g. by the CLI)
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

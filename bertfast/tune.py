@@ -1,0 +1,156 @@
+"""``bertfast tune``: fill the tuning cache for one model ahead of time and print what was chosen.
+
+    bertfast tune [--model PATH|minilm] [--batch-sizes 1,8,32] [--seq-lens 128,512]
+                  [--shapes 8x128,32x512] [--lengths full|mixed|both] [--dtype float16]
+                  [--device cuda[:N]] [--force]
+
+Runs forwards of the model (Triton backend, no CUDA graphs, no gradients) at every requested
+(batch, sequence length), with full and / or mixed sequence lengths (mixed: padding-free and
+padded), while the tuner is in
+"tune" mode (``kernels.tuning``): every op / shape class those forwards use is timed on this GPU
+and the fastest valid candidate stored in the cache (``$BERTFAST_TUNE_CACHE`` or
+``~/.cache/bertfast/tuning.json``), where later processes find it without timing anything.
+Classes already in the cache are reported as "cache" and not timed again unless ``--force``.
+
+Needs a CUDA GPU: elsewhere it stops with one line saying so (exit 1).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _int_list(value: str) -> list:
+    try:
+        out = [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        out = []
+    if not out or any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive integers, got {value!r}")
+    return out
+
+
+def _shape_list(value: str) -> list:
+    shapes = []
+    for item in value.replace(" ", "").split(","):
+        parts = item.lower().split("x")
+        try:
+            b, s = (int(p) for p in parts)
+        except ValueError:
+            b = s = 0
+        if b < 1 or s < 1:
+            raise argparse.ArgumentTypeError(f"expected shapes like 8x128,32x512 (batch x sequence length), "
+                                             f"got {item!r}")
+        shapes.append((b, s))
+    return shapes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``bertfast tune``; bad values are refused while parsing."""
+    from bertfast.cli import _dtype_arg, _model_arg
+
+    parser.add_argument("--model", default="minilm", type=_model_arg, metavar="PATH|NAME",
+                        help="model directory or name (default: minilm, the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--batch-sizes", default=[1, 8, 32], type=_int_list, metavar="B,B,...",
+                        help="batch sizes to tune for (default: 1,8,32)")
+    parser.add_argument("--seq-lens", default=[128, 512], type=_int_list, metavar="S,S,...",
+                        help="sequence lengths to tune for (default: 128,512; capped at the model's maximum)")
+    parser.add_argument("--shapes", default=None, type=_shape_list, metavar="BxS,...",
+                        help="explicit (batch x sequence length) shapes, instead of --batch-sizes x --seq-lens")
+    parser.add_argument("--lengths", default="both", choices=("full", "mixed", "both"),
+                        help="full-length sequences, mixed lengths (padding), or both (default)")
+    parser.add_argument("--dtype", default="float16", type=_dtype_arg, metavar="float32|float16|bfloat16",
+                        help="model dtype (default: float16)")
+    parser.add_argument("--device", default="cuda", metavar="cuda[:N]", help="CUDA device (default: cuda)")
+    parser.add_argument("--force", action="store_true", help="time again the shape classes already in the cache")
+
+
+def _device(value: str) -> torch.device:
+    """The CUDA device to tune on, or CLIError saying plainly why there is none."""
+    from bertfast.cli import CLIError, _cuda_unavailable_reason
+    from kernels import INTERPRET
+
+    why = _cuda_unavailable_reason()
+    if why is not None:
+        raise CLIError(f"tuning needs a CUDA GPU ({why}); nothing was tuned")
+    if INTERPRET:
+        raise CLIError("tuning needs compiled kernels, but TRITON_INTERPRET=1 is set; unset it")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type != "cuda":
+        raise CLIError(f"--device must be cuda or cuda:N (tuning measures on a CUDA GPU), got {value!r}")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _batches(shapes, lengths: str, vocab: int, device):
+    """(label, input_ids, attention_mask) for every shape and length setting."""
+    g = torch.Generator().manual_seed(0)
+    for B, S in shapes:
+        ids = torch.randint(1000, max(1001, vocab), (B, S), generator=g)
+        settings = ("full", "mixed") if lengths == "both" else (lengths,)
+        for setting in settings:
+            mask = torch.ones(B, S, dtype=torch.long)
+            if setting == "mixed":
+                lens = torch.randint(max(1, S // 4), S + 1, (B,), generator=g)
+                lens[0] = S
+                mask = (torch.arange(S)[None, :] < lens[:, None]).long()
+            if setting == "mixed" and B == 1:
+                continue  # one sequence: nothing to mix
+            yield f"{B}x{S} {setting}", (ids * mask).to(device), mask.to(device)
+
+
+def _report(decisions) -> str:
+    rows = [("op", "shape class", "timed at", "choice", "default", "vs default", "source")]
+    for d in sorted(decisions, key=lambda d: (d.op, d.key)):
+        t_def, t_ch = d.times_ms.get(d.default), d.times_ms.get(d.choice)
+        gain = f"{t_def / t_ch:.2f}x" if t_def and t_ch else "-"
+        rows.append((d.op, d.key, d.shape, d.choice, d.default, gain, d.source))
+        for name, why in sorted(d.dropped.items()):
+            rows.append(("", "", "", f"  dropped {name}", why, "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """``bertfast tune`` with parsed ``args``; returns the exit status."""
+    from bertfast.modeling import BertModel
+    from bertfast.sentence import parse_dtype
+    from kernels import tuning
+
+    device = _device(args.device)
+    dtype = parse_dtype(args.dtype)
+    model = BertModel.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    max_len = int(getattr(model.config, "max_position_embeddings", 512))
+    shapes = args.shapes or [(b, s) for b in args.batch_sizes for s in args.seq_lens]
+    shapes = [(b, min(s, max_len)) for b, s in shapes]
+    vocab = int(getattr(model.config, "vocab_size", 30522))
+    work = list(_batches(shapes, args.lengths, vocab, device))
+    with tuning.autotune("tune", force=args.force) as tuner:
+        tuner.decisions.clear()
+        for i, (label, ids, mask) in enumerate(work, 1):
+            # mixed lengths run padding-free (varlen attention, the default) and padded (key lengths)
+            for unpad in ((True, False) if label.endswith("mixed") else (True,)):
+                what = f"{label}{'' if unpad else ' padded'}"
+                print(f"bertfast tune: [{i}/{len(work)}] forward {what}", file=sys.stderr, flush=True)
+                model.set_backend("triton", unpad=unpad, graphs=False)
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+                torch.cuda.synchronize(device)
+        decisions = list(tuner.decisions.values())
+        path = tuner.cache_file()
+    name = torch.cuda.get_device_name(device)
+    print(f"bertfast tune: {args.model}, {args.dtype}, {name}: {len(decisions)} shape classes with more than one "
+          f"candidate")
+    if decisions:
+        print(_report(decisions))
+    tuned = sum(d.source == "tuned" for d in decisions)
+    print(f"\n{tuned} timed now, {len(decisions) - tuned} already in the cache: {path}")
+    return 0

