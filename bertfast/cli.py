@@ -363,6 +363,13 @@ def cmd_encode(args) -> int:
         return _encode_corpus(args)
     if args.output is not None:
         raise CLIError("--output needs --input FILE (TEXT/--file print a preview on stdout)")
+    corpus_only = [flag for flag, given in (
+        ("--field", args.field is not None), ("--output-dtype", args.output_dtype != "float32"),
+        ("--skip-empty", args.skip_empty), ("--chunk-size", args.chunk_size is not None), ("--resume", args.resume),
+        ("--overwrite", args.overwrite), ("--ray", args.ray), ("--workers", args.workers is not None)) if given]
+    if corpus_only:
+        raise CLIError(f"{', '.join(corpus_only)}: only with --input FILE --output FILE (TEXT/--file print a "
+                       f"preview on stdout)")
     texts = _collect_texts(args)  # before loading the model: a bad file fails fast
     enc = _make_encoder(args)
     progress = True if args.progress else (False if args.progress is False else None)

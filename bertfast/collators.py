@@ -241,8 +241,12 @@ class MLMCollator:
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.mask_token_id = int(tokenizer.mask_token_id)
         self.vocab_size = int(tokenizer.vocab_size)
-        self.special_ids = sorted({int(tokenizer.cls_token_id), int(tokenizer.sep_token_id), self.pad_token_id,
-                                   self.mask_token_id})
+        # every special token, [UNK] included (as transformers' all_special_ids): never masked, never a
+        # random replacement
+        specials = {int(tokenizer.cls_token_id), int(tokenizer.sep_token_id), self.pad_token_id, self.mask_token_id}
+        if getattr(tokenizer, "unk_token_id", None) is not None:
+            specials.add(int(tokenizer.unk_token_id))
+        self.special_ids = sorted(specials)
         self.mlm_probability = mlm_probability
         self.mask_replace_prob = mask_replace_prob
         self.random_replace_prob = random_replace_prob

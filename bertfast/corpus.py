@@ -9,9 +9,10 @@
 
 **Rows.**  Row ``i`` of the output is row ``i`` of the input, always: line ``i`` of a ``.txt``
 file (split on ``\\n`` only, a trailing ``\\r`` dropped, so row numbers are those of ``wc -l`` /
-``sed -n``), line ``i`` of a ``.jsonl`` file, record ``i`` of a ``.csv`` (after the header) or of a
-``.parquet`` file.  A blank text (empty or whitespace only; a JSON/parquet null too) is encoded
-like any other: it gets the model's embedding of the empty sequence ``[CLS] [SEP]`` (what
+``sed -n``), line ``i`` of a ``.jsonl`` file, record ``i`` of a ``.csv`` (after the header; blank
+lines are no records, as for ``csv.DictReader`` and ``pandas.read_csv``) or of a ``.parquet``
+file.  A blank text (empty or whitespace only; a JSON/parquet null too) is encoded like any
+other: it gets the model's embedding of the empty sequence ``[CLS] [SEP]`` (what
 ``SentenceEncoder.encode("")`` gives, as sentence-transformers does).  ``skip_empty=True``
 (``--skip-empty``) leaves blank rows out instead; the manifest lists them (``skipped_rows``)
 and the ``id`` column of .parquet/.jsonl outputs keeps each vector's input row.
@@ -59,6 +60,7 @@ OUTPUT_DTYPES = ("float32", "float16")
 MANIFEST_VERSION = 1
 DEFAULT_CHUNK_SIZE = 2048
 EMBEDDING_COLUMN = "embedding"
+_PARQUET_SLICE = 4096  # parquet text rows converted to Python at a time
 _SUFFIXES = {".txt": "txt", ".text": "txt", ".tsv": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
              ".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".json": "jsonl"}
 # the settings that must be equal for a run to resume another one (the rest, e.g. batch size,
@@ -121,18 +123,16 @@ def file_fingerprint(path: Union[str, os.PathLike], hash_contents: bool = True) 
 
 
 def model_fingerprint(model: Union[str, os.PathLike]) -> dict:
-    """{"name", "path", "sha256"} identifying a checkpoint: sha256 of config.json, the weights
-    file's size and its first MiB (header + first tensors), so two checkpoints with the same
-    config but other weights differ, without reading gigabytes."""
+    """{"name", "path", "sha256"} identifying a checkpoint: sha256 of config.json and of the whole
+    weights file, so two checkpoints with the same config but other weights differ, wherever they
+    differ (a part of the file would miss e.g. a fine-tune with frozen embeddings).  Loading the
+    model reads the whole file anyway; this is one more read, from the page cache."""
     from bertfast.loading import CONFIG_NAME, find_weights_file, resolve_model_path
 
     d = Path(resolve_model_path(model))
     h = hashlib.sha256()
     h.update((d / CONFIG_NAME).read_bytes())
-    w = find_weights_file(d)
-    h.update(str(w.stat().st_size).encode())
-    with open(w, "rb") as f:
-        h.update(f.read(1 << 20))
+    h.update(file_fingerprint(find_weights_file(d))["sha256"].encode())
     return {"name": str(model), "path": str(d.resolve()), "sha256": h.hexdigest()}
 
 
@@ -259,6 +259,8 @@ class CorpusReader:
                     return
                 except csv.Error as e:
                     raise ValueError(f"{self.path}: bad CSV near byte {start}: {e}") from None
+                if not rec:  # a blank line is no record (as csv.DictReader and pandas.read_csv count them)
+                    continue
                 yield start, (rec[self._col] if self._col < len(rec) else "")
                 row_for_errors[0] += 1
 
@@ -282,11 +284,20 @@ class CorpusReader:
             if row + n <= start_row:  # a whole row group before the range: not read
                 row += n
                 continue
-            col = pf.read_row_group(g, columns=[self.field]).column(self.field)
-            for v in col.to_pylist():
-                if row >= start_row:
+            cached = getattr(self, "_parquet_group", None)  # chunks in a row: the same row group again
+            if cached is not None and cached[0] == g:
+                col = cached[1]
+            else:
+                col = pf.read_row_group(g, columns=[self.field]).column(self.field)
+                self._parquet_group = (g, col)  # one row group's text column at most
+            skip = max(0, start_row - row)
+            row += skip
+            # to Python in slices, from start_row on: a row group may hold a million rows, a chunk
+            # only needs a few thousand of them (read() stops after the chunk)
+            for a in range(skip, n, _PARQUET_SLICE):
+                for v in col.slice(a, _PARQUET_SLICE).to_pylist():
                     yield row, ("" if v is None else v)
-                row += 1
+                    row += 1
 
     def _rows(self, start: int = 0, first_row: int = 0) -> Iterator[Tuple[int, str]]:
         """(position of the row, text) from position ``start`` (a byte offset; a row for parquet)
@@ -468,6 +479,7 @@ class EncodeJob:
         self.parts = parts_dir(output)
         self.final_manifest = manifest_path(output)
         self.manifest: Optional[dict] = None
+        self._done: Optional[set] = None  # record_progress: chunks on disk, listed once, then kept up to date
 
     # -- preparing (one process: rank 0)
     def prepare(self, resume: Optional[bool] = None, overwrite: bool = False) -> dict:
@@ -483,10 +495,13 @@ class EncodeJob:
         if self.final_manifest.exists() and self.output.exists():
             old = read_manifest(self.final_manifest)
             diff = _first_difference(old, dict(settings, chunk_size=old.get("chunk_size")))
-            if diff is None and old.get("complete") and not self.parts.exists():
+            if diff is None and old.get("complete"):
                 if self.requested_chunk_size not in (None, old.get("chunk_size")):
                     diff = f"chunk_size: {old.get('chunk_size')} before, {self.requested_chunk_size} now"
                 else:
+                    # the complete manifest is written after OUTPUT is in place and before the parts
+                    # directory is removed: a run stopped in between left parts that are no longer needed
+                    shutil.rmtree(self.parts, ignore_errors=True)
                     self.manifest = old
                     return old
             raise ValueError(f"{self.output} already exists from another run ({diff or 'incomplete'}); "
@@ -513,9 +528,14 @@ class EncodeJob:
             chunk = self.requested_chunk_size
             if chunk is None:
                 chunk = DEFAULT_CHUNK_SIZE
-                if self.world_size > 1:  # a small input still gives every process a chunk
+                if self.world_size > 1:
+                    # as many chunks as DEFAULT_CHUNK_SIZE gives, rounded up to a multiple of the
+                    # processes, all of one size: each process gets the same number of rows (4800 rows
+                    # on 2 processes: 4 x 1200, not 2048 vs 2048 + 704), a small input a chunk each
                     n = sum(1 for _ in self.reader)
-                    chunk = max(1, min(chunk, -(-n // self.world_size)))
+                    k = -(-max(n, 1) // chunk)
+                    k = -(-k // self.world_size) * self.world_size
+                    chunk = max(1, -(-n // k))
             rows, starts = self.reader.plan(chunk)
             if rows == 0:
                 raise ValueError(f"{self.reader.path} has no rows to encode")
@@ -546,10 +566,14 @@ class EncodeJob:
                 pass
         return done
 
-    def rank_chunks(self, rank: int, world_size: int) -> range:
-        """The contiguous chunks rank ``rank`` of ``world_size`` encodes."""
-        n = self.manifest["n_chunks"]
-        return range(rank * n // world_size, (rank + 1) * n // world_size)
+    def rank_chunks(self, rank: int, world_size: int, todo: Optional[Sequence[int]] = None) -> Sequence[int]:
+        """The chunks rank ``rank`` of ``world_size`` encodes: a contiguous share of ``todo``
+        (default: every chunk).  Rank 0 lists the chunks still to do once and sends the list to
+        every rank, so that a resumed run splits what is left evenly (each rank listing the files
+        itself would race with the chunks the others are writing)."""
+        todo = list(range(self.manifest["n_chunks"])) if todo is None else list(todo)
+        n = len(todo)
+        return todo[rank * n // world_size:(rank + 1) * n // world_size]
 
     def chunk_texts(self, j: int) -> Tuple[np.ndarray, List[str]]:
         """(input row ids, texts) of chunk ``j``, blank rows left out when skip_empty."""
@@ -568,6 +592,8 @@ class EncodeJob:
             raise ValueError(f"chunk {j}: {len(ids)} ids but embeddings of shape {emb.shape}")
         emb = np.ascontiguousarray(emb, dtype=self.manifest["output"]["dtype"])
         _atomic_write(self.parts / _chunk_name(j), lambda f: np.savez(f, ids=ids, emb=emb))
+        if self._done is not None:
+            self._done.add(j)
 
     def encode_chunks(self, encoder, chunks: Sequence[int], *, batch_size: int = 32, progress: Optional[bool] = None,
                       desc: Optional[str] = None, after_chunk: Optional[Callable[[], None]] = None,
@@ -611,9 +637,11 @@ class EncodeJob:
         self.manifest["resolved_max_length"] = int(encoder.max_length)
 
     def record_progress(self) -> None:
-        """Rewrite the parts manifest with the rows done so far (one process, between chunks)."""
-        done = self.done_chunks()
-        self.manifest["rows_done"] = sum(self.chunk_range(j)[1] - self.chunk_range(j)[0] for j in done)
+        """Rewrite the parts manifest with the rows done so far (one process, between chunks; the
+        directory is listed on the first call only: once per chunk would be quadratic)."""
+        if self._done is None:
+            self._done = self.done_chunks()
+        self.manifest["rows_done"] = sum(self.chunk_range(j)[1] - self.chunk_range(j)[0] for j in self._done)
         _write_json(self.parts / "manifest.json", self.manifest)
 
     # -- the end
@@ -627,10 +655,10 @@ class EncodeJob:
                              f"command again to encode them")
         chunks = [self.parts / _chunk_name(j) for j in range(m["n_chunks"])]
         counts, dim = [], None
-        for p in chunks:  # headers only: np.load of an .npz is lazy
+        for p in chunks:  # the ids only (np.load of an .npz reads an array when it is indexed)
             with np.load(p) as z:
                 counts.append(len(z["ids"]))
-                if len(z["ids"]):
+                if dim is None and len(z["ids"]):
                     dim = z["emb"].shape[1]
         rows = sum(counts)
         if dim is None:
@@ -639,6 +667,8 @@ class EncodeJob:
             raise ValueError(f"{self.reader.path}: every row is blank; nothing was encoded (--skip-empty)")
         dtype = np.dtype(m["output"]["dtype"])
         fmt = m["output"]["format"]
+        for stale in self.output.parent.glob(f".{self.output.name}.tmp-*"):  # a run stopped while assembling
+            stale.unlink(missing_ok=True)
         tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
         skipped: List[int] = []
         try:

@@ -89,22 +89,25 @@ def encode_file_torchrun(input, output, *, model="minilm", device=None, batch_si
     try:
         job = EncodeJob(input, output, world_size=world, **_job_kwargs(dict(common, model=model)))
         # rank 0 checks the output / an earlier run and writes the parts manifest; the others wait for it
+        # (and the chunks still to do, listed before any rank writes one)
         message: list = [None]
         if rank == 0:
             try:
-                message = [("ok", job.prepare(resume=resume, overwrite=overwrite))]
+                prepared = job.prepare(resume=resume, overwrite=overwrite)
+                todo = [] if prepared.get("complete") else sorted(set(range(prepared["n_chunks"])) - job.done_chunks())
+                message = [("ok", prepared, todo)]
             except (ValueError, OSError) as e:
-                message = [("error", f"{type(e).__name__}: {e}")]
+                message = [("error", f"{type(e).__name__}: {e}", None)]
                 dist.broadcast_object_list(message, src=0)
                 raise
         dist.broadcast_object_list(message, src=0)
-        status, payload = message[0]
+        status, payload, todo = message[0]
         if status == "error":
             raise RankError(f"rank {rank}: rank 0 stopped ({payload})")
         job.attach(payload)
         if not payload.get("complete"):
             encoder = SentenceEncoder(model, device=dev, **_encoder_kwargs(common))
-            job.encode_chunks(encoder, job.rank_chunks(rank, world), batch_size=batch_size,
+            job.encode_chunks(encoder, job.rank_chunks(rank, world, todo), batch_size=batch_size,
                               progress=progress if rank == 0 else False,
                               desc=f"rank 0/{world} encoding {job.reader.path.name}", kill_after=_kill_after_chunks)
         dist.barrier()  # every rank's chunk files are written

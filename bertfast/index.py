@@ -83,7 +83,8 @@ class Index:
         self.format = m["output"]["format"]
         self.dim = int(m["embedding_dim"])
         self.rows = int(m["rows"])
-        self.normalized = bool(m.get("normalize"))
+        # unit vectors stored as float16 are unit only to ~1e-3: scored as cosines, not dot products
+        self.normalized = bool(m.get("normalize")) and m["output"].get("dtype", "float32") == "float32"
         self.model_info = m["model"]
         if model is not None:
             mine = model_fingerprint(model)
@@ -127,9 +128,12 @@ class Index:
             mm = np.load(self.path, mmap_mode="r")  # (N, D), never read whole
             if mm.shape != (self.rows, self.dim):
                 raise ValueError(f"{self.path}: shape {mm.shape}, the manifest says ({self.rows}, {self.dim})")
-            ids = self.ids
+            # row r is input row r unless blank rows were skipped: then (and only then) the id list
+            all_rows = not self.manifest.get("skipped_rows")
+            ids = None if all_rows else self.ids
             for lo in range(0, self.rows, n):
-                yield ids[lo:lo + n], (np.asarray(mm[lo:lo + n], dtype=np.float32) if with_vectors else None)
+                block_ids = np.arange(lo, min(lo + n, self.rows), dtype=np.int64) if all_rows else ids[lo:lo + n]
+                yield block_ids, (np.asarray(mm[lo:lo + n], dtype=np.float32) if with_vectors else None)
         elif self.format == "parquet":
             import pyarrow.parquet as pq
 

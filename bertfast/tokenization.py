@@ -366,6 +366,26 @@ class Tokenizer:
             if tok.padding != target:
                 tok.enable_padding(**target)
 
+    def _check_stride_room(self, texts, pairs, truncation, length, stride, split, add_special) -> None:
+        """With only one text of a pair truncated, the room left for it (``length`` minus the
+        other text and the special tokens) must exceed ``stride``; the Rust library otherwise
+        panics (a ``BaseException`` with a Rust backtrace, not an error).  Say so in one line."""
+        tok = self._tokenizer
+        tok.no_truncation()
+        tok.no_padding()
+        first = tok.encode_batch(texts, is_pretokenized=split, add_special_tokens=False)
+        second = tok.encode_batch(pairs, is_pretokenized=split, add_special_tokens=False)
+        specials = 3 if add_special else 0
+        kept, name = (first, "text") if truncation == "only_second" else (second, "text_pair")
+        for i, (a, b) in enumerate(zip(first, second)):
+            if len(a) + len(b) + specials <= length:
+                continue  # not truncated
+            room = length - specials - len(kept[i])
+            if 0 < room <= stride:
+                raise ValueError(f"{name}[{i}] is {len(kept[i])} tokens: with max_length={length} it leaves "
+                                 f"{room} token(s) per window for the other text, not more than stride={stride}; "
+                                 f"use a shorter {name}, a larger max_length or a smaller stride")
+
     def __call__(self, text, text_pair=None, *, max_length: Optional[int] = None,
                  truncation: Union[bool, str] = True, padding: Union[bool, str] = True, stride: int = 0,
                  return_overflowing_tokens: bool = False, return_offsets_mapping: bool = False,
@@ -396,6 +416,9 @@ class Tokenizer:
                                  f"per text")
         truncation, padding, length = self._strategies(truncation, padding, max_length, stride, pad_to_multiple_of,
                                                        pairs is not None)
+        if pairs is not None and stride and truncation in ("only_first", "only_second"):
+            self._check_stride_room(texts, pairs, truncation, length, stride, is_split_into_words,
+                                    add_special_tokens)
         self._configure(truncation, padding, length, stride, pad_to_multiple_of)
         inputs = texts if pairs is None else list(zip(texts, pairs))
         try:

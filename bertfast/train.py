@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -127,7 +128,8 @@ def read_records(path: Union[str, os.PathLike], fmt: Optional[str] = None) -> Li
         raise ValueError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     records: List[_Record] = []
     if fmt == "jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
+        # split at "\n" only: str.splitlines() also splits at U+2028, U+0085, ... that JSON strings may hold raw
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -140,15 +142,24 @@ def read_records(path: Union[str, os.PathLike], fmt: Optional[str] = None) -> Li
             r.source, r.line = str(p), n
             records.append(r)
     else:
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if fmt == "tsv" else ",")
-        if not reader.fieldnames:
-            raise ValueError(f"{p}: no header row (the first line must name the fields)")
-        for row in reader:
-            if None in row:
-                raise ValueError(f"{p}:{reader.line_num}: more values than the {len(reader.fieldnames)} header fields")
-            r = _Record(row)
-            r.source, r.line = str(p), reader.line_num
-            records.append(r)
+        # a file object, not lines: quoted fields keep their line breaks (and U+2028 and the like)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+        limit = csv.field_size_limit()
+        csv.field_size_limit(max(limit, len(text)))  # no field is longer than the file (default limit: 128 KiB)
+        try:
+            if not reader.fieldnames:
+                raise ValueError(f"{p}: no header row (the first line must name the fields)")
+            for row in reader:
+                if None in row:
+                    raise ValueError(f"{p}:{reader.line_num}: more values than the {len(reader.fieldnames)} "
+                                     f"header fields")
+                r = _Record(row)
+                r.source, r.line = str(p), reader.line_num
+                records.append(r)
+        except csv.Error as e:
+            raise ValueError(f"{p}:{reader.line_num}: not valid {fmt.upper()} ({e})") from None
+        finally:
+            csv.field_size_limit(limit)
     if not records:
         raise ValueError(f"{p}: no examples")
     return records
@@ -185,11 +196,13 @@ def _label_key(v: Any, rec, name) -> Union[str, int]:
 
 
 def _label_names(values: Sequence[Union[str, int]]) -> List[str]:
-    """Sorted label names; ints sort numerically (and must then be 0..K-1, used as their ids)."""
-    uniq = set(values)
-    if all(isinstance(v, int) for v in uniq):
-        return [str(v) for v in range(max(uniq) + 1)]
-    return sorted(str(v) for v in uniq)
+    """Sorted label names.  Integer labels (JSON ints, or CSV's strings of them) sort numerically,
+    so labels 0..K-1 get themselves as ids whichever the file format; others (e.g. 1..5) get ids
+    in their order -- never a class that no example has."""
+    uniq = {str(v) for v in values}
+    if all(re.fullmatch(r"-?[0-9]+", v) and str(int(v)) == v for v in uniq):
+        return sorted(uniq, key=int)
+    return sorted(uniq)
 
 
 # ============================================================================ options
@@ -304,7 +317,8 @@ class _Task:
 
 def _macro_f1(pred: Sequence[int], gold: Sequence[int], classes: Sequence[int]) -> float:
     f1s = []
-    for c in classes:
+    present = set(pred) | set(gold)  # as scikit-learn: a class neither predicted nor in the gold set is left out
+    for c in (c for c in classes if c in present):
         tp = sum(1 for p, g in zip(pred, gold) if p == c and g == c)
         fp = sum(1 for p, g in zip(pred, gold) if p == c and g != c)
         fn = sum(1 for p, g in zip(pred, gold) if p != c and g == c)
@@ -479,7 +493,7 @@ class _QA(_Task):
                     best[ex] = (score, contexts[ex][offs[s][0]:offs[e][1]])
         em = f1 = 0.0
         for ex, a in enumerate(answers):
-            golds = a["text"] if isinstance(a["text"], list) else [a["text"]]
+            golds = [""] if a is None else (a["text"] if isinstance(a["text"], list) else [a["text"]])
             golds = golds or [""]
             pred = best.get(ex, (0.0, ""))[1]
             em += max(float(_normalize_answer(pred) == _normalize_answer(g)) for g in golds)

@@ -507,6 +507,15 @@ def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optio
         M, N = plan.ints[:2]
         torch.mm(x2, weight.t(), out=out.view(M, N))
         return out
+    if plan.tma and not _tma_ready(x2, weight, out):
+        # the shape class's stored choice, but these tensors break the descriptors' rules (an
+        # ``out=`` at an odd offset, a one-row x with an odd row stride): the table's default
+        M, N, K, stride_x, stride_w = plan.ints[:5]
+        from kernels._common import cuda_capability, tf32_allowed
+
+        cfg = pick_config(M, N, K, x2.dtype, cuda_capability(x2.device), tf32_allowed())
+        plan = plan_gemm(M, N, K, x2.dtype, x2.device, stride_x, stride_w, has_bias=False, has_pre=False,
+                         config=cfg)
     if plan.tma:  # plain GEMM only
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -528,6 +537,15 @@ def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optio
     with launch_device(x2.device):
         gemm_kernel[plan.grid](*args, **plan.kwargs)
     return out
+
+
+def _tma_ready(x2: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether TMA descriptors may be made for these tensors: 16-byte aligned starts and row
+    strides of whole 16-byte units (``_align_operands`` lets a one-row operand keep any stride),
+    unit stride along the rows, a contiguous output."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in (x2, w)) and out.is_contiguous() and out.data_ptr() % 16 == 0 and \
+        (out.shape[-1] * out.element_size()) % 16 == 0
 
 
 def operands_aligned(x2: torch.Tensor, w: torch.Tensor) -> bool:

@@ -347,6 +347,11 @@ class Tuner:
 
     def _measure(self, problem: Problem, device: torch.device) -> dict:
         """Time every candidate that runs and matches the reference; the entry to store."""
+        # the timer's CUDA events go to the current device's stream: make it the launch's device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return self._measure_here(problem, device)
+
+    def _measure_here(self, problem: Problem, device: torch.device) -> dict:
         run, check = problem.bench()
         times, dropped = {}, {}
         for c in problem.candidates:
@@ -508,10 +513,11 @@ def gemm_problem(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     key = f"gemm {_dt(dtype)} {prec} M<={_pow2_bucket(M)} N={N} K={K} {flags}"
     shape = f"M={M} N={N} K={K}" + (f" S={head_split[0]}" if head_split else "")
     return Problem("gemm", key, tuple(Candidate(c.name, c) for c in cands),
-                   lambda: _gemm_bench(M, N, K, dtype, device, activation, has_bias, has_pre, head_split), shape)
+                   lambda: _gemm_bench(M, N, K, dtype, device, activation, has_bias, has_pre, head_split,
+                                       prec == "tf32"), shape)
 
 
-def _gemm_bench(M, N, K, dtype, device, activation, has_bias, has_pre, head_split):
+def _gemm_bench(M, N, K, dtype, device, activation, has_bias, has_pre, head_split, tf32=False):
     """Synthetic operands of the launch's shape; (run, check) for ``Tuner._measure``."""
     import torch.nn.functional as F
 
@@ -537,7 +543,9 @@ def _gemm_bench(M, N, K, dtype, device, activation, has_bias, has_pre, head_spli
     ref = ref.to(dtype)
     out = torch.empty(shape, dtype=dtype, device=device)
     pre = torch.empty(shape, dtype=dtype, device=device) if has_pre else None
-    tol = tolerance(dtype, 4.0 if K > 512 else 1.0)
+    # TF32 rounds fp32 operands to fp16's 10-bit mantissa: fp16's tolerance (the fp32 one would
+    # drop every TF32 candidate, the default included, as "does not match")
+    tol = tolerance(torch.float16 if tf32 else dtype, 4.0 if K > 512 else 1.0)
 
     def run(cfg):
         plan = _gemm.plan_gemm(M, N, K, dtype, device, x.stride(0), w.stride(0), activation=activation,

@@ -123,6 +123,16 @@ def test_whole_word_masking_masks_all_sub_words(tok):
     assert abs(picked / words - 0.15) < 0.03, picked / words
 
 
+def test_mlm_collator_never_masks_unk(tok):
+    """[UNK] is a special token (all_special_ids, as transformers' collator): never a label."""
+    ids = tok("[UNK] hello [UNK] world [UNK]")["input_ids"][0].tolist()
+    assert ids.count(tok.unk_token_id) == 3
+    batch = MLMCollator(tok, 1.0, seed=0)([{"input_ids": ids}])  # every eligible token chosen
+    chosen = batch["labels"][0] != IGNORE_INDEX
+    assert int(chosen.sum()) == 2  # hello, world
+    assert not (torch.tensor(ids)[chosen] == tok.unk_token_id).any()
+
+
 def test_mlm_collator_resumes_from_its_state(tok):
     feats = [{"input_ids": tok(t)["input_ids"][0].tolist()} for t in ["one two three four five", "six seven"] * 8]
     col = MLMCollator(tok, seed=5)

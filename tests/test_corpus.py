@@ -268,6 +268,7 @@ def test_small_outputs_jsonl_float16_and_errors(tmp_path, tiny, encoder, capsys)
         (["--input", str(src), "--field", "nope", "--output", str(tmp_path / "o.npy"), "--model", str(tiny)],
          "line 1 has no field 'nope'"),
         (["--input", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o.npy")], "input file not found"),
+        (["hi", "--field", "body", "--skip-empty"], "--field, --skip-empty: only with --input"),
         (["--input", str(src), "--field", "body", "--output", str(out)], "already exists from another run"),
         (["--input", str(src), "--field", "body", "--output", str(tmp_path / "n.npy"), "--resume"],
          "nothing to resume"),
@@ -283,3 +284,91 @@ def test_small_outputs_jsonl_float16_and_errors(tmp_path, tiny, encoder, capsys)
     (tmp_path / "foreign.npy").write_bytes(b"not ours")
     rc = main(["encode", "-i", str(src), "--field", "body", "-o", str(tmp_path / "foreign.npy"), "--model", str(tiny)])
     _one_line_error(rc, capsys.readouterr().err, "already exists (not written by bertfast encode)")
+
+
+def test_csv_blank_lines_are_no_records(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_bytes(b'n,t\r\n0,first\r\n\r\n1,"two\r\n\r\nlines"\n2,\n\n3,last\n\n')
+    import csv
+
+    with open(p, newline="", encoding="utf-8") as f:
+        want = [r["t"] for r in csv.DictReader(f)]  # what a user joining the output back counts
+    assert want == ["first", "two\r\n\r\nlines", "", "last"]
+    r = CorpusReader(p, field="t")
+    assert list(r) == want
+    n, starts = r.plan(1)
+    assert n == 4 and [r.read(j, j + 1, s)[0] for j, s in enumerate(starts)] == want
+
+
+def test_stopped_before_the_parts_were_removed(tmp_path, tiny, encoder):
+    """A run stopped after writing the complete manifest but before removing OUTPUT.parts (a
+    kill during the rmtree of many chunk files) is complete: the next run only cleans up."""
+    src = tmp_path / "in.txt"
+    src.write_text("a\nb\nc\n", encoding="utf-8")
+    out = tmp_path / "out.npy"
+    m = encode_file(src, out, model=tiny, encoder=encoder, chunk_size=2, progress=False)
+    leftover = parts_dir(out)
+    leftover.mkdir()
+    (leftover / "chunk-00000001.npz").write_bytes(b"half removed")
+    before = out.read_bytes()
+    again = encode_file(src, out, model=tiny, encoder=encoder, progress=False)
+    assert again == m and out.read_bytes() == before and not leftover.exists()
+
+
+def test_torchrun_plan_balances_the_ranks(tmp_path, tiny):
+    """The default chunks under N processes: a multiple of N, of one size (4800 rows on 2 ranks:
+    4 x 1200, not 2048 + 2752); a resumed run splits the chunks left, not all of them."""
+    from bertfast.corpus import EncodeJob
+
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"{i}\n" for i in range(4800)), encoding="utf-8")
+    job = EncodeJob(src, tmp_path / "out.npy", model=tiny, world_size=2)
+    m = job.prepare()
+    assert m["chunk_size"] == 1200 and m["n_chunks"] == 4
+    assert [len(job.rank_chunks(r, 2)) for r in range(2)] == [2, 2]
+    assert [job.rank_chunks(r, 3, todo=[1, 2, 3]) for r in range(3)] == [[1], [2], [3]]
+    for world, rows, chunks in [(2, 400, 2), (3, 10, 3), (2, 1, 1), (8, 100_000, 56)]:
+        src.write_text("x\n" * rows, encoding="utf-8")
+        shutil.rmtree(parts_dir(tmp_path / "out.npy"))
+        m = EncodeJob(src, tmp_path / "out.npy", model=tiny, world_size=world).prepare()
+        sizes = [min(m["chunk_size"], rows - j * m["chunk_size"]) for j in range(m["n_chunks"])]
+        assert m["n_chunks"] == chunks and sum(sizes) == rows and max(sizes) - min(sizes) <= chunks, (world, rows)
+
+
+def test_model_fingerprint_sees_every_weight(tmp_path, tiny):
+    """Another checkpoint that differs only in a late encoder layer (a fine-tune with frozen
+    embeddings) is another model: a run of one is never resumed, or searched, with the other."""
+    from bertfast import BertModel
+    from bertfast.corpus import model_fingerprint
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    m = BertModel.from_pretrained(tiny)
+    with torch.no_grad():
+        m.encoder.layer[-1].output.dense.weight.mul_(2)
+    m.save_pretrained(other)
+    assert model_fingerprint(other)["sha256"] != model_fingerprint(tiny)["sha256"]
+    assert model_fingerprint(tmp_path / ".." / tmp_path.name / "other")["sha256"] == model_fingerprint(other)["sha256"]
+
+
+def test_stopped_while_assembling(tmp_path, tiny, encoder):
+    """A run stopped while assembling OUTPUT (every chunk written; OUTPUT's temporary file half
+    written, or OUTPUT renamed into place but no complete manifest yet) resumes by assembling
+    again, and the temporary file of the stopped run does not stay behind."""
+    from bertfast.corpus import EncodeJob
+
+    src = tmp_path / "in.txt"
+    src.write_text("a\n\nb\nc\n", encoding="utf-8")
+    ref = tmp_path / "ref.npy"
+    encode_file(src, ref, model=tiny, encoder=encoder, chunk_size=2, progress=False)
+    out = tmp_path / "out.npy"
+    job = EncodeJob(src, out, model=tiny, chunk_size=2)
+    job.prepare()
+    job.encode_chunks(encoder, range(2), progress=False)
+    stale = tmp_path / ".out.npy.tmp-99999999"
+    stale.write_bytes(b"half an output")
+    out.write_bytes(b"renamed, but is it whole?")  # no OUTPUT.manifest.json: not complete
+    m = encode_file(src, out, model=tiny, encoder=encoder, progress=False)
+    assert m["complete"] and m["rows"] == 4 and not parts_dir(out).exists()
+    np.testing.assert_array_equal(np.load(out), np.load(ref))
+    assert not stale.exists()

@@ -75,16 +75,8 @@ def test_overrunning_step_is_killed_with_its_children_and_the_next_runs(tmp_path
     assert recs[0].rc is None and "killed at its" in recs[0].summary
     assert recs[1].summary == "12 passed in 0.1s" and recs[2].rc == 3 and "boom" in recs[2].summary
     child = int(pidfile.read_text())
-
-    def alive(pid):  # a zombie waiting for a reaper counts as ended
-        try:
-            with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
-
     for _ in range(50):  # the step's own child went with it (its process group was ended)
-        if not alive(child):
+        if not _alive(child):
             break
         time.sleep(0.1)
     else:
@@ -94,6 +86,36 @@ def test_overrunning_step_is_killed_with_its_children_and_the_next_runs(tmp_path
     assert "| hang | timeout |" in (tmp_path / "out" / "evidence.md").read_text()
     log = (tmp_path / "out" / "evidence.log").read_text()
     assert "started" in log and "===== hang: timeout" in log
+
+
+def _alive(pid):  # a zombie waiting for a reaper counts as ended
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("timeout", [False, True])
+def test_children_that_outlive_their_step_are_ended(tmp_path, timeout):
+    """A step's child that ignores SIGTERM, left behind by a step that ended by itself or on
+    SIGTERM at its limit, must not run on (holding the GPU) into the next step."""
+    pidfile = tmp_path / "child.pid"
+    child = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)")
+    code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+            f"time.sleep(0.5); open({str(pidfile)!r}, 'w').write(str(c.pid))"
+            + ("; time.sleep(60)" if timeout else ""))
+    recs = evidence.run_steps([_step("leaves", code, 3.0 if timeout else 20)], str(tmp_path / "out"), 60,
+                              dict(os.environ), {})
+    assert recs[0].status == ("timeout" if timeout else "ok")
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail(f"the step's child {pid} still runs after the step ended")
 
 
 def test_budget_skips_steps_that_no_longer_fit(tmp_path):

@@ -140,3 +140,17 @@ def test_faiss_hnsw_backend(setup):
     assert [h.id for h in again.search(queries[0], top=10)] == [h.id for h in got[0]]
     with pytest.raises(ValueError, match="unknown ann backend 'annoy'"):
         Index(outs["skip"], ann="annoy")
+
+
+def test_float16_file_scores_are_cosines_of_the_stored_vectors(setup, tmp_path):
+    """Unit vectors stored as float16 are unit to ~1e-3 only: the scores are still the cosines of
+    the stored vectors (to float32 rounding), so the order is brute force's."""
+    tiny, enc, src, outs = setup
+    out = tmp_path / "emb16.npy"
+    encode_file(src, out, model=tiny, encoder=enc, chunk_size=64, output_dtype="float16")
+    stored = np.load(out).astype(np.float32)
+    assert np.abs(np.linalg.norm(stored, axis=1) - 1).max() > 1e-5  # else this test could not fail
+    q = enc.encode("subject 3", convert_to_numpy=True)
+    want_ids, want_s = brute_force(stored, np.arange(len(LINES)), q, 20)
+    hits = Index(out, block_rows=50).search(q, top=20)
+    np.testing.assert_allclose([h.score for h in hits], want_s, atol=1e-6, rtol=0)

@@ -102,6 +102,22 @@ def test_only_second_too_short_is_refused_like_transformers(toks):
         ours(*args, truncation="only_second", max_length=6)
 
 
+def test_stride_larger_than_the_room_left_is_a_value_error_not_a_rust_panic(toks):
+    """A long question leaves fewer context tokens per window than the stride: the Rust library
+    panics (pyo3's PanicException is a BaseException, with a backtrace); ours is a ValueError."""
+    ours, _ = toks
+    question, context = "what " * 100, "the box is red " * 50
+    with pytest.raises(ValueError, match=r"text\[0\] is 100 tokens.*leaves 25 token\(s\).*stride=32"):
+        ours([question], [context], truncation="only_second", max_length=128, stride=32,
+             return_overflowing_tokens=True)
+    with pytest.raises(ValueError, match=r"text_pair\[0\] is 100 tokens"):
+        ours([context], [question], truncation="only_first", max_length=128, stride=32,
+             return_overflowing_tokens=True)
+    ok = ours([question], [context], truncation="only_second", max_length=128, stride=24,
+              return_overflowing_tokens=True)  # 24 < 25: windows, as before
+    assert ok["input_ids"].shape[0] > 1
+
+
 def test_lists_and_single_text_like_transformers(toks):
     ours, ref = toks
     a = ours("Hello there, general Kenobi", return_tensors=None, return_offsets_mapping=True)

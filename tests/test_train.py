@@ -345,6 +345,62 @@ def test_bad_data_fails_in_one_line(tmp_path, capsys, minilm_vocab_model):
     assert rc == 1 and f"{qa}:1:" in err and "'blue' is not at character 11" in err
 
 
+def test_label_order_and_macro_f1():
+    """Integer labels sort numerically in JSONL and CSV alike (CSV gives "10" as a string), no
+    phantom class for 1-based labels; macro F1 leaves out a class neither predicted nor gold."""
+    from bertfast.train import _label_names, _macro_f1
+
+    assert _label_names(list(range(11))) == _label_names([str(i) for i in range(11)]) == [str(i) for i in range(11)]
+    assert _label_names([5, 1, 3, 2, 4]) == ["1", "2", "3", "4", "5"]
+    assert _label_names(["b", "a", "10", "9"]) == ["10", "9", "a", "b"]
+    assert _label_names(["01", "1"]) == ["01", "1"]  # not canonical ints: names
+    # class 2 is in neither: (2/3 + 2/3) / 2, as sklearn's f1_score(average="macro")
+    assert abs(_macro_f1([0, 0, 1], [0, 1, 1], range(3)) - 2 / 3) < 1e-12
+
+
+def test_read_records_keeps_line_separators_inside_fields(tmp_path):
+    """U+2028 / U+0085 are legal raw in JSON strings and str.splitlines() splits at them; a
+    quoted CSV field may hold line breaks."""
+    import csv
+
+    from bertfast.train import read_records
+
+    text = "one\u2028two \x85 three"
+    p = tmp_path / "u.jsonl"
+    p.write_text(json.dumps({"text": text, "label": "x"}, ensure_ascii=False) + "\r\n\n" +
+                 json.dumps({"text": "b", "label": "y"}) + "\n", encoding="utf-8")
+    recs = read_records(p)
+    assert [r["text"] for r in recs] == [text, "b"] and [r.line for r in recs] == [1, 3]
+    c = tmp_path / "u.csv"
+    with open(c, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerows([["text", "label"], ["line 1\nline 2 " + text, "x"], ["b", "y"]])
+    recs = read_records(c)
+    assert [r["text"] for r in recs] == ["line 1\nline 2 " + text, "b"] and recs[1].line == 4
+    # a field longer than csv's default limit (128 KiB) is read, and the limit (a global) restored
+    limit = csv.field_size_limit()
+    with open(c, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["text", "label"], ["x " * 100_000, "y"]])
+    assert len(read_records(c)[0]["text"]) == 200_000 and csv.field_size_limit() == limit
+
+
+def test_qa_csv_with_unanswerable_rows_evaluates(tmp_path, minilm_vocab_model):
+    """CSV answers are JSON strings; ``null`` (or an empty text) is a question with no answer:
+    trained to [CLS] and scored against "" (a non-empty prediction scores 0), not a crash."""
+    import csv
+
+    rows = data_qa(random.Random(4), 6)
+    path = tmp_path / "qa.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "context", "answers"])
+        for i, r in enumerate(rows):
+            w.writerow([r["question"], r["context"], "null" if i == 0 else json.dumps(r["answers"])])
+    result = bertfast.train("qa", path, path, model=minilm_vocab_model, out=tmp_path / "out", epochs=1,
+                            batch_size=4, progress=False)
+    assert 0.0 <= result.metrics["exact_match"] <= 5 / 6 and 0.0 <= result.metrics["f1"] <= 5 / 6
+
+
 # ----------------------------------------------------------------------------- heads vs transformers
 HEADS = {
     "seq": ("BertForSequenceClassification", 3),

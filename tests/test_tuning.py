@@ -366,6 +366,37 @@ def test_split_k_tma_and_cublas_through_launch_gemm(dtype, M, K, family, splits,
 
 
 @pytest.mark.interpreter
+def test_gemm_bench_accepts_tf32_rounding_only_under_tf32():
+    """The tuner's reference check of an fp32 GEMM under TF32 allows TF32's rounding (10-bit
+    mantissas, fp16's tolerance): with the IEEE fp32 tolerance every TF32 candidate, the default
+    included, would be dropped as "does not match"."""
+    args = dict(activation=_gemm.ACT_NONE, has_bias=False, has_pre=False, head_split=None)
+    for tf32 in (False, True):
+        p = tuning.gemm_problem(16, 32, 32, F32, CPU, (9, 0), tf32, **args)
+        run, check = p.bench()
+        y = run(p.default.value).clone()
+        assert check(y)
+        assert check(y * (1 + 1e-3)) == tf32  # an error of TF32's size (2**-10 relative)
+
+
+@pytest.mark.interpreter
+def test_tma_choice_falls_back_for_tensors_descriptors_refuse():
+    """A stored TMA choice is per shape class, but TMA descriptors refuse an ``out=`` at an odd
+    offset and a one-row x with an odd row stride (``_align_operands`` keeps those): the launch
+    takes the table's default instead of failing an assertion inside triton."""
+    M, N, K = 5, 16, 32
+    x, w = torch.randn(M, K).to(F16), torch.randn(N, K).to(F16)
+    buf = torch.full((M * N + 1,), float("nan"), dtype=F16)
+    y = buf[1:].view(M, N)  # contiguous, 2 bytes past an aligned start
+    _gemm.launch_gemm(x, w, None, y, config=_gemm.TMA_TILES[0])
+    assert_close(y, linear_reference(x, w, None, None))
+    x1 = torch.randn(1, K + 3).to(F16)[:, :K]  # one row, row stride K + 3
+    y1 = nan_like((1, N), F16)
+    _gemm.launch_gemm(x1, w, None, y1, config=_gemm.TMA_TILES[0])
+    assert_close(y1, linear_reference(x1, w, None, None))
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("kind,varlen,causal,cap", [(A.MASK_LENS, False, False, (9, 0)), (A.MASK_LENS, True, True, (8, 0)),
                                                     (A.MASK_KEYS, False, True, (9, 0)), (A.MASK_ADD, False, False, (8, 0))])
 def test_attention_candidates_run_and_match(tmp_path, kind, varlen, causal, cap):

@@ -154,7 +154,8 @@ def _has_module(name: str) -> bool:
 # --------------------------------------------------------------------------- orchestration
 def _kill_group(proc: subprocess.Popen) -> None:
     """End a step's process group (the step and whatever it started: pytest workers, compile
-    workers): SIGTERM, then SIGKILL after 5 s."""
+    workers): SIGTERM, then SIGKILL after 5 s; once the step itself has ended, SIGKILL for what
+    outlived it (a child that ignores SIGTERM must not hold the GPU during the next step)."""
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
@@ -162,9 +163,19 @@ def _kill_group(proc: subprocess.Popen) -> None:
             return
         try:
             proc.wait(timeout=wait)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    _end_leftovers(proc)
+
+
+def _end_leftovers(proc) -> None:
+    """SIGKILL whatever is left of an ended step's process group (background children it left
+    running, e.g. compile or test workers): the next step gets the device to itself."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class _Forked:
@@ -248,6 +259,7 @@ def run_step(step: Step, limit_s: float, env: Dict[str, str], log, work: str) ->
     try:
         rc = proc.wait(timeout=limit_s)
         status = "ok" if rc == 0 else "failed"
+        _end_leftovers(proc)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         rc, status = None, "timeout"
