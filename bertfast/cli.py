@@ -300,12 +300,11 @@ def _encode_corpus(args) -> int:
     if args.json:
         raise CLIError("--json prints a preview of TEXT/--file; with --input, choose the format with --output "
                        "(e.g. out.jsonl)")
-    progress = True if args.progress else (False if args.progress is False else None)
     common = dict(model=args.model, field=args.field, device=args.device, dtype=args.dtype,
                   max_length=args.max_length, backend=args.backend, batch_size=args.batch_size,
                   normalize=not args.no_normalize, output_dtype=args.output_dtype, skip_empty=args.skip_empty,
                   chunk_size=args.chunk_size, resume=True if args.resume else None, overwrite=args.overwrite,
-                  progress=progress)
+                  progress=args.progress)
     if args.workers is not None and not args.ray:
         raise CLIError("--workers is for --ray (under torchrun, --nproc-per-node sets the number of processes)")
     if args.ray:
@@ -372,14 +371,13 @@ def cmd_encode(args) -> int:
                        f"preview on stdout)")
     texts = _collect_texts(args)  # before loading the model: a bad file fails fast
     enc = _make_encoder(args)
-    progress = True if args.progress else (False if args.progress is False else None)
     if args.tokens:  # raw vectors unless asked otherwise: --no-normalize is the default here
-        rows = enc.encode(texts, batch_size=args.batch_size, normalize=False, show_progress=progress,
+        rows = enc.encode(texts, batch_size=args.batch_size, normalize=False, show_progress=args.progress,
                           output="tokens", layers=layers)
         _print_token_vectors(rows, args.json)
         return 0
     emb = enc.encode(texts, batch_size=args.batch_size, normalize=not args.no_normalize,
-                     show_progress=progress, layers=layers).cpu()
+                     show_progress=args.progress, layers=layers).cpu()
     out = sys.stdout
     if args.json:
         json.dump([{"text": t, "embedding": e} for t, e in zip(texts, emb.tolist())], out)

@@ -35,6 +35,7 @@ different number of processes.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -348,22 +349,31 @@ class CorpusReader:
 
 
 # ---------------------------------------------------------------------------- small file helpers
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` through a temporary name in the same directory, fsync, then os.replace:
-    the file is either the old one, or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _tmp_name(path: Path, pid: Union[int, str, None] = None) -> Path:
+    """The temporary name ``path`` is written under: ``.NAME.tmp-PID`` in the same directory
+    (``pid="*"``: the glob of every process's)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``path``; when the block ends, rename it onto ``path``
+    (os.replace), or remove it when the block raised: ``path`` is the old file or the whole new one."""
+    tmp = _tmp_name(path)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` with ``write(file)`` through a temporary name, fsync, then os.replace."""
+    with _replacing(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -445,7 +455,10 @@ class EncodeJob:
     def __init__(self, input, output, *, model="minilm", field=None, input_format=None, dtype=None,
                  max_length=None, normalize=True, output_dtype="float32", skip_empty=False, chunk_size=None,
                  world_size: int = 1):
+        import torch
+
         from bertfast.sentence import parse_dtype
+        from kernels._common import dtype_name
 
         if output_dtype not in OUTPUT_DTYPES:
             raise ValueError(f"unknown output dtype {output_dtype!r} (choose from {', '.join(OUTPUT_DTYPES)})")
@@ -468,7 +481,7 @@ class EncodeJob:
         self.model = model
         self.settings = {
             "model": model_fingerprint(model),
-            "model_dtype": str(torch_dtype or "torch.float32").replace("torch.", ""),
+            "model_dtype": dtype_name(torch_dtype or torch.float32),
             "max_length": max_length,
             "normalize": bool(normalize),
             "output": {"format": self.output_format, "dtype": output_dtype},
@@ -556,6 +569,10 @@ class EncodeJob:
         cs, n = self.manifest["chunk_size"], self.manifest["input_rows"]
         return j * cs, min((j + 1) * cs, n)
 
+    def chunk_rows(self, chunks: Sequence[int]) -> int:
+        """The number of input rows in ``chunks``."""
+        return sum(hi - lo for lo, hi in map(self.chunk_range, chunks))
+
     def done_chunks(self) -> set:
         """Chunks whose file is in the parts directory (each file is whole: written by rename)."""
         done = set()
@@ -565,6 +582,12 @@ class EncodeJob:
             except ValueError:
                 pass
         return done
+
+    def chunks_left(self, chunks: Optional[Sequence[int]] = None) -> List[int]:
+        """The chunks of ``chunks`` (default: every chunk) whose file is not written yet, in order;
+        the parts directory is listed once."""
+        done = self.done_chunks()
+        return [j for j in (range(self.manifest["n_chunks"]) if chunks is None else chunks) if j not in done]
 
     def rank_chunks(self, rank: int, world_size: int, todo: Optional[Sequence[int]] = None) -> Sequence[int]:
         """The chunks rank ``rank`` of ``world_size`` encodes: a contiguous share of ``todo``
@@ -603,15 +626,12 @@ class EncodeJob:
         runs after each chunk file is written; ``kill_after`` (tests only) SIGKILLs this process
         after that many chunks, a real interruption between two chunks."""
         self._note_encoder(encoder)
-        done = self.done_chunks()
-        todo = [j for j in chunks if j not in done]
-        size = lambda j: self.chunk_range(j)[1] - self.chunk_range(j)[0]  # noqa: E731
-        total = sum(size(j) for j in chunks)
+        todo = self.chunks_left(chunks)
+        total = self.chunk_rows(chunks)
+        done = total - self.chunk_rows(todo)
         if todo and len(todo) < len(chunks) and progress is not False:
-            print(f"resuming: {total - sum(size(j) for j in todo)} of {total} rows already encoded",
-                  file=sys.stderr)
-        bar = _RunProgress(total, total - sum(size(j) for j in todo),
-                           desc or f"encoding {self.reader.path.name}", progress)
+            print(f"resuming: {done} of {total} rows already encoded", file=sys.stderr)
+        bar = _RunProgress(total, done, desc or f"encoding {self.reader.path.name}", progress)
         encoded = 0
         try:
             for k, j in enumerate(todo):
@@ -622,8 +642,9 @@ class EncodeJob:
                 else:  # every row of the chunk is blank and skipped
                     emb = np.zeros((0, self.manifest["embedding_dim"]), dtype=np.float32)
                 self.write_chunk(j, ids, emb)
-                encoded += size(j)
-                bar.update(size(j))
+                rows = self.chunk_rows([j])
+                encoded += rows
+                bar.update(rows)
                 if after_chunk is not None:
                     after_chunk()
                 if kill_after is not None and k + 1 >= kill_after:
@@ -641,7 +662,7 @@ class EncodeJob:
         directory is listed on the first call only: once per chunk would be quadratic)."""
         if self._done is None:
             self._done = self.done_chunks()
-        self.manifest["rows_done"] = sum(self.chunk_range(j)[1] - self.chunk_range(j)[0] for j in self._done)
+        self.manifest["rows_done"] = self.chunk_rows(self._done)
         _write_json(self.parts / "manifest.json", self.manifest)
 
     # -- the end
@@ -649,7 +670,7 @@ class EncodeJob:
         """Assemble the chunks into OUTPUT (temporary name + os.replace), write the complete
         manifest, remove the parts directory.  Refuses when a chunk is missing."""
         m = self.manifest
-        missing = sorted(set(range(m["n_chunks"])) - self.done_chunks())
+        missing = self.chunks_left()
         if missing:
             raise ValueError(f"{self.parts}: {len(missing)} chunk(s) missing (first: {missing[0]}); run the same "
                              f"command again to encode them")
@@ -667,23 +688,18 @@ class EncodeJob:
             raise ValueError(f"{self.reader.path}: every row is blank; nothing was encoded (--skip-empty)")
         dtype = np.dtype(m["output"]["dtype"])
         fmt = m["output"]["format"]
-        for stale in self.output.parent.glob(f".{self.output.name}.tmp-*"):  # a run stopped while assembling
+        for stale in self.output.parent.glob(_tmp_name(self.output, "*").name):  # a run stopped while assembling
             stale.unlink(missing_ok=True)
-        tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
         skipped: List[int] = []
-        try:
+        with _replacing(self.output) as tmp:
             writer = _OutputWriter(fmt, tmp, rows, dim, dtype)
-            for p in chunks:
+            for j, p in enumerate(chunks):
                 with np.load(p) as z:
                     ids, emb = z["ids"], z["emb"]
                     writer.write(ids, emb.reshape(len(ids), dim))
                     if m["skip_empty"]:
-                        skipped.extend(_gaps(ids, self._range_of_file(p)))
+                        skipped.extend(_gaps(ids, self.chunk_range(j)))
             writer.close()
-            os.replace(tmp, self.output)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         m.update(complete=True, rows=rows, rows_done=m["input_rows"], embedding_dim=int(dim), skipped_rows=skipped,
                  output=dict(m["output"], path=str(self.output.resolve()), size=self.output.stat().st_size),
                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -691,9 +707,6 @@ class EncodeJob:
         _write_json(self.final_manifest, m)
         shutil.rmtree(self.parts, ignore_errors=True)
         return m
-
-    def _range_of_file(self, p: Path) -> Tuple[int, int]:
-        return self.chunk_range(int(p.name[6:-4]))
 
 
 def _gaps(ids: np.ndarray, rng: Tuple[int, int]) -> List[int]:

@@ -605,6 +605,12 @@ def _capturing_now() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _auto_max_seq(cfg) -> int:
+    """The longest sequence ``maybe_replay``'s runner captures: the seq table's largest bucket,
+    capped at the position table."""
+    return min(BUCKETS["seq"][-1], int(getattr(cfg, "max_position_embeddings", 512)))
+
+
 def graph_inputs(model, args: tuple, kwargs: dict):
     """Whether ``model(*args, **kwargs)`` may replay a CUDA graph: -> ((input_ids,
     attention_mask, token_type_ids), "") or (None, why not)."""
@@ -664,7 +670,7 @@ def graph_inputs(model, args: tuple, kwargs: dict):
     except ValueError as e:
         return None, str(e)
     B, S = ids.shape
-    max_seq = min(BUCKETS["seq"][-1], int(getattr(cfg, "max_position_embeddings", 512)))
+    max_seq = _auto_max_seq(cfg)
     if not (1 <= B <= AUTO["max_batch"] and 1 <= S <= max_seq):
         return None, f"shape {(B, S)} larger than the largest bucket {(AUTO['max_batch'], max_seq)}"
     return (ids, mask, tt), ""
@@ -694,7 +700,7 @@ def runner_of(model, create: bool = False, capture=None) -> Optional[CudaGraphRu
             runner = None
     if runner is None and create:
         cfg = model.config
-        max_seq = min(BUCKETS["seq"][-1], int(getattr(cfg, "max_position_embeddings", 512)))
+        max_seq = _auto_max_seq(cfg)
         runner = CudaGraphRunner(model, max_batch=AUTO["max_batch"], max_seq=max_seq, max_graphs=AUTO["max_graphs"],
                                  max_memory=AUTO["max_memory"], capture=capture)
         model.__dict__[_RUNNER_ATTR] = _Slot(runner)

@@ -94,7 +94,7 @@ def encode_file_torchrun(input, output, *, model="minilm", device=None, batch_si
         if rank == 0:
             try:
                 prepared = job.prepare(resume=resume, overwrite=overwrite)
-                todo = [] if prepared.get("complete") else sorted(set(range(prepared["n_chunks"])) - job.done_chunks())
+                todo = [] if prepared.get("complete") else job.chunks_left()
                 message = [("ok", prepared, todo)]
             except (ValueError, OSError) as e:
                 message = [("error", f"{type(e).__name__}: {e}", None)]
@@ -154,7 +154,7 @@ class _RayEncoder:
         if self.column not in batch.column_names:
             raise ValueError(f"encode_dataset: no column {self.column!r} (columns: {', '.join(batch.column_names)})")
         texts = ["" if t is None else t for t in batch.column(self.column).to_pylist()]
-        for i, t in enumerate(texts):
+        for t in texts:
             if not isinstance(t, str):
                 raise ValueError(f"encode_dataset: column {self.column!r} holds a {type(t).__name__}, not text")
         dim = self.encoder.embedding_dim
@@ -247,13 +247,12 @@ def encode_file_ray(input, output, *, model="minilm", num_workers: Optional[int]
     from bertfast.loading import load_config
 
     manifest["embedding_dim"] = int(load_config(model).hidden_size)
-    todo = [j for j in range(manifest["n_chunks"]) if j not in job.done_chunks()]
+    todo = job.chunks_left()  # the parts directory listed once
     ctx = ray.data.DataContext.get_current()
     saved_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # rows come back in chunk order
-    size = lambda j: job.chunk_range(j)[1] - job.chunk_range(j)[0]  # noqa: E731
-    total = sum(size(j) for j in range(manifest["n_chunks"]))
-    bar = _RunProgress(total, total - sum(size(j) for j in todo), f"ray encoding {job.reader.path.name}", progress)
+    total = manifest["input_rows"]
+    bar = _RunProgress(total, total - job.chunk_rows(todo), f"ray encoding {job.reader.path.name}", progress)
     try:
         chunks = ray.data.from_items([{"chunk": j} for j in todo])
         rows = chunks.map_batches(_read_chunk_rows, fn_kwargs={"job": job}, batch_size=1, batch_format="pyarrow",
@@ -281,13 +280,13 @@ def encode_file_ray(input, output, *, model="minilm", num_workers: Optional[int]
                 current = next(pending, None)
 
         current = next(pending, None)
-        dim = manifest["embedding_dim"]
+        dim, cs = manifest["embedding_dim"], manifest["chunk_size"]
         for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
             ids = batch.column("id").to_numpy()
             emb = batch.column(EMBEDDING_COLUMN).combine_chunks().flatten().to_numpy().reshape(len(ids), dim)
-            cs = manifest["chunk_size"]
-            for j in np.unique(ids // cs):  # a batch may span chunks
-                sel = (ids // cs) == j
+            of_chunk = ids // cs
+            for j in np.unique(of_chunk):  # a batch may span chunks
+                sel = of_chunk == j
                 flush_until(int(j))
                 buf_ids.append(ids[sel])
                 buf_emb.append(emb[sel])

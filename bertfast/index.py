@@ -33,8 +33,8 @@ from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from bertfast.corpus import (EMBEDDING_COLUMN, CorpusReader, file_fingerprint, manifest_path, model_fingerprint,
-                             read_manifest)
+from bertfast.corpus import (EMBEDDING_COLUMN, CorpusReader, _replacing, file_fingerprint, manifest_path,
+                             model_fingerprint, read_manifest)
 
 __all__ = ["Index", "Hit", "ANN_BACKENDS", "add_arguments", "run"]
 
@@ -252,12 +252,11 @@ class Index:
         for _, vec in self._blocks():
             norms = np.linalg.norm(vec, axis=1, keepdims=True)
             index.add(np.ascontiguousarray(vec / np.where(norms > 0, norms, 1.0), dtype=np.float32))
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
         try:
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, p)
-        except OSError:  # a read-only directory: the graph still serves this process
-            tmp.unlink(missing_ok=True)
+            with _replacing(p) as tmp:
+                faiss.write_index(index, str(tmp))
+        except (OSError, RuntimeError):  # a read-only directory (faiss raises RuntimeError): the graph still
+            pass  # serves this process
         self._ann_index = index
         return index
 

@@ -280,11 +280,11 @@ def tag(model: ModelArg, text: Union[str, Sequence[str]], *, tokenizer=None, str
     texts, single = _texts(text, "text")
     net, tok = _resolve("tag", model, tokenizer, **load_kw)
     names = _labels(net.config)
+    overlap = stride if stride is not None else tok.model_max_length // 4
+    dev = _device_of(net)
     results = []
     for t in texts:
-        overlap = stride if stride is not None else tok.model_max_length // 4
         enc = tok(t, stride=overlap, return_overflowing_tokens=True, return_offsets_mapping=True)
-        dev = _device_of(net)
         logits = net(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
                      token_type_ids=enc["token_type_ids"].to(dev)).logits.float()  # (W, S, L)
         probs = torch.softmax(logits, -1).cpu()

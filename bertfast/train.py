@@ -58,7 +58,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from bertfast.collators import (
-    IGNORE_INDEX, LengthGroupedBatches, MLMCollator, align_labels, causal_lm_labels, pad_batch, qa_features,
+    IGNORE_INDEX, CausalLMCollator, LengthGroupedBatches, MLMCollator, align_labels, pad_batch, qa_features,
 )
 from bertfast.sentence import _Progress
 
@@ -408,8 +408,11 @@ class _Tokens(_Task):
 
 
 # --- QA: SQuAD's answer normalisation and scores
+_PUNCTUATION = frozenset(string.punctuation)
+
+
 def _normalize_answer(s: str) -> str:
-    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
@@ -467,9 +470,8 @@ class _QA(_Task):
         return {"num_labels": 2, "id2label": None, "label2id": None}
 
     def collate(self, feats, generator=None):
-        batch = pad_batch([{k: v for k, v in f.items() if k not in ("offsets", "example_index")} for f in feats],
-                          self.tok.pad_token_id)
-        return batch
+        return pad_batch([{k: v for k, v in f.items() if k not in ("offsets", "example_index")} for f in feats],
+                         self.tok.pad_token_id)
 
     def evaluate(self, model, records, feats, batches, run_batch):
         from bertfast.qa import best_span
@@ -502,6 +504,24 @@ class _QA(_Task):
         return {"loss": loss / max(n, 1), "exact_match": em / k, "f1": f1 / k}
 
 
+def _lm_metrics(outputs, shift: bool, accuracy_name: str) -> Dict[str, float]:
+    """Loss (mean NLL over the labelled tokens), accuracy and perplexity of a language-model head
+    over the evaluation batches; ``shift``: position t predicts token t + 1 (causal LM)."""
+    nll, correct, n = 0.0, 0, 0
+    for _, batch, out in outputs:
+        labels = batch["labels"].to(out.logits.device)
+        logits = out.logits
+        if shift:
+            labels, logits = labels[:, 1:], logits[:, :-1]
+        keep = labels != IGNORE_INDEX
+        logits = logits[keep].float()  # (M, V)
+        nll += float(torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"))
+        correct += int((logits.argmax(-1) == labels[keep]).sum())
+        n += int(keep.sum())
+    mean = nll / max(n, 1)
+    return {"loss": mean, accuracy_name: correct / max(n, 1), "perplexity": math.exp(min(mean, 700.0))}
+
+
 class _MLM(_Task):
     head = "BertForMaskedLM"
     eval_seed = 12345  # the eval set is masked the same way every epoch
@@ -527,23 +547,15 @@ class _MLM(_Task):
 
     def evaluate(self, model, records, feats, batches, run_batch):
         g = torch.Generator().manual_seed(self.eval_seed)
-        nll, correct, n = 0.0, 0, 0
-        for _, batch, out in self._outputs(feats, batches, run_batch, g):
-            labels = batch["labels"].to(out.logits.device)
-            keep = labels != IGNORE_INDEX
-            logits = out.logits[keep].float()  # (M, V)
-            nll += float(torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"))
-            correct += int((logits.argmax(-1) == labels[keep]).sum())
-            n += int(keep.sum())
-        mean = nll / max(n, 1)
-        return {"loss": mean, "masked_accuracy": correct / max(n, 1), "perplexity": math.exp(min(mean, 700.0))}
+        return _lm_metrics(self._outputs(feats, batches, run_batch, g), shift=False, accuracy_name="masked_accuracy")
 
 
-class _CausalLM(_MLM):
+class _CausalLM(_Task):
     head = "BertLMHeadModel"
 
     def __init__(self, opts, tokenizer):
-        _Task.__init__(self, opts, tokenizer)
+        super().__init__(opts, tokenizer)
+        self.collator = CausalLMCollator(tokenizer.pad_token_id)
 
     def config_overrides(self):
         return {"is_decoder": True}
@@ -555,21 +567,10 @@ class _CausalLM(_MLM):
         return [{"input_ids": enc["input_ids"][i]} for i in range(len(texts))]
 
     def collate(self, feats, generator=None):
-        batch = pad_batch(feats, self.tok.pad_token_id)
-        batch["labels"] = causal_lm_labels(batch["input_ids"], batch["attention_mask"])
-        return batch
+        return self.collator(feats)
 
     def evaluate(self, model, records, feats, batches, run_batch):
-        nll, correct, n = 0.0, 0, 0
-        for _, batch, out in self._outputs(feats, batches, run_batch):
-            labels = batch["labels"].to(out.logits.device)[:, 1:]
-            keep = labels != IGNORE_INDEX
-            logits = out.logits[:, :-1][keep].float()  # (M, V): position t predicts token t + 1
-            nll += float(torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"))
-            correct += int((logits.argmax(-1) == labels[keep]).sum())
-            n += int(keep.sum())
-        mean = nll / max(n, 1)
-        return {"loss": mean, "next_token_accuracy": correct / max(n, 1), "perplexity": math.exp(min(mean, 700.0))}
+        return _lm_metrics(self._outputs(feats, batches, run_batch), shift=True, accuracy_name="next_token_accuracy")
 
 
 _TASK_CLASSES = {"classify": _Classify, "pair": _Pair, "tokens": _Tokens, "qa": _QA, "mlm": _MLM,
@@ -857,11 +858,12 @@ class _Trainer:
                     batch = self.task.collate([self.train_feats[i] for i in idx], self._batch_generator(epoch, pos))
                     out = self._run_batch(batch)
                     loss = out.loss.float()
-                    if not torch.isfinite(loss):
-                        raise ValueError(f"the loss is {float(loss)} at step {self.global_step + 1} "
-                                                 f"(epoch {epoch + 1}, batch {pos}); try a lower --lr")
+                    loss_value = float(loss.detach())  # the one host sync of the micro-batch
+                    if not math.isfinite(loss_value):
+                        raise ValueError(f"the loss is {loss_value} at step {self.global_step + 1} "
+                                         f"(epoch {epoch + 1}, batch {pos}); try a lower --lr")
                     (loss / n_group).backward()
-                    loss_sum += float(loss.detach())
+                    loss_sum += loss_value
                     loss_count += 1
                     bar.loss = loss_sum / loss_count
                     bar.examples += len(idx)
@@ -873,7 +875,7 @@ class _Trainer:
                         self.scheduler.step()
                         self.optimizer.zero_grad(set_to_none=True)
                         self.global_step += 1
-                        self.last_loss = float(loss.detach())
+                        self.last_loss = loss_value
                         boundary = (epoch, pos + 1, _rng_state(), loss_sum, loss_count)
                         stop = opts.stop_after_steps is not None and self.global_step >= opts.stop_after_steps
                         if stop or (opts.save_steps and self.global_step % opts.save_steps == 0):

@@ -555,6 +555,19 @@ def operands_aligned(x2: torch.Tensor, w: torch.Tensor) -> bool:
             and (x2.shape[0] <= 1 or x2.stride(0) % vec == 0) and (w.shape[0] <= 1 or w.stride(0) % vec == 0))
 
 
+def inplace_operand(x: torch.Tensor, M: int, K: int, w: torch.Tensor) -> Optional[torch.Tensor]:
+    """x as the (M, K) operand a planned launch reads in place (no copy), with ``w``: the view,
+    or None when the layout needs the general path (a copy, a non-unit inner stride, or a
+    misaligned operand).  Plan-time check of ``kernels.linear`` and ``kernels.qkv_projection``."""
+    try:
+        x2 = x.view(M, K)
+    except RuntimeError:
+        return None
+    if x2.stride(-1) == 1 and w.stride(-1) == 1 and operands_aligned(x2, w):
+        return x2
+    return None
+
+
 def launch_gemm(
     x2: torch.Tensor,
     weight: torch.Tensor,

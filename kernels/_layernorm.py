@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._common import HAS_TRITON, INTERPRET
-from kernels._common import dtype_name as _dtype_name
+from kernels._common import HAS_TRITON, INTERPRET, launch_device
 
 if HAS_TRITON:
     import triton
@@ -120,8 +119,6 @@ def bwd_num_programs(num_tiles: int, cfg: LNConfig, device: torch.device) -> int
 
 def device_ctx(device: torch.device):
     """Launch on the tensors' device (not the current one): ``kernels._common.launch_device``."""
-    from kernels._common import launch_device
-
     return launch_device(device)
 
 
@@ -147,10 +144,6 @@ def with_aligned(specs: list, ints: tuple) -> list:
         ptrs = tuple(a for a, t in s.signature.items() if t.startswith("*"))
         out += [s, replace(s, divisible=ptrs + tuple(a for a in ints if a in s.signature))]
     return out
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _dtype_name(dtype)
 
 
 def short_dtype(dtype: torch.dtype) -> str:

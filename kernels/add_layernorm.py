@@ -259,7 +259,7 @@ def _make_plan(x, residual, weight, bias, eps, x_bias, fallback):
     m = x.numel() // n if n else 0
     grid = None
     if kernel and m > 0 and all(t is None or t.is_contiguous() for t in (x, residual, weight, bias, x_bias)):
-        grid = (-(-m // cfg.rows),)
+        grid = (cdiv(m, cfg.rows),)
     return kernel, grid, m, n, cfg
 
 

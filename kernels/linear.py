@@ -162,11 +162,8 @@ def _make_plan(x, weight, bias, activation, fallback) -> _Plan:
     kernel = use_triton(OP, x, weight, bias, fallback=fallback)
     gemm = None
     if kernel and M > 0 and N > 0 and K > 0 and (bias is None or bias.is_contiguous()):
-        try:
-            x2 = x.view(M, K)  # the launch reads x in place (a layout that needs a copy takes the general path)
-        except RuntimeError:
-            x2 = None
-        if x2 is not None and x2.stride(-1) == 1 and weight.stride(-1) == 1 and _gemm.operands_aligned(x2, weight):
+        x2 = _gemm.inplace_operand(x, M, K, weight)  # None: a layout that needs a copy takes the general path
+        if x2 is not None:
             gemm = _gemm.plan_gemm(M, N, K, x.dtype, x.device, x2.stride(0), weight.stride(0),
                                    activation=_gemm.ACTIVATIONS[activation], has_bias=bias is not None, has_pre=False)
     return _Plan(kernel, M, N, K, (*x.shape[:-1], N), gemm)

@@ -129,15 +129,12 @@ def _make_plan(x, weight, bias, num_heads, fallback):
     kernel = use_triton(OP, x, weight, bias, fallback=fallback)
     shape = _out_shape(x, num_heads)
     hidden = x.shape[-1]
-    M = x.shape[0] * (x.shape[1] if x.dim() == 3 else 1)
     S = x.shape[1] if x.dim() == 3 else 1
+    M = x.shape[0] * S
     gemm = None
     if kernel and M > 0 and hidden > 0 and (bias is None or bias.is_contiguous()):
-        try:
-            x2 = x.view(M, hidden)
-        except RuntimeError:
-            x2 = None
-        if x2 is not None and x2.stride(-1) == 1 and weight.stride(-1) == 1 and _gemm.operands_aligned(x2, weight):
+        x2 = _gemm.inplace_operand(x, M, hidden, weight)  # None: a layout that needs a copy takes the general path
+        if x2 is not None:
             gemm = _gemm.plan_gemm(M, weight.shape[0], hidden, x.dtype, x.device, x2.stride(0), weight.stride(0),
                                    has_bias=bias is not None, has_pre=False,
                                    head_split=(S, hidden // num_heads, hidden))

@@ -116,10 +116,6 @@ def _pow2_bucket(n: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _dt(dtype: torch.dtype) -> str:
-    return _common.dtype_name(dtype)
-
-
 # ----------------------------------------------------------------------------- timing
 def cuda_timer(fn: Callable[[], Any], *, warmup: int = 3, samples: int = 7, target_ms: float = 1.0,
                max_iters: int = 200) -> float:
@@ -510,7 +506,7 @@ def gemm_problem(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     flags = f"bias={int(has_bias)} act={act} pre={int(has_pre)}"
     if head_split is not None:
         flags += f" qkv D={head_split[1]}"
-    key = f"gemm {_dt(dtype)} {prec} M<={_pow2_bucket(M)} N={N} K={K} {flags}"
+    key = f"gemm {_common.dtype_name(dtype)} {prec} M<={_pow2_bucket(M)} N={N} K={K} {flags}"
     shape = f"M={M} N={N} K={K}" + (f" S={head_split[0]}" if head_split else "")
     return Problem("gemm", key, tuple(Candidate(c.name, c) for c in cands),
                    lambda: _gemm_bench(M, N, K, dtype, device, activation, has_bias, has_pre, head_split,
@@ -587,7 +583,7 @@ def attention_problem(head_dim: int, dtype: torch.dtype, seqlen: int, capability
 
     cands = A.attention_candidates(head_dim, dtype, seqlen, capability, additive_mask=additive_mask)
     layout = "varlen" if ctx.varlen else "padded"
-    key = (f"attention {_dt(dtype)} D={head_dim} S<={_pow2_bucket(seqlen)} {layout} "
+    key = (f"attention {_common.dtype_name(dtype)} D={head_dim} S<={_pow2_bucket(seqlen)} {layout} "
            f"mask={A._MASK_NAMES[ctx.mask_kind]} causal={int(ctx.causal)}")
     shape = f"B={ctx.batch} H={ctx.heads} S={seqlen} D={head_dim}"
     return Problem("attention", key, tuple(Candidate(A.config_name(c), c) for c in cands),

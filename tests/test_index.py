@@ -142,6 +142,22 @@ def test_faiss_hnsw_backend(setup):
         Index(outs["skip"], ann="annoy")
 
 
+def test_faiss_graph_that_cannot_be_saved_still_serves(setup, monkeypatch):
+    faiss = pytest.importorskip("faiss", reason="the ann backend needs faiss-cpu (bertfast[ann])")
+    tiny, enc, src, outs = setup
+
+    def refuse(index, path):  # what faiss does when it cannot open the file (e.g. a read-only directory)
+        raise RuntimeError(f"Error: could not open {path} for writing")
+
+    monkeypatch.setattr(faiss, "write_index", refuse)
+    approx = Index(outs["skip"], ann="faiss")
+    approx.ann_path.unlink(missing_ok=True)
+    hits = approx.search("subject 3", top=5)
+    assert len(hits) == 5 and not approx.ann_path.exists()
+    exact = {h.id for h in Index(outs["skip"]).search("subject 3", top=5)}
+    assert len({h.id for h in hits} & exact) >= 4  # approximate, as test_faiss_hnsw_backend's recall bound
+
+
 def test_float16_file_scores_are_cosines_of_the_stored_vectors(setup, tmp_path):
     """Unit vectors stored as float16 are unit to ~1e-3 only: the scores are still the cosines of
     the stored vectors (to float32 rounding), so the order is brute force's."""

@@ -93,11 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_dtype(name: str, cuda: bool):
+    """``--dtype``: auto (fp16 on a GPU, fp32 on CPU) or a name :func:`bertfast.sentence.parse_dtype` takes."""
     import torch
+
+    from bertfast.sentence import parse_dtype
 
     if name == "auto":
         return torch.float16 if cuda else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    return parse_dtype(name)
 
 
 def plan(args, device, dtype) -> tuple[list, list, list]:

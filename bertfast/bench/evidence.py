@@ -615,7 +615,7 @@ def step_host() -> None:
     import torch
 
     from bertfast.bench import harness, suites
-    from bertfast.modeling import BertModel, plan_forward
+    from bertfast.modeling import plan_forward
     from bertfast.plan import plan_override
     from kernels._common import trusted_inputs
     from kernels.testing import count_host_reads
@@ -623,9 +623,8 @@ def step_host() -> None:
     device = _device()
     cuda = device.type == "cuda"
     dtype = _dtype(device)
-    cfg = suites.ModelCache(device, dtype).config(_model_name())
-    torch.manual_seed(0)
-    model = BertModel(cfg).to(device=device, dtype=dtype).eval()
+    model = suites.ModelCache(device, dtype).bertfast_base(_model_name())  # random weights, seed 0
+    cfg = model.config
     shapes = [(1, 8, "full"), (2, 8, "mixed")] if _dry() else [(1, 128, "full"), (32, 128, "full"),
                                                                  (32, 128, "mixed")]
     reps = 3 if _dry() else 30
@@ -761,11 +760,9 @@ def step_tune() -> None:
 
     from bertfast import cli
     from bertfast.bench import suites
-    from bertfast.modeling import BertModel
 
     ckpt = os.path.join(os.environ["BERTFAST_EVIDENCE_WORK"], "tune-checkpoint")
-    torch.manual_seed(0)
-    BertModel(suites.ModelCache(torch.device("cpu"), torch.float32).config(_model_name())).save_pretrained(ckpt)
+    suites.ModelCache(torch.device("cpu"), torch.float32).bertfast_base(_model_name()).save_pretrained(ckpt)
     shapes = "1x8,2x16" if _dry() else "1x128,32x128,32x512"
     buf, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):

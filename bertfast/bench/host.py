@@ -25,7 +25,6 @@ one GEMM would be real CPU compute here), in eval mode under ``torch.no_grad``. 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from datetime import date
@@ -126,11 +125,11 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
     import torch
 
     from bertfast import BertConfig, BertModel
-    from bertfast.config import PRESETS
+    from bertfast.bench.harness import summarize
+    from bertfast.bench.suites import PRESET_OF
     from kernels.testing import record_launches
 
-    presets = {"bert-base": "bert-base", "bert-large": "bert-large", "minilm": "minilm-l6"}
-    cfg = BertConfig(**{**PRESETS[presets[config_name]], **config_overrides}, backend="triton")
+    cfg = BertConfig.preset(PRESET_OF[config_name], **config_overrides, backend="triton")
     torch.manual_seed(seed)
     cases = cases or workloads(None, None, False)
     with torch.no_grad():
@@ -162,9 +161,9 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
                     progress(f"timing {r}/{repeat}")
         for row, (ids, mask) in zip(rows, inputs):
             model.set_backend("triton", unpad=row["unpad"])
-            xs = sorted(row.pop("times_us"))
-            q = statistics.quantiles(xs, n=10) if len(xs) >= 10 else [xs[0]] * 9
-            row["host_us"] = {"median": statistics.median(xs), "p10": q[0], "p90": q[-1], "min": xs[0], "n": len(xs)}
+            st = summarize(row.pop("times_us"))  # the harness's statistics (in us here, despite its key names)
+            row["host_us"] = {"median": st["median_ms"], "p10": st["p10_ms"], "p90": st["p90_ms"], "min": st["min_ms"],
+                              "n": st["n"]}
             row["torch_cpu_us"] = _torch_cpu_us(model, ids, mask, steps=min(20, repeat))
             row["host_minus_torch_cpu_us"] = row["host_us"]["median"] - row["torch_cpu_us"]
     return {"schema": "bertfast.bench.host/1", "model": config_name, "dtype": "float16",

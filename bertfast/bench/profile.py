@@ -441,6 +441,7 @@ def _load(args, device, dtype):
 
 def run(args) -> int:
     """Run ``bertfast profile`` with parsed ``args``; returns the exit status."""
+    from bertfast.bench import _resolve_dtype
     from bertfast.bench.harness import Unavailable, device_slug, environment, interpreter_active
     from bertfast.bench.suites import lengths_for
 
@@ -451,8 +452,7 @@ def run(args) -> int:
         return 2
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = {"auto": torch.float16 if cuda else torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-             "fp32": torch.float32}[args.dtype]
+    dtype = _resolve_dtype(args.dtype, cuda)
     if args.batch < 1 or args.seq < 1 or args.steps < 1:
         print("bertfast: error: --batch, --seq and --steps must be positive", file=sys.stderr)
         return 2

@@ -45,10 +45,6 @@ ENCODER_SHAPES_GPU_QUICK = [(1, 128), (32, 128)]
 ENCODER_SHAPES_CPU = [(1, 128), (8, 128)]
 ENCODER_SHAPES_CPU_QUICK = [(1, 32), (4, 64)]
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
 def elsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
