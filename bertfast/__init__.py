@@ -38,6 +38,7 @@ _LAZY = {
     "Tokenizer": "bertfast.tokenization",
     "train": "bertfast.train",
     "Index": "bertfast.index",
+    "quantize_int8": "bertfast.quantize",
 }
 
 __all__ = [

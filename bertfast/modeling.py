@@ -218,13 +218,16 @@ def output_block(out, h: torch.Tensor, residual: torch.Tensor, fwd: Forward) -> 
     .LayerNorm.  On the kernels without dropout the dense bias goes into the add + LayerNorm
     kernel (one pass); with dropout it stays in the GEMM so that dropout sees it."""
     mods = out._modules
-    dense, drop, ln = mods["dense"]._parameters, mods["dropout"], mods["LayerNorm"]
+    dense_mod, drop, ln = mods["dense"], mods["dropout"], mods["LayerNorm"]
+    if ops.is_quantized(dense_mod):  # opt-in int8 (bertfast/quantize.py): inference on CPU only
+        return ops.add_layernorm(dense_mod(h), residual, ln, None, False, owned=True)
+    dense = dense_mod._parameters
     p = drop.p if fwd.training and isinstance(drop, nn.Dropout) else 0.0
     if fwd.kernels and p == 0.0:
         y = ops.linear(h, dense["weight"], None, None, True)
         return ops.add_layernorm(y, residual, ln, dense["bias"], True)
     y = ops.linear(h, dense["weight"], dense["bias"], None, fwd.kernels)
-    return ops.add_layernorm(_dropout(y, drop, fwd.training), residual, ln, None, fwd.kernels)
+    return ops.add_layernorm(_dropout(y, drop, fwd.training), residual, ln, None, fwd.kernels, owned=True)
 
 
 def layer_forward(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
@@ -237,8 +240,12 @@ def layer_forward(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     attn = mods["attention"]._modules
     a = self_attention(attn["self"], x, fwd)
     x = output_block(attn["output"], a, x, fwd)
-    inter = mods["intermediate"]._modules["dense"]._parameters
-    h = ops.linear(x, inter["weight"], inter["bias"], fwd.act, fwd.kernels)  # bias + activation in the epilogue
+    inter_mod = mods["intermediate"]._modules["dense"]
+    if ops.is_quantized(inter_mod):  # opt-in int8 (bertfast/quantize.py)
+        h = get_activation(fwd.act)(inter_mod(x))
+    else:
+        inter = inter_mod._parameters
+        h = ops.linear(x, inter["weight"], inter["bias"], fwd.act, fwd.kernels)  # bias + activation in the epilogue
     return output_block(mods["output"], h, x, fwd)
 
 
@@ -389,6 +396,8 @@ class BertIntermediate(nn.Module):
         self.hidden_act = config.hidden_act
 
     def forward(self, x, fwd: Optional[Forward] = None):  # (..., intermediate_size)
+        if ops.is_quantized(self.dense):
+            return get_activation(self.hidden_act)(self.dense(x))
         kernels = fwd.kernels if fwd is not None else False
         return ops.linear(x, self.dense.weight, self.dense.bias, self.hidden_act, kernels)
 

@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from bertfast.activations import get_activation, kernel_epilogue
+from bertfast.activations import get_activation, get_activation_, kernel_epilogue
 from bertfast.masks import fold_causal
 
 try:  # triton is a Linux x86-64 dependency; without it only the PyTorch paths exist
@@ -57,21 +57,32 @@ def _back_to_back(ts: Tuple[torch.Tensor, ...]) -> bool:
     return True
 
 
+def fused_qkv_view(query, key, value) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The fused [query; key; value] weight (3C, C) and bias (3C,) as zero-copy views of the
+    live parameters, or None when they do not lie back to back in one storage."""
+    qp, kp, vp = query._parameters, key._parameters, value._parameters  # (nn.Module.__getattr__ costs ~1.4 us)
+    ws = (qp["weight"], kp["weight"], vp["weight"])
+    bs = (qp["bias"], kp["bias"], vp["bias"])
+    if any(b is None for b in bs) or not (_back_to_back(ws) and _back_to_back(bs)):
+        return None
+    C_out, C_in = ws[0].shape
+    return ws[0].as_strided((3 * C_out, C_in), (C_in, 1)), bs[0].as_strided((3 * C_out,), (1,))
+
+
 def fused_qkv(query, key, value) -> Tuple[torch.Tensor, torch.Tensor]:
     """The [query; key; value] weight (3C, C) and bias (3C,) of three nn.Linear.
 
     A zero-copy view of the live parameters when they lie back to back in one storage and no
     gradient is wanted (inference); otherwise a ``torch.cat`` (differentiable), built at every
     call.  Never cached: either way the values are those of the parameters now."""
-    qp, kp, vp = query._parameters, key._parameters, value._parameters  # (nn.Module.__getattr__ costs ~1.4 us)
+    qp, kp, vp = query._parameters, key._parameters, value._parameters
     ws = (qp["weight"], kp["weight"], vp["weight"])
     bs = (qp["bias"], kp["bias"], vp["bias"])
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in ws + bs)
-    if not grad and not torch.compiler.is_compiling() and _back_to_back(ws) and _back_to_back(bs):
-        C_out, C_in = ws[0].shape
-        w = ws[0].as_strided((3 * C_out, C_in), (C_in, 1))
-        b = bs[0].as_strided((3 * C_out,), (1,))
-        return w, b
+    if not grad and not torch.compiler.is_compiling():
+        wb = fused_qkv_view(query, key, value)
+        if wb is not None:
+            return wb
     return torch.cat(ws), torch.cat(bs)
 
 
@@ -97,21 +108,49 @@ def fuse_qkv_storage(query, key, value) -> None:
 # ----------------------------------------------------------------------------- the ops
 
 
+def inference() -> bool:
+    """No autograd graph is being recorded (``torch.no_grad`` / ``torch.inference_mode``): the
+    PyTorch paths may then write into tensors they made themselves and fuse the QKV GEMM."""
+    return not torch.is_grad_enabled()
+
+
+def is_quantized(linear) -> bool:
+    """A linear layer replaced by an opt-in quantized one (bertfast/quantize.py): called as a
+    module, ``y = linear(x)`` with its bias; it has no ``weight`` parameter."""
+    return getattr(linear, "quantized", False)
+
+
 def qkv_projection(x: torch.Tensor, attn_self, num_heads: int, kernels: bool):
-    """q, k, v of one layer: x (B, S, C) -> three (B, H, S, D) views; x (T, C) -> three (T, H, D)."""
+    """q, k, v of one layer: x (B, S, C) -> three (B, H, S, D) views; x (T, C) -> three (T, H, D).
+
+    PyTorch path in inference: one GEMM on the fused [query; key; value] weight when it is a
+    zero-copy view (bertfast's own models; ``fused_qkv``): fewer, wider GEMMs, each output the
+    same dot products as the three Linears'."""
+    mods = attn_self._modules
     if kernels:
-        mods = attn_self._modules
         w, b = fused_qkv(mods["query"], mods["key"], mods["value"])
         return kops.qkv_projection(x, w, b, num_heads).unbind(0)  # 3 x (B, H, S, D) / (T, H, D)
     C = x.shape[-1]
     D = C // num_heads
+    lins = (mods["query"], mods["key"], mods["value"])
+    y = None
+    if "qkv_int8" in mods:  # opt-in int8 (bertfast/quantize.py): one fused int8 GEMM
+        y = mods["qkv_int8"](x)  # (..., 3C)
+    elif inference() and not any(is_quantized(m) for m in lins) and not torch.compiler.is_compiling():
+        wb = fused_qkv_view(*lins)
+        if wb is not None:
+            y = F.linear(x, *wb)  # (..., 3C)
+    if y is not None:
+        if x.dim() == 2:  # packed (T, C) -> 3 x (T, H, D)
+            return y.view(x.shape[0], 3, num_heads, D).unbind(1)
+        B, S, _ = x.shape  # (B, S, 3, H, D) -> 3 x (B, H, S, D)
+        return y.view(B, S, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
     if x.dim() == 2:  # packed (T, C)
         T = x.shape[0]
-        return tuple(lin(x).view(T, num_heads, D) for lin in (attn_self.query, attn_self.key, attn_self.value))
+        return tuple(lin(x).view(T, num_heads, D) for lin in lins)
     B, S, _ = x.shape
     # (B, S, C) -> (B, S, H, D) -> (B, H, S, D); views, no copies
-    return tuple(lin(x).view(B, S, num_heads, D).transpose(1, 2)
-                 for lin in (attn_self.query, attn_self.key, attn_self.value))
+    return tuple(lin(x).view(B, S, num_heads, D).transpose(1, 2) for lin in lins)
 
 
 def attention(q, k, v, mask, *, dropout_p: float, training: bool, need_weights: bool, kernels: bool,
@@ -149,17 +188,21 @@ def linear(x, weight, bias, activation: Optional[str], kernels: bool) -> torch.T
             y = get_activation(activation)(y)
         return y
     y = F.linear(x, weight, bias)
-    return get_activation(activation)(y) if activation is not None else y
+    if activation is None:
+        return y
+    return (get_activation_(activation) if inference() else get_activation(activation))(y)  # y is ours
 
 
-def add_layernorm(y, residual, ln, x_bias: Optional[torch.Tensor], kernels: bool) -> torch.Tensor:
-    """LayerNorm(y + x_bias + residual) with ``ln``'s weight, bias and eps."""
+def add_layernorm(y, residual, ln, x_bias: Optional[torch.Tensor], kernels: bool, owned: bool = False) -> torch.Tensor:
+    """LayerNorm(y + x_bias + residual) with ``ln``'s weight, bias and eps.  ``owned``: ``y`` is a
+    temporary of the caller's that the PyTorch path may overwrite (in inference)."""
     p = ln._parameters
     if kernels:
         return kops.add_layernorm(y, residual, p["weight"], p["bias"], ln.eps, x_bias)
     if x_bias is not None:
         y = y + x_bias
-    return F.layer_norm(y + residual, ln.normalized_shape, p["weight"], p["bias"], ln.eps)
+    y = y.add_(residual) if owned and inference() else y + residual
+    return F.layer_norm(y, ln.normalized_shape, p["weight"], p["bias"], ln.eps)
 
 
 def embeddings_layernorm(input_ids, token_type_ids, position_ids, inputs_embeds, word, position_table,

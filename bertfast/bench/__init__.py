@@ -3,13 +3,17 @@
     bertfast bench [kernels|attention|encoder|host|all|evidence] [--model NAME ...] [--dtype auto|fp16|bf16|fp32]
                    [--batch N ...] [--seq N ...] [--lengths full|mixed|both] [--out DIR] [--quick]
                    [--device auto|cuda|cpu] [--impl NAME ...] [--compile/--no-compile] [--timer events|do_bench]
+    bertfast bench cpu [--model minilm|PATH] [--threads 1 2] [--workloads NAME ...] [--systems NAME ...]
+                       [--rounds N] [--corpus-size N] [--compile] [--out DIR] [--quick] [--no-plots]
 
 Suites: ``kernels`` (each Triton op vs its eager PyTorch equivalent and torch.compile, plus the
 attention cases), ``attention`` (attention only: padded / varlen / causal vs eager, SDPA and
 torch.compile, forward and forward+backward), ``encoder`` (whole encoders: bertfast vs
 transformers eager / SDPA / torch.compile), ``host`` (bertfast's host work per forward on the
 Triton path: launches, device reads and host microseconds with launches recorded instead of run,
-on any machine: :mod:`bertfast.bench.host`), ``all`` (kernels, attention, encoder), ``evidence``
+on any machine: :mod:`bertfast.bench.host`), ``cpu`` (bertfast on a CPU against what a user
+already has: ONNX Runtime, OpenVINO, transformers, sentence-transformers, at 1 and 2 threads, on
+fixed shapes and a text corpus: :mod:`bertfast.bench.cpu`), ``all`` (kernels, attention, encoder), ``evidence``
 (the one-command GPU evidence run, about 8 minutes, every step time-boxed:
 :mod:`bertfast.bench.evidence`; ``--dry-run`` runs its plumbing on CPU in well under a minute).
 
@@ -36,7 +40,7 @@ import itertools
 import sys
 from typing import List, Optional, Sequence
 
-SUITES = ("kernels", "attention", "encoder", "host", "all", "evidence")
+SUITES = ("kernels", "attention", "encoder", "host", "cpu", "all", "evidence")
 MODELS = ("minilm", "bert-base", "bert-large")
 DEFAULT_OUT = "bench-results"
 
@@ -48,20 +52,33 @@ IMPLS = ("triton", "triton-varlen", "eager", "sdpa", "sdpa-mask", "compile",
          "bertfast-triton-graphs", "bertfast-triton-unpad-graphs")
 
 
+def model_arg(value: str) -> str:
+    """``--model``: a preset name (:data:`MODELS`), or (``bench cpu`` only) a checkpoint directory."""
+    import os
+
+    if value in MODELS or os.path.isdir(os.path.expanduser(value)):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(MODELS)}, or a checkpoint "
+                                     f"directory for bench cpu)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``bertfast bench`` arguments to ``parser`` (used by bertfast.cli and :func:`main`).
     Bad values (an --out that is a file, --device cuda without CUDA, an unknown --impl, counts
-    < 1) are refused while parsing, before anything runs."""
+    < 1, an unknown --workloads / --systems name) are refused while parsing, before anything runs."""
+    from bertfast.bench import cpu
     from bertfast.cli import bench_device_arg, out_dir_arg, positive_int as _pos_int
     parser.description = ((parser.description + ". ") if parser.description else "") + (
         "Suites: kernels (ops + attention), attention, encoder, host (host work per forward, any machine), "
+        "cpu (bertfast vs ONNX Runtime / OpenVINO / transformers / sentence-transformers on a CPU), "
         "all, evidence (the ~8-minute GPU evidence run; --dry-run: its plumbing on CPU) (give the suite first). "
         "Without a CUDA GPU the "
         "CPU comparisons run and Triton rows are marked unavailable.")
     parser.add_argument("suite", nargs="?", default="all", choices=SUITES, help="what to benchmark (default: all)")
-    parser.add_argument("--model", nargs="+", choices=MODELS, default=None, metavar="NAME",
+    parser.add_argument("--model", nargs="+", type=model_arg, default=None, metavar="NAME",
                         help="model shapes: minilm, bert-base, bert-large (default: all three on GPU for the encoder, "
-                             "bert-base and bert-large for kernels; minilm on CPU)")
+                             "bert-base and bert-large for kernels; minilm on CPU); bench cpu: one name or a "
+                             "checkpoint directory with tokenizer.json (default minilm)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                         help="auto: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--batch", nargs="+", type=_pos_int, default=None, metavar="N", help="batch sizes")
@@ -80,8 +97,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "compiling is slow)")
     parser.add_argument("--timer", default="events", choices=("events", "do_bench"),
                         help="GPU timer: CUDA events per call (default) or triton.testing.do_bench")
-    parser.add_argument("--threads", type=_pos_int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", nargs="+", type=_pos_int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's choice); bench cpu: every thread count to run, "
+                             "for torch, ONNX Runtime and OpenVINO alike (default: 1 2)")
+    parser.add_argument("--workloads", nargs="+", choices=cpu.WORKLOADS, default=None, metavar="NAME",
+                        help="bench cpu: " + ", ".join(cpu.WORKLOADS) + " (default: all; --quick: "
+                             + " ".join(cpu.QUICK_WORKLOADS) + ")")
+    parser.add_argument("--systems", nargs="+", choices=cpu.SYSTEMS, default=None, metavar="NAME",
+                        help="bench cpu: " + ", ".join(cpu.SYSTEMS) + " (default: all)")
+    parser.add_argument("--rounds", type=_pos_int, default=None, metavar="N",
+                        help="bench cpu: timed rounds per workload (default: 15 short, 5 for 32x128 and "
+                             "128-mixed-256, 3 for the corpus; fewer with --quick)")
+    parser.add_argument("--corpus-size", type=_pos_int, default=None, metavar="N",
+                        help=f"bench cpu: texts in the corpus workload (default {cpu.DEFAULT_CORPUS_SIZE}; "
+                             f"--quick {cpu.QUICK_CORPUS_SIZE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -184,6 +213,22 @@ def plan(args, device, dtype) -> tuple[list, list, list]:
     return cases, ran, notes
 
 
+def _other_suite_problem(args) -> Optional[str]:
+    """What the suites other than ``cpu`` cannot take (a --model directory, several --threads, the
+    cpu-only options); None when fine.  Leaves ``args.threads`` one int (or None) for them."""
+    if args.model and any(m not in MODELS for m in args.model):
+        return f"--model takes {', '.join(MODELS)} here (a checkpoint directory only with bench cpu)"
+    cpu_only = [f"--{k.replace('_', '-')}" for k in ("workloads", "systems", "rounds", "corpus_size")
+                if getattr(args, k, None) is not None]
+    if cpu_only:
+        return f"{', '.join(cpu_only)}: only with bench cpu"
+    if isinstance(args.threads, list):
+        if len(args.threads) > 1:
+            return "--threads takes one value here (several only with bench cpu)"
+        args.threads = args.threads[0]
+    return None
+
+
 def run(args) -> int:
     """Run ``bertfast bench`` with parsed ``args``; returns the exit status."""
     import torch
@@ -192,6 +237,14 @@ def run(args) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bertfast: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    if args.suite == "cpu":
+        from bertfast.bench import cpu
+
+        return cpu.run(args)
+    bad = _other_suite_problem(args)
+    if bad:
+        print(f"bertfast: error: {bad}", file=sys.stderr)
         return 2
     if args.suite == "host":
         from bertfast.bench import host
