@@ -21,6 +21,11 @@ The ops read parameters from the modules at every call: nothing is copied or cac
 QKV weight is the one exception to "nothing copied" in training (a ``torch.cat`` of the three
 Linear weights, differentiable); in inference it is a zero-copy view when the three weights lie
 back to back in one storage, as bertfast's own models keep them (``fuse_qkv_storage``).
+
+The PyTorch path in inference (no autograd recording: ``torch.inference_mode`` / ``no_grad``)
+runs that fused view as one QKV GEMM, and writes the activation and the residual add into the
+GEMM outputs it just made instead of new tensors (the same values, fewer allocations).  An
+opt-in int8 linear (bertfast/quantize.py) is called as a module (``is_quantized``).
 """
 from __future__ import annotations
 

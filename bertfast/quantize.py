@@ -46,13 +46,15 @@ cosine int8 vs fp32 bertfast:
     (torch quantize_dynamic, per-tensor activations, fake-quant measurement on the transformers
      model: min 0.67, or 0.83 with per-channel weights)
 
-Speed, whole-model forward under torch.inference_mode (fp32 -> int8, median ms):
+Speed, whole-model forward under torch.inference_mode, ``python -m bertfast bench cpu`` (fp32 ->
+int8, 1 thread, median ms, interleaved; benchmarks/results/2026-12-01_amd-epyc_cpu.md):
 
-    (1, 16)                              25.1 -> 20.3   1.23x
-    (1, 128)                             68.7 -> 49.7   1.38x
-    (32, 128) full                       1724 -> 1836   0.94x  (a rerun: 1836 -> 1798; no gain)
-    32 sentences padded (615 tokens,
-      the packed path)                    333 -> 264    1.26x
+    (1, 16)                        27.3 -> 16.0   1.7x
+    (1, 128)                       72.6 -> 55.7   1.3x (within the spread)
+    (32, 128) full                 1974 -> 1788   1.1x (within the spread)
+    32 mixed (75% padding, packed)  468 -> 404    1.16x (within the spread)
+    128 mixed up to 256            5794 -> 5181   1.12x (within the spread)
+    corpus, 5,000 texts            74.5 -> 71.5 s 1.04x
     one GEMM 615x384x1536: fp32 13-19 ms, the fbgemm int8 op alone 6-8 ms, QuantizedLinear 9-14 ms
     quantize_int8 itself (calibration on the 65 sentences): 2.1 s
 
@@ -61,8 +63,11 @@ bertfast's torch path (a model set to backend='triton' is refused).  A snapshot:
 weights are made from the fp32 weights at call time and those fp32 weights are dropped, so later
 weight changes, ``.half()`` or ``.cuda()`` do not apply; ``state_dict`` / ``save_pretrained`` of a
 quantized model raise (save the fp32 model, quantize after loading).  Quantizing twice raises.
-The speed-up is the GEMMs' only (the per-token scaling around them costs a few passes over the
-activations; query/key/value run as three GEMMs, not bertfast's fused one).  On a CPU with
+Query, key and value are one fused int8 GEMM (``attention.self.qkv_int8``, 3C outputs; the
+``query`` / ``key`` / ``value`` modules become slices of it that the layers never call), and
+every remaining fp32 parameter is frozen (``requires_grad=False``: the model is inference-only,
+so a plain ``model.eval()`` forward records no graph).  The speed-up is the GEMMs' only (the
+per-token scaling around them costs a few passes over the activations).  On a CPU with
 AVX-512 VNNI fbgemm needs no pair bound (the bound is then merely harmless).
 
 Reproduce: the accuracy and speed scripts of the report (cosine over the 32 sentences above;

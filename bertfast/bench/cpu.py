@@ -25,7 +25,7 @@ pipeline), ``openvino`` (OpenVINO on the plain exported ONNX graph) and
 Timing: for each ``--threads`` n, torch, ONNX Runtime (intra-op n, inter-op 1) and OpenVINO
 (``INFERENCE_NUM_THREADS`` n) use n threads -- ORT and OpenVINO use every core unless told.
 The systems of one workload are timed round-robin in one loop by the bench harness
-(:meth:`bertfast.bench.harness.Bencher.run_group`: two warm-up calls, then ``--rounds`` rounds,
+(:meth:`bertfast.bench.harness.Bencher.run_group`: two warm-up calls (one on the corpus), then ``--rounds`` rounds,
 the starting system rotating), so load from other processes hits them alike; every row keeps
 its repetitions and reports median and p10-p90.  The speedup of bertfast over a system is that
 system's median / bertfast's median, printed only when the range the two spreads allow lies on
@@ -920,10 +920,11 @@ def file_stem(environment: Dict[str, Any], out_dir: str) -> str:
     return stem
 
 
-def cpu_bencher(rounds: int):
-    """The harness's Bencher on the CPU with exactly ``rounds`` timed rounds and two warm-up
-    calls per row (the first call, timed on its own, and one more), without the device-read
-    count (one more call per row, and there is no device to read from)."""
+def cpu_bencher(rounds: int, extra_warmup: int = 1):
+    """The harness's Bencher on the CPU with exactly ``rounds`` timed rounds and 1 +
+    ``extra_warmup`` warm-up calls per row (the first call, timed on its own, and the extra ones;
+    the corpus takes none extra: one call is a whole pass over it), without the device-read count
+    (one more call per row, and there is no device to read from)."""
     import torch
 
     from bertfast.bench import harness
@@ -932,7 +933,8 @@ def cpu_bencher(rounds: int):
         def _device_reads(self, lv):
             return 0
 
-    settings = harness.BenchSettings(warmup_ms=0, target_ms=0, min_reps=rounds, max_reps=rounds, min_warmup=1,
+    settings = harness.BenchSettings(warmup_ms=0, target_ms=0, min_reps=rounds, max_reps=rounds,
+                                     min_warmup=extra_warmup,
                                      max_copies=1)
     return CpuBencher(torch.device("cpu"), quick=False, settings=settings)
 
@@ -1007,7 +1009,7 @@ def measure(args, model_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]
                     continue
                 log(f"{n} thread{'s' if n > 1 else ''}, {w}: {', '.join(c.impl for c in cases)} "
                     f"({rounds_for(w, args)} rounds)")
-                res = cpu_bencher(rounds_for(w, args)).run_group(cases)
+                res = cpu_bencher(rounds_for(w, args), 0 if w == "corpus" else 1).run_group(cases)
                 finish_checks(res)
                 bf = next((r for r in res if r.impl == "bertfast" and r.status == harness.STATUS_OK), None)
                 for r in res:
