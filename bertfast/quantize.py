@@ -93,7 +93,6 @@ _TARGETS = ("attention.self.query", "attention.self.key", "attention.self.value"
 # activations: per-token scale s = max|x_row| maps each row into [-1, 1], then one fixed uint8 grid
 _ACT_QMAX = 127  # 8-bit: uint8 = round(x / s * 127) + 128 in [1, 255]
 _ACT_ZERO_POINT = 128
-_CHUNK_ROWS = 256  # rows per block of a large input
 
 DEFAULT_OUTLIER_CHANNELS = 4
 DEFAULT_SMOOTH_ALPHA = 0.5
@@ -219,16 +218,12 @@ class QuantizedLinear(nn.Module):
         T = x2.shape[0]
         if T == 0:
             return self.bias.expand(*shape[:-1], self.out_features).clone()
-        if T <= _CHUNK_ROWS:
-            y = self._rows(x2)
-        else:  # row blocks: the elementwise passes around the GEMM then stay in cache
-            y = torch.cat([self._rows(c) for c in x2.split(_CHUNK_ROWS)])
-        return y.view(*shape[:-1], self.out_features)
+        return self._rows(x2).view(*shape[:-1], self.out_features)  # (row blocks of 256 / 1024 measured no faster)
 
     def _rows(self, x2: torch.Tensor) -> torch.Tensor:
         """(T, C) -> (T, N)."""
         xq = x2 * self.inv_smooth_in  # (T, C), ours: smoothed, zero at the outlier channels
-        s = xq.abs().amax(1, keepdim=True).clamp_min_(1e-30)  # (T, 1) max|x|: the per-token scale
+        s = torch.linalg.vector_norm(xq, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)  # (T, 1) max|x|
         xq.div_(s)  # every row in [-1, 1]
         with _Quiet():
             y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(

@@ -14,54 +14,9 @@ from bertfast.loading import resolve_model_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Held-out sentences (none in Q.CALIBRATION_SENTENCES): 3 to ~90 words, the length mix of the CPU
-# benchmark (bertfast/bench/cpu.py).
-HELD_OUT = [
-    "Hello there.",
-    "The cat sat on the mat.",
-    "Where is the nearest train station?",
-    "I can't believe it's already Friday again.",
-    "Please remember to water the plants while I'm away.",
-    "The quarterly report shows a modest increase in revenue.",
-    "She walked along the beach at sunset, collecting smooth stones.",
-    "Our flight was delayed by three hours because of a storm over the Atlantic.",
-    "Reset your password by following the link we just sent to your email address.",
-    "The new library opens on Monday, with extended hours for students during exam season.",
-    "Add two cups of flour, a pinch of salt and one egg, then stir until the dough is smooth.",
-    "Despite the rain, thousands of fans gathered outside the stadium hours before the final match began.",
-    "The committee postponed its decision on the budget until more detailed cost estimates are available.",
-    "Researchers found that regular exercise improves sleep quality in adults over sixty, "
-    "even when the sessions are short.",
-    "If the printer shows a paper jam error, open the rear cover, remove any stuck sheets and "
-    "restart the device before printing again.",
-    "A quick brown fox jumps over the lazy dog.",
-    "Thanks!",
-    "How do I convert a list of strings into a single comma-separated string in Python?",
-    "The museum's new exhibition traces the history of navigation, from Polynesian star charts "
-    "to satellite positioning systems used by modern ships and aircraft.",
-    "Customers who bought this item also purchased a protective case and a spare charging cable, "
-    "according to the store's recommendation engine.",
-    "After years of negotiations, the two neighbouring towns finally agreed to share the cost of "
-    "building a bridge across the river, which is expected to cut commuting times in half for "
-    "thousands of residents who currently take a long detour through the valley.",
-    "The patient reported mild headaches and occasional dizziness over the past two weeks.",
-    "Turn left at the second roundabout.",
-    "Volunteers planted more than four hundred trees in the park last weekend.",
-    "In the first chapter, the author introduces a family of farmers whose lives change forever "
-    "when a railway line is built through their land, bringing merchants, strangers and new ideas "
-    "to a village that had been isolated for generations, and setting brother against brother "
-    "over whether to sell the fields or keep working them as their parents had done.",
-    "Is this seat taken?",
-    "Our support team is available from nine to five on weekdays.",
-    "The software update fixes a bug that caused the application to crash when opening large files "
-    "on older laptops with limited memory.",
-    "Mix the paint thoroughly before applying a second coat.",
-    "The central bank kept interest rates unchanged, citing uncertainty about inflation and "
-    "slowing growth in several major export markets, while signalling that it could cut rates "
-    "later in the year if consumer spending continues to weaken and unemployment keeps rising.",
-    "Good morning, everyone.",
-    "Stock markets rallied after the announcement.",
-]
+# Held-out sentences (none in Q.CALIBRATION_SENTENCES): the CPU benchmark's 32 sentences, 3 to ~90
+# words (bertfast/bench/cpu.py).
+from bertfast.bench.cpu import SENTENCES as HELD_OUT  # noqa: E402
 
 # The rule: the int8 path exists only while embeddings stay at cosine >= 0.99 vs fp32
 # (measured on these sentences: min 0.996, mean 0.9993).

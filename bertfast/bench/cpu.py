@@ -43,7 +43,6 @@ The ONNX exports are cached in ``$XDG_CACHE_HOME/bertfast/onnx/<fingerprint>/``.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import importlib
 import importlib.util
@@ -910,14 +909,10 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def file_stem(environment: Dict[str, Any], out_dir: str) -> str:
-    """``<date>_<cpu-slug>_cpu``, ``-2``, ``-3``, ... when taken."""
-    date = (environment.get("created") or _dt.date.today().isoformat())[:10]
-    base = f"{date}_{_slug(environment.get('machine', {}).get('cpu') or 'cpu')}_cpu"
-    stem, k = base, 1
-    while os.path.exists(os.path.join(out_dir, stem + ".json")):
-        k += 1
-        stem = f"{base}-{k}"
-    return stem
+    """``<date>_<cpu-slug>_cpu``, ``-2``, ``-3``, ... when taken (:func:`report.file_stem`)."""
+    from bertfast.bench.report import file_stem as stem_of
+
+    return stem_of(environment, ["cpu"], out_dir, device=_slug(environment.get("machine", {}).get("cpu") or "cpu"))
 
 
 def cpu_bencher(rounds: int, extra_warmup: int = 1):

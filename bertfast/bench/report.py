@@ -304,9 +304,11 @@ def plots(results: Sequence[Result], stem_path: str, suites: Sequence[str],
 
 
 # --------------------------------------------------------------------------- files
-def file_stem(environment: Dict[str, Any], suites: Sequence[str], out_dir: str) -> str:
+def file_stem(environment: Dict[str, Any], suites: Sequence[str], out_dir: str, device: Optional[str] = None) -> str:
+    """``<date>_<device>_<suites>``, ``-2``, ``-3``, ... when taken; ``device`` defaults to
+    :func:`harness.device_slug`."""
     date = (environment.get("created") or _dt.date.today().isoformat())[:10]
-    base = f"{date}_{device_slug(environment)}_{'-'.join(suites)}"
+    base = f"{date}_{device or device_slug(environment)}_{'-'.join(suites)}"
     stem, k = base, 1
     while os.path.exists(os.path.join(out_dir, stem + ".json")):
         k += 1
