@@ -13,8 +13,8 @@ What it does (no GPU needed, every number is a *compile-rung prediction*, never 
    1024-wide accumulator masked to 768 ("1x1024", tl.arange needs a power of two; 25 % of the MMA
    and of the accumulator registers are wasted).
 2. Compiles a sweep of tiles (BLOCK_M 16/32/64/128, BLOCK_K 32/64, 4/8 warps, 2/3 stages) with
-   ``kernels._compile.compile_spec`` for sm_90 and sm_80 (registers, spills, shared memory, wgmma),
-   and, as the baseline, the unfused pair the model launches today: ``kernels._gemm.gemm_kernel``
+   ``bertfast.kernels._compile.compile_spec`` for sm_90 and sm_80 (registers, spills, shared memory, wgmma),
+   and, as the baseline, the unfused pair the model launches today: ``bertfast.kernels._gemm.gemm_kernel``
    at ``pick_config``'s tile for (M, 768, K) plus ``add_layernorm``'s forward kernel.
 3. Optionally repeats the compile sweep under another Python (e.g. a triton 3.6 venv, the version
    the GPU machines run) and merges the results.
@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels._layernorm import ln_fwd_tile  # noqa: E402
+from bertfast.kernels._layernorm import ln_fwd_tile  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 768, 3072
 SUB_N = 256
@@ -201,7 +201,7 @@ def fused_sweep(arch: int, quick: bool = False) -> tuple[list[dict], list[dict]]
     """(configs to compile, configs skipped because the operand ring alone exceeds the chip's
     shared memory).  BLOCK_M 128 (384 fp32 accumulators a thread at 8 warps) is compiled once to
     show the spills; the 1024-wide layout only at BLOCK_K 32 / 2 stages; quick: 2 stages only."""
-    from kernels._compile import SHARED_MEMORY_LIMIT
+    from bertfast.kernels._compile import SHARED_MEMORY_LIMIT
 
     todo, skipped = [], []
     for wide in (False, True):
@@ -229,7 +229,7 @@ def fused_label(c: dict) -> str:
 
 
 def _fused_spec(c: dict):
-    from kernels._compile import KernelSpec
+    from bertfast.kernels._compile import KernelSpec
 
     t = c["dtype"]
     sig = {a: f"*{t}" for a in ("x_ptr", "w_ptr", "bias_ptr", "res_ptr", "gamma_ptr", "beta_ptr", "out_ptr")}
@@ -246,7 +246,7 @@ def baseline_items() -> list[dict]:
     """The unfused pair of today: gemm_kernel (no bias: the bias goes into add_layernorm) at every
     tile pick_config returns for the out-proj (K=768) / down-proj (K=3072) at the M values, plus
     add_layernorm's forward kernel for hidden 768 (with x_bias)."""
-    from kernels import _gemm
+    from bertfast.kernels import _gemm
 
     out, seen = [], set()
     for arch in (90, 80):
@@ -264,8 +264,8 @@ def baseline_items() -> list[dict]:
 
 
 def _gemm_spec(c: dict):
-    from kernels import _gemm
-    from kernels._compile import KernelSpec
+    from bertfast.kernels import _gemm
+    from bertfast.kernels._compile import KernelSpec
 
     sig = {"x_ptr": "*fp16", "w_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16", "pre_ptr": "*fp16",
            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32",
@@ -283,7 +283,7 @@ def _gemm_spec(c: dict):
 def _add_ln_spec(arch: int):
     import importlib
 
-    for s in importlib.import_module("kernels.add_layernorm").compile_specs(arch):
+    for s in importlib.import_module("bertfast.kernels.add_layernorm").compile_specs(arch):
         if (s.name == "_add_layernorm_fwd_kernel" and s.divisible and s.constexprs.get("BLOCK_N") == 1024
                 and s.constexprs.get("HAS_XBIAS") and s.signature.get("X") == "*fp16"):
             return s
@@ -291,7 +291,7 @@ def _add_ln_spec(arch: int):
 
 
 def _compile_one(item: dict) -> dict:
-    from kernels._compile import compile_spec
+    from bertfast.kernels._compile import compile_spec
 
     arch = item["arch"]
     if item["kind"] == "fused":
@@ -377,7 +377,7 @@ def check_interpreter() -> list[dict]:
 # --------------------------------------------------------------------------------------------
 def occupancy(r: dict) -> dict:
     """CTAs per SM allowed by registers, shared memory and threads."""
-    from kernels._compile import SHARED_MEMORY_LIMIT
+    from bertfast.kernels._compile import SHARED_MEMORY_LIMIT
 
     threads = 32 * r["num_warps"]
     regs = max(r["registers"], 1)
@@ -427,7 +427,7 @@ def gemm_l2_stream(M: int, K: int, bm: int, bn: int) -> dict:
 
 
 def problems(r: dict) -> list[str]:
-    from kernels.compile_check import problems as p
+    from bertfast.kernels.compile_check import problems as p
 
     return p(r)
 

@@ -5,7 +5,7 @@ configuration the launchers can pick, compiled for sm_90 and sm_80 on any machin
     python benchmarks/resource_table.py --arch 90 --op linear attention
     python benchmarks/resource_table.py --save              # also write benchmarks/results/<date>_resource-table_<archs>_triton-<version>.{md,json}
 
-A thin wrapper over ``python -m kernels.compile_check`` (``kernels.compile_check.run`` / ``table``).
+A thin wrapper over ``python -m bertfast.kernels.compile_check`` (``bertfast.kernels.compile_check.run`` / ``table``).
 Exit status 1 when a configuration has a problem (does not compile, spills, too much shared
 memory, a GEMM without tensor cores).
 """
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                                env=env)
     import triton
 
-    from kernels.compile_check import problems, run, table
+    from bertfast.kernels.compile_check import problems, run, table
 
     results = run(args.op, tuple(args.arch), args.jobs)
     text = table(results)

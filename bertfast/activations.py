@@ -27,7 +27,7 @@ def _silu_(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=True)
 
 
-# name -> (kernel epilogue of kernels.linear, or None: the kernels run the GEMM and torch applies
+# name -> (kernel epilogue of bertfast.kernels.linear, or None: the kernels run the GEMM and torch applies
 # the function after it; torch function; the same function in place).  "gelu" is BERT's exact
 # (erf) GELU; gelu_new and gelu_pytorch_tanh are both its tanh approximation.
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -58,5 +58,5 @@ def get_activation_(name: str) -> Fn:
 
 
 def kernel_epilogue(name: str) -> Optional[str]:
-    """The activation kernels.linear fuses for ``name`` (None: applied by torch after the GEMM)."""
+    """The activation bertfast.kernels.linear fuses for ``name`` (None: applied by torch after the GEMM)."""
     return ACTIVATIONS[name][0]

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from kernels._common import dtype_name, recording_launches
+from bertfast.kernels._common import dtype_name, recording_launches
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -30,7 +30,7 @@ def check_backend(name: str) -> str:
 
 def triton_runs_on(device: torch.device) -> tuple[bool, str]:
     """(can the Triton kernels run on tensors of this device?, why not)."""
-    import kernels
+    from bertfast import kernels
 
     if not kernels.HAS_TRITON:
         return False, "triton is not installed"
@@ -52,7 +52,7 @@ def resolve(name: str, device: torch.device) -> str:
     ok, why = triton_runs_on(device)
     if name == "auto":
         # auto never picks the interpreter: it is for tests, not speed
-        import kernels
+        from bertfast import kernels
 
         return "triton" if ok and device.type == "cuda" and not kernels.INTERPRET else "torch"
     if not ok:
@@ -64,9 +64,9 @@ def kernel_unsupported(config, dtype: torch.dtype) -> Optional[str]:
     """Why the Triton kernels cannot run a BERT encoder with this config and parameter dtype (a
     sentence naming the property), or None when they can.  ``config``: a bertfast or transformers
     BertConfig.  Head sizes come from the attention kernel's own definition
-    (``kernels.attention.supports_head_dim``), activations from bertfast/activations.py."""
+    (``bertfast.kernels.attention.supports_head_dim``), activations from bertfast/activations.py."""
     from bertfast.activations import ACTIVATIONS
-    from kernels._common import SUPPORTED_DTYPES
+    from bertfast.kernels._common import SUPPORTED_DTYPES
 
     act = getattr(config, "hidden_act", None)
     if not isinstance(act, str) or act not in ACTIVATIONS:
@@ -77,7 +77,7 @@ def kernel_unsupported(config, dtype: torch.dtype) -> Optional[str]:
     heads, hidden = config.num_attention_heads, config.hidden_size
     if not heads or hidden % heads:
         return f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-    from kernels.attention import HEAD_DIMS, supports_head_dim
+    from bertfast.kernels.attention import HEAD_DIMS, supports_head_dim
 
     if not supports_head_dim(hidden // heads):
         return (f"head size {hidden // heads} (hidden_size {hidden} / {heads} heads) is not supported by the "

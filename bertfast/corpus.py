@@ -458,7 +458,7 @@ class EncodeJob:
         import torch
 
         from bertfast.sentence import parse_dtype
-        from kernels._common import dtype_name
+        from bertfast.kernels._common import dtype_name
 
         if output_dtype not in OUTPUT_DTYPES:
             raise ValueError(f"unknown output dtype {output_dtype!r} (choose from {', '.join(OUTPUT_DTYPES)})")

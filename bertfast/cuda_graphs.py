@@ -32,7 +32,7 @@ the padding rows / columns get mask 0); the graph replays; the outputs are slice
 
 **Capture** happens on the first use of a bucket, on that call's inputs (already copied into
 the buffers: a valid batch for the warm-up runs, which compile the kernels).  Inside
-``kernels._common.trusted_inputs()`` and ``torch.no_grad()``, the plan of the forward is forced
+``bertfast.kernels._common.trusted_inputs()`` and ``torch.no_grad()``, the plan of the forward is forced
 (``bertfast.modeling.plan_override``) to one built *inside the captured region from the static
 buffers*: ``Packing.from_mask_static(mask_buf, tokens)`` (device ops: indices and cu_seqlens are
 recomputed from the buffer at every replay) or, for the padded route, the mask buffer itself.
@@ -61,8 +61,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from kernels._common import trusted_inputs
-from kernels.padding import Packing
+from bertfast.kernels._common import trusted_inputs
+from bertfast.kernels.padding import Packing
 
 
 def _token_table(lo: int = 16, hi: int = 256 * 512, steps: Sequence[int] = (4, 5, 6, 7)) -> Tuple[int, ...]:

@@ -362,7 +362,7 @@ def bertfast_attention_forward(module, query, key, value, attention_mask, dropou
     the 2-D (B, S) padding mask (bertfast registers flash-attention style mask creation), a 4-D
     mask, or None; returns ((B, S, H, D), None).  Causal attention (``is_causal``, else the
     module's ``is_causal``) is applied in every mode, padding mask or not, dropout or not."""
-    import kernels
+    from bertfast import kernels
     from bertfast.masks import additive_from_keep, fold_causal
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))

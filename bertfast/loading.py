@@ -48,7 +48,7 @@ from typing import Any, Dict, Union
 import torch
 
 from bertfast.config import BertConfig
-from kernels._common import dtype_name
+from bertfast.kernels._common import dtype_name
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ A forward's attention mask is built once (``build_forward_mask``) and handed to 
 
 One convention everywhere: a masked score gets the dtype's most negative *finite* value (as
 transformers), so that a query row that sees no key gets the uniform softmax, never NaN.  The
-one exception is the kernels' own 0/1 key mask (``kernels.AttentionMask`` of kind MASK_KEYS /
+one exception is the kernels' own 0/1 key mask (``bertfast.kernels.AttentionMask`` of kind MASK_KEYS /
 MASK_LENS), whose masked keys drop out of the softmax exactly; the forward's plan
 (bertfast/plan.py) hands the kernels an additive mask instead where some query row would see no
 key, so both backends agree with transformers there too.
@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from kernels.attention import MASK_LENS, AttentionMask, prepare_attention_mask
+from bertfast.kernels.attention import MASK_LENS, AttentionMask, prepare_attention_mask
 
 
 def additive_from_keep(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -54,7 +54,7 @@ def additive_mask_from(attention_mask: Optional[torch.Tensor], dtype: torch.dtyp
 class ForwardMask:
     """The attention mask of one padded forward, for every layer.
 
-    ``kernel``: what ``kernels.attention`` reads (None when the kernels do not run);
+    ``kernel``: what ``bertfast.kernels.attention`` reads (None when the kernels do not run);
     ``kernel_causal``: whether the kernel still applies causal masking itself (False when it was
     folded into an additive mask).  ``additive()``: the additive (B|1, 1|H, S|1, S) mask of the
     PyTorch attention (SDPA / eager), causal folded in where a mask exists, or None; built on

@@ -39,7 +39,7 @@ gathered once before the embeddings (``Packing``, computed once per forward and 
 layers, the Triton kernels and the heads), every per-token part (projections, FFN, LayerNorms)
 runs on the T packed tokens (T, C) instead of (B, S, C), attention runs one sequence at a time
 (``attention_varlen_torch``; the Triton varlen kernel on that backend), and the output is
-scattered back once (``kernels.pad``) with zeros at padded positions.  The per-token heads (MLM
+scattered back once (``bertfast.kernels.pad``) with zeros at padded positions.  The per-token heads (MLM
 transform + decoder, token classifier, QA outputs) also run on the T packed tokens only, so no
 head ever normalises the all-zero vector of a padded position, and their logits are scattered
 back with **0 at padded positions**.
@@ -108,8 +108,8 @@ from bertfast.outputs import (  # noqa: F401  (re-exported: the output classes)
 from bertfast.plan import ForwardPlan, plan_forward, plan_override  # noqa: F401
 from bertfast.qa import as_tokenizer, best_span, span_text  # noqa: F401
 from bertfast.validation import _wide, check_ignored_kwargs, validate_inputs  # noqa: F401
-from kernels._common import trusted_inputs
-from kernels.padding import Packing  # noqa: F401  (the padding-free layout; torch index ops, no triton)
+from bertfast.kernels._common import trusted_inputs
+from bertfast.kernels.padding import Packing  # noqa: F401  (the padding-free layout; torch index ops, no triton)
 
 
 def sinusoidal_table(num_positions: int, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

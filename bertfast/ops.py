@@ -39,7 +39,7 @@ from bertfast.activations import get_activation, get_activation_, kernel_epilogu
 from bertfast.masks import fold_causal
 
 try:  # triton is a Linux x86-64 dependency; without it only the PyTorch paths exist
-    from kernels import ops as kops
+    from bertfast.kernels import ops as kops
 except ImportError:  # pragma: no cover
     kops = None
 

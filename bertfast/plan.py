@@ -1,7 +1,7 @@
 """How one forward runs: padded batch or packed real tokens, decided in one place.
 
 ``plan_forward`` validates a forward's inputs and decides, from one host read (shared with the
-value checks), whether the layers run the packed real tokens (``kernels.padding.Packing``) or
+value checks), whether the layers run the packed real tokens (``bertfast.kernels.padding.Packing``) or
 the padded batch; the rule and what it guarantees are in bertfast/modeling.py's docstring.  The
 result, a ``ForwardPlan``, is made once per forward and handed to everything that needs the
 layout: the embeddings, every layer, the heads and the output restore.  The same function plans
@@ -19,8 +19,8 @@ import torch
 from bertfast.config import unpad_mode
 from bertfast.masks import additive_mask_from
 from bertfast.validation import _validate_inputs
-from kernels._common import host_read_possible
-from kernels.padding import Packing
+from bertfast.kernels._common import host_read_possible
+from bertfast.kernels.padding import Packing
 
 _PLAN_OVERRIDE = contextvars.ContextVar("bertfast_plan_override", default=None)
 
@@ -29,7 +29,7 @@ _PLAN_OVERRIDE = contextvars.ContextVar("bertfast_plan_override", default=None)
 def plan_override(plan: "ForwardPlan"):
     """Inside this block every forward takes ``plan`` instead of planning itself (input shapes,
     dtypes and devices are still checked; values are not read: use it inside
-    ``kernels._common.trusted_inputs()`` after validating the inputs).  For CUDA-graph capture
+    ``bertfast.kernels._common.trusted_inputs()`` after validating the inputs).  For CUDA-graph capture
     (bertfast/cuda_graphs.py): the plan's Packing is built on the device from the static mask
     buffer, so the captured graph holds no decision made from one particular batch's values."""
     token = _PLAN_OVERRIDE.set(plan)

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from bertfast.pooling import ScalarMix, mean_pool
-from kernels._common import dtype_name
+from bertfast.kernels._common import dtype_name
 
 __all__ = ["SentenceEncoder", "TokenVectors", "parse_dtype", "parse_device"]
 

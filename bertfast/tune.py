@@ -7,7 +7,7 @@
 Runs forwards of the model (Triton backend, no CUDA graphs, no gradients) at every requested
 (batch, sequence length), with full and / or mixed sequence lengths (mixed: padding-free and
 padded), while the tuner is in
-"tune" mode (``kernels.tuning``): every op / shape class those forwards use is timed on this GPU
+"tune" mode (``bertfast.kernels.tuning``): every op / shape class those forwards use is timed on this GPU
 and the fastest valid candidate stored in the cache (``$BERTFAST_TUNE_CACHE`` or
 ``~/.cache/bertfast/tuning.json``), where later processes find it without timing anything.
 Classes already in the cache are reported as "cache" and not timed again unless ``--force``.
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _device(value: str) -> torch.device:
     """The CUDA device to tune on, or CLIError saying plainly why there is none."""
     from bertfast.cli import CLIError, _cuda_unavailable_reason
-    from kernels import INTERPRET
+    from bertfast.kernels import INTERPRET
 
     why = _cuda_unavailable_reason()
     if why is not None:
@@ -123,7 +123,7 @@ def run(args) -> int:
     """``bertfast tune`` with parsed ``args``; returns the exit status."""
     from bertfast.modeling import BertModel
     from bertfast.sentence import parse_dtype
-    from kernels import tuning
+    from bertfast.kernels import tuning
 
     device = _device(args.device)
     dtype = parse_dtype(args.dtype)

@@ -3,7 +3,7 @@
 ``validate_inputs`` checks shapes, dtypes and devices on the host, and tensor values (id ranges,
 0/1 masks) in one host read, together with any statistics the caller asks for (``extra``: the
 forward's plan reads its padding statistics in the same synchronisation).  Value checks are
-skipped while torch.compile traces and inside ``kernels._common.trusted_inputs()``.
+skipped while torch.compile traces and inside ``bertfast.kernels._common.trusted_inputs()``.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 
-from kernels._common import check_values
-from kernels._common import dtype_name as _dtype_name
+from bertfast.kernels._common import check_values
+from bertfast.kernels._common import dtype_name as _dtype_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from bertfast.config import BertConfig
@@ -94,10 +94,10 @@ def _validate_inputs(config, input_ids, attention_mask, token_type_ids, position
     checks.  Returns (B, S, the extra values as python ints, or None).
 
     Checks of tensor *values* (id ranges, 0/1 masks) read the values on the host.  While
-    ``torch.compile`` traces the model, and inside ``kernels._common.trusted_inputs()`` (CUDA
+    ``torch.compile`` traces the model, and inside ``bertfast.kernels._common.trusted_inputs()`` (CUDA
     graph capture, after the runner validated the inputs), they are skipped: a host read would
     break the graph."""
-    values = check_values()  # False under torch.compile and inside kernels._common.trusted_inputs()
+    values = check_values()  # False under torch.compile and inside bertfast.kernels._common.trusted_inputs()
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds (got both or neither)")
     if input_ids is not None:

@@ -59,7 +59,7 @@ _RECORDING = contextvars.ContextVar("bertfast_kernels_recording", default=None)
 
 
 def recording_launches() -> bool:
-    """True inside ``kernels.testing.record_launches()``: launches are recorded, not run, and the
+    """True inside ``bertfast.kernels.testing.record_launches()``: launches are recorded, not run, and the
     launchers take CPU tensors as if they were on a GPU (host-overhead measurement on CPU)."""
     return _RECORDING.get() is not None
 
@@ -175,14 +175,14 @@ def meta(t: Optional[torch.Tensor]):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
-# Bumped by kernels.tuning whenever a stored or measured choice may change a configuration, so
+# Bumped by bertfast.kernels.tuning whenever a stored or measured choice may change a configuration, so
 # that launch plans made before it are made again (one int in every plan key).
 TUNE_EPOCH = [0]
 
 
 def mode_key(dtype: torch.dtype) -> tuple:
     """The global switches a launch plan depends on: the interpreter, recording
-    (kernels.testing), for fp32 torch's TF32 switch, and the tuner's epoch (kernels.tuning)."""
+    (bertfast.kernels.testing), for fp32 torch's TF32 switch, and the tuner's epoch (bertfast.kernels.tuning)."""
     return (INTERPRET, _RECORDING.get() is not None, dtype == torch.float32 and tf32_allowed(), TUNE_EPOCH[0])
 
 

@@ -8,7 +8,7 @@ One Triton kernel computes ``out = act(x @ weight.T + bias)`` for x (M, K) and w
 This module is also the single place that decides the block sizes: ``gemm_configs`` holds the
 finite list of configurations per (architecture, dtype, precision) and ``pick_config`` is the one
 deterministic rule that chooses among them (the default); ``gemm_candidates`` is what the tuner
-(``kernels.tuning``) may time instead: every table entry, and for plain GEMMs split-K, a persistent
+(``bertfast.kernels.tuning``) may time instead: every table entry, and for plain GEMMs split-K, a persistent
 TMA kernel (``gemm_tma_kernel``, sm_90) and cuBLAS.  ``plan_gemm`` asks the tuner, which answers
 with a stored choice or the default unless tuning is switched on.  ``gemm_specs`` turns the same lists into the
 ``KernelSpec`` entries the compile check needs, so the check covers exactly what can run.
@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kernels._common import HAS_TRITON, launch_device
+from bertfast.kernels._common import HAS_TRITON, launch_device
 
 if HAS_TRITON:
     import triton
@@ -448,10 +448,10 @@ def plan_gemm(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, 
               head_split: Optional[tuple[int, int, int]] = None, config: Optional[GemmConfig] = None) -> GemmPlan:
     """Block sizes, grid and scalar arguments of one GEMM launch (operands already aligned:
     ``_align_operands``).  A pure function of shapes, strides, dtype, device, the global TF32
-    switch and the tuner's stored choices (``kernels.tuning``), so launchers keep it per shape
-    (``kernels._common.PlanCache``).  ``config``: force a configuration (tests, the tuner)."""
-    from kernels import tuning
-    from kernels._common import INTERPRET, cuda_capability, tf32_allowed
+    switch and the tuner's stored choices (``bertfast.kernels.tuning``), so launchers keep it per shape
+    (``bertfast.kernels._common.PlanCache``).  ``config``: force a configuration (tests, the tuner)."""
+    from bertfast.kernels import tuning
+    from bertfast.kernels._common import INTERPRET, cuda_capability, tf32_allowed
 
     allow_tf32 = tf32_allowed()
     plain = activation == ACT_NONE and not has_bias and not has_pre and head_split is None
@@ -511,7 +511,7 @@ def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optio
         # the shape class's stored choice, but these tensors break the descriptors' rules (an
         # ``out=`` at an odd offset, a one-row x with an odd row stride): the table's default
         M, N, K, stride_x, stride_w = plan.ints[:5]
-        from kernels._common import cuda_capability, tf32_allowed
+        from bertfast.kernels._common import cuda_capability, tf32_allowed
 
         cfg = pick_config(M, N, K, x2.dtype, cuda_capability(x2.device), tf32_allowed())
         plan = plan_gemm(M, N, K, x2.dtype, x2.device, stride_x, stride_w, has_bias=False, has_pre=False,
@@ -558,7 +558,7 @@ def operands_aligned(x2: torch.Tensor, w: torch.Tensor) -> bool:
 def inplace_operand(x: torch.Tensor, M: int, K: int, w: torch.Tensor) -> Optional[torch.Tensor]:
     """x as the (M, K) operand a planned launch reads in place (no copy), with ``w``: the view,
     or None when the layout needs the general path (a copy, a non-unit inner stride, or a
-    misaligned operand).  Plan-time check of ``kernels.linear`` and ``kernels.qkv_projection``."""
+    misaligned operand).  Plan-time check of ``bertfast.kernels.linear`` and ``bertfast.kernels.qkv_projection``."""
     try:
         x2 = x.view(M, K)
     except RuntimeError:
@@ -627,7 +627,7 @@ def split_k_specs(op: str, arch: int) -> list:
 
 def tma_specs(op: str, arch: int) -> list:
     """KernelSpecs of the persistent TMA tuning candidates (sm_90 only; fp16 / bf16)."""
-    from kernels._compile import KernelSpec
+    from bertfast.kernels._compile import KernelSpec
 
     if arch // 10 != 9:
         return []
@@ -648,7 +648,7 @@ def tma_specs(op: str, arch: int) -> list:
 
 def _spec_pair(op: str, dtype: torch.dtype, allow_tf32: bool, cfg: GemmConfig, flags: dict) -> list:
     """The generic and the "aligned" KernelSpec of one configuration (see ``gemm_specs``)."""
-    from kernels._compile import KernelSpec
+    from bertfast.kernels._compile import KernelSpec
 
     prec = precision_of(dtype, allow_tf32)
     t = _TL_NAME[dtype]

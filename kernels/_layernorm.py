@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._common import HAS_TRITON, INTERPRET, launch_device
+from bertfast.kernels._common import HAS_TRITON, INTERPRET, launch_device
 
 if HAS_TRITON:
     import triton
@@ -118,7 +118,7 @@ def bwd_num_programs(num_tiles: int, cfg: LNConfig, device: torch.device) -> int
 
 
 def device_ctx(device: torch.device):
-    """Launch on the tensors' device (not the current one): ``kernels._common.launch_device``."""
+    """Launch on the tensors' device (not the current one): ``bertfast.kernels._common.launch_device``."""
     return launch_device(device)
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from kernels._common import (
+from bertfast.kernels._common import (
     PlanCache,
     cdiv,
     check_dtype,
@@ -30,8 +30,8 @@ from kernels._common import (
     mode_key,
     use_triton,
 )
-from kernels._compile import KernelSpec
-from kernels._layernorm import (
+from bertfast.kernels._compile import KernelSpec
+from bertfast.kernels._layernorm import (
     all_ln_configs,
     bwd_num_programs,
     device_ctx,
@@ -327,7 +327,7 @@ def add_layernorm_reference(x, residual, weight, bias, eps=1e-12, x_bias=None) -
 
 
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Same table on sm_90 and sm_80 (see ``kernels._layernorm.ln_config``)."""
+    """Same table on sm_90 and sm_80 (see ``bertfast.kernels._layernorm.ln_config``)."""
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         p = triton_ptr_type(dtype)
@@ -358,7 +358,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
 
 
 # --------------------------------------------------------------------------------------------
-# Benchmark (Triton tutorial style): python -m kernels.add_layernorm
+# Benchmark (Triton tutorial style): python -m bertfast.kernels.add_layernorm
 # --------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -368,7 +368,7 @@ if __name__ == "__main__":
         sys.exit("add_layernorm benchmark: needs a CUDA GPU (run the tests for the interpreter path)")
     import triton.testing
 
-    from kernels.testing import assert_close
+    from bertfast.kernels.testing import assert_close
 
     torch.manual_seed(0)
     dev = "cuda"

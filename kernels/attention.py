@@ -11,12 +11,12 @@ Public API (re-exported lazily by ``kernels``):
   same masking rules, cast back to q.dtype; the ground truth for the tests.
 * ``prepare_attention_mask(mask, B, H, S, *, analyze=None) -> AttentionMask``: a mask analysed
   once (kind, key lengths / int8 key mask / fp32 additive mask), accepted by ``attention``, the
-  reference and ``kernels.ops.attention`` in place of the raw mask: an encoder prepares its mask
+  reference and ``bertfast.kernels.ops.attention`` in place of the raw mask: an encoder prepares its mask
   once per forward and passes the result to every layer.  A raw mask is analysed at every
   call; nothing is cached on a tensor's identity (a mask refilled in place, through a numpy
   view, or by a CUDA graph replay is always read as it is now).
 * ``supports_head_dim(d) -> bool``: whether the kernels run head dim ``d`` (``HEAD_DIMS``).
-  (These three: ``from kernels.attention import ...``.)
+  (These three: ``from bertfast.kernels.attention import ...``.)
 
 Masking rules (kernel and reference agree):
 
@@ -58,7 +58,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kernels._common import (
+from bertfast.kernels._common import (
     HAS_TRITON,
     INTERPRET,
     SUPPORTED_DTYPES,
@@ -472,7 +472,7 @@ class Config(NamedTuple):
 # (D, dtype group) -> {kernel: Config}; dtype group "16" = fp16/bf16 (tensor cores), "32" = fp32.
 # Chosen for H100 (sm_90, wgmma: 8 warps = 2 warpgroups of 64 query rows) first, A100 (sm_80,
 # mma.sync) second; every entry compiles for its arch without spills under triton 3.9 (python -m
-# kernels.compile_check --op attention).  Under triton 3.6 a few rare variants (additive 4-D mask
+# bertfast.kernels.compile_check --op attention).  Under triton 3.6 a few rare variants (additive 4-D mask
 # with causal at D = 128, fp32 with TF32) spill 4 - 36 bytes: see the committed resource tables.
 _CONFIGS_SM90 = {
     (32, "16"): dict(fwd=Config(128, 128, 8, 3), dkdv=Config(64, 128, 8, 2), dq=Config(128, 64, 8, 2)),
@@ -505,7 +505,7 @@ _PRE_ROWS = 4096  # delta preprocess: BLOCK_M * D elements per program (32 fp32 
 # warpgroup (4 warps) double the programs; the tuner times them against the default
 # (``attention_candidates``).  Every entry offered compiles without spills for its arch under
 # triton 3.6 and 3.9 in every mask / causal / dtype variant
-# (``python -m kernels.compile_check --op tuning-full``).
+# (``python -m bertfast.kernels.compile_check --op tuning-full``).
 SHORT_SEQ = 128
 _SHORT_SM90 = {
     32: (Config(64, 64, 4, 2), Config(64, 128, 4, 2)),
@@ -565,14 +565,14 @@ def attention_config(head_dim: int, dtype: torch.dtype, seqlen: int, capability:
     pipelines an fp32 (BLOCK_M, BLOCK_N) mask tile per key tile, so it keeps at most two
     stages (shared memory).  ``tune``: the launch's problem; the forward tile is then the
     tuner's stored (or, when enabled, measured) choice among ``attention_candidates``
-    (``kernels.tuning``), the table's otherwise."""
+    (``bertfast.kernels.tuning``), the table's otherwise."""
     if interpret:
         cfg = dict(_INTERPRET_CONFIG)
         cfg["pre"] = Config(_PRE_ROWS // head_dim, head_dim, 4, 1)
         return cfg
     cfg = _table_config(head_dim, dtype, capability, additive_mask)
     if tune is not None and tune.device.type == "cuda":
-        from kernels import tuning
+        from bertfast.kernels import tuning
 
         cfg["fwd"] = tuning.attention_choice(head_dim, dtype, seqlen, capability, additive_mask, tune)
     return cfg
@@ -646,7 +646,7 @@ def _check_scale(op: str, scale, d: int) -> float:
 class AttentionMask(NamedTuple):
     """An attention mask analysed once, for any number of ``attention`` calls (e.g. every layer
     of one encoder forward).  Made by ``prepare_attention_mask``; pass it as ``attention_mask``
-    to ``attention`` / ``kernels.ops.attention`` in place of the raw mask.  It holds what the
+    to ``attention`` / ``bertfast.kernels.ops.attention`` in place of the raw mask.  It holds what the
     kernels read, computed from the mask's values when it was prepared (fresh tensors, except an
     fp32 4-D mask, which is used in place): after changing a mask's values, prepare it again.
     There is no hidden cache: what a call uses is what this object holds.
@@ -704,7 +704,7 @@ def prepare_attention_mask(mask, batch: int, heads: Optional[int], seqlen: int, 
 
     A 2-D mask is *analysed* (its values read on the host: one synchronisation) when ``analyze``
     is True, or when it is None (the default) and values are checked (outside
-    ``kernels._common.trusted_inputs()``): the values must be 0 / 1 (``ValueError`` otherwise),
+    ``bertfast.kernels._common.trusted_inputs()``): the values must be 0 / 1 (``ValueError`` otherwise),
     an all-ones mask becomes no mask and a right-padding (prefix) mask becomes per-batch key
     lengths (``MASK_LENS``, the fastest variant).  Without analysis (``analyze=False``, trusted
     mode with the default, and always while ``torch.compile`` traces or a CUDA graph is being
@@ -1283,7 +1283,7 @@ def compile_specs(arch: int) -> list:
     (no mask / key lengths / varlen, per-key 0/1 mask, additive 4-D) and causal on/off, the
     forward, dK/dV and dQ kernels, each with the argument alignment the launch contract
     guarantees (see ``_NO_SPECIALIZE``): the kernel the runtime builds is the one listed."""
-    from kernels._compile import KernelSpec
+    from bertfast.kernels._compile import KernelSpec
 
     cap = (arch // 10, arch % 10)
     specs = []
@@ -1325,12 +1325,12 @@ def _main() -> int:  # pragma: no cover - needs a GPU
     import sys
 
     if not torch.cuda.is_available() or INTERPRET:
-        print("python -m kernels.attention: the correctness check and benchmark need a CUDA GPU "
+        print("python -m bertfast.kernels.attention: the correctness check and benchmark need a CUDA GPU "
               "(and TRITON_INTERPRET unset); none found, nothing run.", file=sys.stderr)
         return 1
     from triton.testing import do_bench
 
-    from kernels.testing import assert_close
+    from bertfast.kernels.testing import assert_close
 
     torch.manual_seed(0)
     dev = torch.device("cuda")

@@ -1,7 +1,7 @@
 """Compile every configuration of every kernel for sm_90 and sm_80 and print a resource table.
 
-    python -m kernels.compile_check                 # table for sm_90 and sm_80
-    python -m kernels.compile_check --arch 90 --json results.json --op linear
+    python -m bertfast.kernels.compile_check                 # table for sm_90 and sm_80
+    python -m bertfast.kernels.compile_check --arch 90 --json results.json --op linear
 
 Runs with no GPU. If ``TRITON_INTERPRET=1`` is set it re-runs itself without it (interpreted
 kernels cannot be compiled).
@@ -18,7 +18,7 @@ from dataclasses import asdict
 
 
 # Pseudo-ops for the tuner's candidates that are not in the ops' default tables
-# (kernels.tuning.compile_specs): "tuning" compiles each candidate once (the test suite's rung),
+# (bertfast.kernels.tuning.compile_specs): "tuning" compiles each candidate once (the test suite's rung),
 # "tuning-full" every mask / causal / head-dim / dtype variant the tuner may launch.
 TUNING_OPS = {"tuning": False, "tuning-full": True}
 
@@ -26,23 +26,23 @@ TUNING_OPS = {"tuning": False, "tuning-full": True}
 def _specs(ops, arch):
     import importlib
 
-    from kernels import OP_MODULES
+    from bertfast.kernels import OP_MODULES
 
     out = []
     for op in ops:
         if op in TUNING_OPS:
-            from kernels.tuning import compile_specs
+            from bertfast.kernels.tuning import compile_specs
 
             out.extend(compile_specs(arch, full=TUNING_OPS[op]))
             continue
-        mod = importlib.import_module(f"kernels.{OP_MODULES[op]}")
+        mod = importlib.import_module(f"bertfast.kernels.{OP_MODULES[op]}")
         out.extend(mod.compile_specs(arch))
     return out
 
 
 def _work(args):
     op, arch, index = args
-    from kernels._compile import compile_spec
+    from bertfast.kernels._compile import compile_spec
 
     spec = _specs([op], arch)[index]
     return asdict(compile_spec(spec, arch))
@@ -50,7 +50,7 @@ def _work(args):
 
 def problems(r: dict) -> list[str]:
     """What is wrong with one compile result (empty list: all good)."""
-    from kernels._compile import SHARED_MEMORY_LIMIT
+    from bertfast.kernels._compile import SHARED_MEMORY_LIMIT
 
     out = []
     if not r["ok"]:
@@ -69,7 +69,7 @@ def problems(r: dict) -> list[str]:
 
 def run(ops=None, archs=(90, 80), jobs=None) -> list[dict]:
     """Compile ``ops`` (default: every op and each tuning candidate once) for ``archs``."""
-    from kernels import OP_MODULES
+    from bertfast.kernels import OP_MODULES
 
     ops = list(ops or [*OP_MODULES, "tuning"])
     tasks = [(op, arch, i) for arch in archs for op in ops for i in range(len(_specs([op], arch)))]
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "kernels.compile_check", *(argv or sys.argv[1:])], env=env)
+        return subprocess.call([sys.executable, "-m", "bertfast.kernels.compile_check", *(argv or sys.argv[1:])], env=env)
     results = run(args.op, args.arch, args.jobs)
     print(table(results))
     if args.json:

@@ -9,7 +9,7 @@ sum them in fp32 and LayerNorm the sum (two-pass fp32 statistics in registers).
   ids of another integer dtype than ``input_ids`` are cast to it (int32 and int64 supported).
 * Ids are range-checked on the host before the launch (one device->host sync for all three id
   tensors): an out-of-range id raises ``ValueError`` naming the input and the bad value, never a
-  device-side assert.  Inside ``kernels._common.trusted_inputs()`` (the model validated the ids
+  device-side assert.  Inside ``bertfast.kernels._common.trusted_inputs()`` (the model validated the ids
   already) and under torch.compile the check is skipped: no sync, CUDA-graph capturable.
 * Backward: one Triton launch recomputes the gathered sum, writes d(sum) in fp32 and per-program
   partial dW / dB of the LayerNorm (reduced with a deterministic ``sum(0)``); the table gradients
@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from kernels._common import (
+from bertfast.kernels._common import (
     PlanCache,
     cdiv,
     check_dtype,
@@ -41,8 +41,8 @@ from kernels._common import (
     mode_key,
     use_triton,
 )
-from kernels._compile import KernelSpec
-from kernels._layernorm import (
+from bertfast.kernels._compile import KernelSpec
+from bertfast.kernels._layernorm import (
     all_ln_configs,
     bwd_num_programs,
     device_ctx,
@@ -403,7 +403,7 @@ def embeddings_layernorm(
                  fallback, mode_key(word_weight.dtype)) if out is None else None,
         build)
     check_out(OP, out, (bsz, seq, n), word_weight.dtype, word_weight.device)
-    if check_values():  # skipped inside kernels._common.trusted_inputs() and under torch.compile
+    if check_values():  # skipped inside bertfast.kernels._common.trusted_inputs() and under torch.compile
         _check_id_ranges({
             "input_ids": (input_ids, word_weight.shape[0], "word_weight"),
             "token_type_ids": (token_type_ids, type_weight.shape[0], "type_weight"),
@@ -456,7 +456,7 @@ def embeddings_layernorm_reference(
 
 
 def compile_specs(arch: int) -> list[KernelSpec]:
-    """Same table on sm_90 and sm_80 (see ``kernels._layernorm.ln_config``): table dtype x
+    """Same table on sm_90 and sm_80 (see ``bertfast.kernels._layernorm.ln_config``): table dtype x
     BLOCK_N bucket x id dtype (all three id tensors share input_ids' dtype), forward and backward."""
     specs = []
     strides = ["stride_ib", "stride_is", "stride_tb", "stride_ts", "stride_pb", "stride_ps",
@@ -487,7 +487,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
 
 
 # --------------------------------------------------------------------------------------------
-# Benchmark (Triton tutorial style): python -m kernels.embeddings_layernorm
+# Benchmark (Triton tutorial style): python -m bertfast.kernels.embeddings_layernorm
 # --------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -497,7 +497,7 @@ if __name__ == "__main__":
         sys.exit("embeddings_layernorm benchmark: needs a CUDA GPU (run the tests for the interpreter path)")
     import triton.testing
 
-    from kernels.testing import assert_close
+    from bertfast.kernels.testing import assert_close
 
     torch.manual_seed(0)
     dev = "cuda"

@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import _gemm
-from kernels._common import PlanCache, check_dtype, check_out, check_same_dtype, meta, mode_key, use_triton
+from bertfast.kernels import _gemm
+from bertfast.kernels._common import PlanCache, check_dtype, check_out, check_same_dtype, meta, mode_key, use_triton
 
 OP = "linear"
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
@@ -181,7 +181,7 @@ def linear(
     """``act(x @ weight.T + bias)`` with one Triton GEMM; see the module docstring.
 
     The checks and the launch plan are made once per (shapes, strides, dtypes, device,
-    activation) case and reused (``kernels._common.PlanCache``); pointers are checked per call."""
+    activation) case and reused (``bertfast.kernels._common.PlanCache``); pointers are checked per call."""
     plan = _PLANS.plan(
         lambda: (meta(x), meta(weight), meta(bias), type(activation), activation, fallback,
                  mode_key(x.dtype)) if out is None else None,
@@ -223,7 +223,7 @@ if __name__ == "__main__":
                          "(run `python -m pytest tests/test_linear.py` for the interpreter tests)")
     import triton
 
-    from kernels.testing import assert_close
+    from bertfast.kernels.testing import assert_close
 
     torch.manual_seed(0)
     dev = "cuda"

@@ -19,15 +19,15 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from kernels._common import trusted_inputs
-from kernels.add_layernorm import add_layernorm as _add_layernorm
-from kernels.attention import AttentionMask, prepare_attention_mask  # noqa: F401  (re-exported)
-from kernels.attention import attention as _attention
-from kernels.attention import attention_varlen as _attention_varlen
-from kernels.embeddings_layernorm import embeddings_layernorm as _embeddings_layernorm
-from kernels.linear import linear as _linear
-from kernels.padding import pad, unpad  # noqa: F401  (index ops: data-dependent shapes, eager only)
-from kernels.qkv_projection import qkv_projection as _qkv_projection
+from bertfast.kernels._common import trusted_inputs
+from bertfast.kernels.add_layernorm import add_layernorm as _add_layernorm
+from bertfast.kernels.attention import AttentionMask, prepare_attention_mask  # noqa: F401  (re-exported)
+from bertfast.kernels.attention import attention as _attention
+from bertfast.kernels.attention import attention_varlen as _attention_varlen
+from bertfast.kernels.embeddings_layernorm import embeddings_layernorm as _embeddings_layernorm
+from bertfast.kernels.linear import linear as _linear
+from bertfast.kernels.padding import pad, unpad  # noqa: F401  (index ops: data-dependent shapes, eager only)
+from bertfast.kernels.qkv_projection import qkv_projection as _qkv_projection
 
 NS = "bertfast"
 
@@ -367,7 +367,7 @@ attention_op.register_autograd(_attn_bwd, setup_context=_attn_setup)
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attention_mask=None, *, causal: bool = False,
               scale: Optional[float] = None) -> Tensor:
-    """``kernels.attention.attention`` (eager) / the ``bertfast::attention`` op (compiling);
+    """``bertfast.kernels.attention.attention`` (eager) / the ``bertfast::attention`` op (compiling);
     ``attention_mask``: None, a raw mask or an ``AttentionMask`` (``prepare_attention_mask``)."""
     if _compiling():
         B, H, S, _ = q.shape

@@ -12,7 +12,7 @@
 
 These are index operations (a gather and a scatter), written with differentiable torch ops:
 they run on any device, without triton or the interpreter, and autograd flows through both.
-The layout they produce is the one ``kernels.attention_varlen`` reads: the tokens of sequence
+The layout they produce is the one ``bertfast.kernels.attention_varlen`` reads: the tokens of sequence
 ``b`` are rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` of ``packed``, in their original order.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import torch
 
-from kernels._common import dtype_name
+from bertfast.kernels._common import dtype_name
 
 __all__ = ["unpad", "pad", "Packing"]
 
@@ -125,7 +125,7 @@ class Packing:
     The T real tokens are packed sequence after sequence, each in its original order (the layout
     of ``unpad``): ``indices[t]`` is token t's flat position in the B*S grid, sequence b holds
     ``seqlens[b]`` tokens (0 for a fully padded row), rows ``cu_seqlens[b]:cu_seqlens[b + 1]``
-    of the packed tensor (``cu_seqlens`` int32 on the device, as ``kernels.attention_varlen``
+    of the packed tensor (``cu_seqlens`` int32 on the device, as ``bertfast.kernels.attention_varlen``
     reads it).
 
     A *static* packing (``slack=True``, from ``from_mask_static``) has room for a fixed number

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from kernels import _gemm
-from kernels._common import PlanCache, check_dtype, check_out, check_same_dtype, meta, mode_key, use_triton
+from bertfast.kernels import _gemm
+from bertfast.kernels._common import PlanCache, check_dtype, check_out, check_same_dtype, meta, mode_key, use_triton
 
 OP = "qkv_projection"
 
@@ -188,7 +188,7 @@ if __name__ == "__main__":
                          "(run `python -m pytest tests/test_qkv_projection.py` for the interpreter tests)")
     import triton
 
-    from kernels.testing import assert_close
+    from bertfast.kernels.testing import assert_close
 
     torch.manual_seed(0)
     dev = "cuda"

@@ -75,7 +75,7 @@ def record_launches():
     does around launches (bertfast bench host), never for results.  Restores everything on exit."""
     import triton.runtime.jit as jit
 
-    from kernels import _common
+    from bertfast.kernels import _common
 
     calls: list = []
 

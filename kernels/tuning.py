@@ -33,7 +33,7 @@ forward of every new shape class; ``bertfast tune --model M`` fills the cache ah
 explicitly.  A stored choice was measured and checked on that very GPU / software stack.
 
 Nothing is ever timed while a CUDA graph is being captured, while ``torch.compile`` / jit
-traces, under the Triton interpreter, while launches are recorded (``kernels.testing``), or on
+traces, under the Triton interpreter, while launches are recorded (``bertfast.kernels.testing``), or on
 a CPU device: then the stored choice or the default is used.
 
 Cache: one JSON file, ``$BERTFAST_TUNE_CACHE`` if set, else ``$XDG_CACHE_HOME/bertfast/tuning.json``
@@ -64,7 +64,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from kernels import _common
+from bertfast.kernels import _common
 
 ENV_MODE = "BERTFAST_AUTOTUNE"
 ENV_CACHE = "BERTFAST_TUNE_CACHE"
@@ -106,10 +106,10 @@ class Problem:
 
 
 def _attention_module():
-    # ``kernels.attention`` the package attribute is the function; the module is this one
+    # ``bertfast.kernels.attention`` the package attribute is the function; the module is this one
     import importlib
 
-    return importlib.import_module("kernels.attention")
+    return importlib.import_module("bertfast.kernels.attention")
 
 
 def _pow2_bucket(n: int, lo: int = 16) -> int:
@@ -478,7 +478,7 @@ def gemm_choice(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
                 allow_tf32: bool, *, activation: int, has_bias: bool, has_pre: bool,
                 head_split: Optional[tuple[int, int, int]]):
     """The ``GemmConfig`` for one GEMM launch (``_gemm.plan_gemm``'s one question)."""
-    from kernels import _gemm
+    from bertfast.kernels import _gemm
 
     if device.type != "cuda" or _common.INTERPRET:  # nothing to tune: the table's rule
         return _gemm.pick_config(M, N, K, dtype, capability, allow_tf32)
@@ -497,7 +497,7 @@ def gemm_problem(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
                  allow_tf32: bool, *, activation: int, has_bias: bool, has_pre: bool,
                  head_split: Optional[tuple[int, int, int]]) -> Problem:
     """The shape class of one GEMM launch, its candidates and its bench."""
-    from kernels import _gemm
+    from bertfast.kernels import _gemm
 
     plain = activation == _gemm.ACT_NONE and not has_bias and not has_pre and head_split is None
     cands = _gemm.gemm_candidates(M, N, K, dtype, capability, allow_tf32, plain=plain)
@@ -517,8 +517,8 @@ def _gemm_bench(M, N, K, dtype, device, activation, has_bias, has_pre, head_spli
     """Synthetic operands of the launch's shape; (run, check) for ``Tuner._measure``."""
     import torch.nn.functional as F
 
-    from kernels import _gemm
-    from kernels.testing import tolerance
+    from bertfast.kernels import _gemm
+    from bertfast.kernels.testing import tolerance
 
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn((M, K), generator=g, device=device, dtype=torch.float32).to(dtype)
@@ -593,7 +593,7 @@ def attention_problem(head_dim: int, dtype: torch.dtype, seqlen: int, capability
 def _attention_bench(D, dtype, S, capability, additive_mask, ctx):
     """Synthetic q, k, v (and a mask of the launch's kind) of the launch's shape; (run, check)."""
     A = _attention_module()
-    from kernels.testing import tolerance
+    from bertfast.kernels.testing import tolerance
 
     dev, B, H = ctx.device, ctx.batch, ctx.heads
     g = torch.Generator(device=dev).manual_seed(0)
@@ -654,7 +654,7 @@ def compile_specs(arch: int, full: bool = False) -> list:
     test suite compiles."""
     from dataclasses import replace as dc_replace
 
-    from kernels import _gemm
+    from bertfast.kernels import _gemm
     A = _attention_module()
 
     specs = _gemm.split_k_specs("linear", arch) + _gemm.tma_specs("linear", arch)

@@ -25,7 +25,7 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402
+from bertfast import kernels  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

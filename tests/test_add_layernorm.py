@@ -3,10 +3,10 @@ backward), bad input, rung 4 (the same parity on CUDA)."""
 import pytest
 import torch
 
-import kernels._common as common
-from kernels.add_layernorm import add_layernorm, add_layernorm_reference
-from kernels._layernorm import MAX_HIDDEN, ln_config
-from kernels.testing import GRAD_FACTOR, TOLERANCES, assert_close, nan_like
+import bertfast.kernels._common as common
+from bertfast.kernels.add_layernorm import add_layernorm, add_layernorm_reference
+from bertfast.kernels._layernorm import MAX_HIDDEN, ln_config
+from bertfast.kernels.testing import GRAD_FACTOR, TOLERANCES, assert_close, nan_like
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-# the package binds ``kernels.attention`` to the function; the module is sys.modules["kernels.attention"]
-from kernels.attention import (
+# the package binds ``bertfast.kernels.attention`` to the function; the module is sys.modules["bertfast.kernels.attention"]
+from bertfast.kernels.attention import (
     attention,
     attention_config,
     attention_reference,
@@ -22,8 +22,8 @@ from kernels.attention import (
     attention_varlen_reference,
     compile_specs,
 )
-from kernels.padding import pad, unpad
-from kernels.testing import GRAD_FACTOR, assert_close, nan_like
+from bertfast.kernels.padding import pad, unpad
+from bertfast.kernels.testing import GRAD_FACTOR, assert_close, nan_like
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 NEG_INF = float("-inf")
@@ -363,7 +363,7 @@ def test_kernel_matches_padded_on_real_tokens_via_unpad():
 def test_kernel_with_gpu_block_sizes(monkeypatch, cap, D, dtype):
     """The exact tiles an H100 / A100 would use, run under the interpreter: causal + padding,
     an arbitrary key mask, an additive mask, varlen; S not a multiple of any block."""
-    mod = sys.modules["kernels.attention"]  # the package attribute ``kernels.attention`` is the function
+    mod = sys.modules["bertfast.kernels.attention"]  # the package attribute ``bertfast.kernels.attention`` is the function
     real = mod.attention_config
     monkeypatch.setattr(mod, "attention_config", lambda d, dt, s, c, **kw: real(d, dt, s, cap, interpret=False, **kw))
     B, H, S = 2, 1, 200
@@ -407,7 +407,7 @@ def test_same_mask_reused_and_modified_in_place():
 def test_trusted_inputs_skip_host_reads_and_stay_correct():
     """Inside trusted_inputs() the 2-D mask is not analysed on the host (per-key-tile variant)
     and cu_seqlens values are not checked; results are unchanged."""
-    from kernels._common import trusted_inputs
+    from bertfast.kernels._common import trusted_inputs
 
     B, H, S, D = 2, 1, 30, 32
     q, k, v = _qkv(B, H, S, D, F16)
@@ -469,7 +469,7 @@ def test_bad_input_raises(match, call):
 
 
 def test_cpu_without_interpreter_needs_fallback(monkeypatch):
-    import kernels._common as common
+    import bertfast.kernels._common as common
 
     monkeypatch.setattr(common, "INTERPRET", False)
     q, k, v = torch.randn(3, 1, 2, 9, 32)

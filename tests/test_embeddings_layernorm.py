@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-import kernels._common as common
-from kernels.embeddings_layernorm import embeddings_layernorm, embeddings_layernorm_reference
-from kernels.testing import GRAD_FACTOR, TOLERANCES, assert_close, nan_like
+import bertfast.kernels._common as common
+from bertfast.kernels.embeddings_layernorm import embeddings_layernorm, embeddings_layernorm_reference
+from bertfast.kernels.testing import GRAD_FACTOR, TOLERANCES, assert_close, nan_like
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-12
@@ -178,7 +178,7 @@ def test_empty(bsz, seq):
 
 @pytest.mark.interpreter
 def test_trusted_inputs_skip_the_id_check(monkeypatch):
-    mod = sys.modules["kernels.embeddings_layernorm"]  # the package attribute is the function
+    mod = sys.modules["bertfast.kernels.embeddings_layernorm"]  # the package attribute is the function
 
     t = _tables(128, torch.float32, "cpu")
     ids, tt, pos = _ids(2, 5, torch.int64, "cpu", True, "s")

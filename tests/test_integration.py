@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import bertfast  # noqa: E402
-from kernels.testing import GRAD_FACTOR, tolerance  # noqa: E402
+from bertfast.kernels.testing import GRAD_FACTOR, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 

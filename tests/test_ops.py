@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import kernels  # noqa: F401  (registers the ops)
+from bertfast import kernels  # noqa: F401  (registers the ops)
 from bertfast import BertConfig, BertModel
-from kernels import ops  # noqa: F401
-from kernels.testing import tolerance
+from bertfast.kernels import ops  # noqa: F401
+from bertfast.kernels.testing import tolerance
 
 OPS = torch.ops.bertfast
 
@@ -77,7 +77,7 @@ def test_custom_op_gradients_match_eager_autograd():
     b = _requires_grad(args)
     g = torch.randn(7, 64)
     op(*a).backward(g)
-    kernels.add_layernorm(*b[:5], x_bias=b[5]).backward(g)
+    bertfast.kernels.add_layernorm(*b[:5], x_bias=b[5]).backward(g)
     for x, y in zip(a, b):
         if isinstance(x, torch.Tensor) and x.requires_grad:
             torch.testing.assert_close(x.grad, y.grad, **tolerance(torch.float32))
@@ -136,7 +136,7 @@ def test_compiled_model_reads_nothing_on_the_host_when_it_runs():
     """Compiled code holds no value check: running the compiled forward (custom ops included)
     reads no tensor value on the host, outside trusted_inputs() too (the custom ops run their
     launchers trusted).  The eager forward of the same model reads once (its plan)."""
-    from kernels.testing import count_host_reads
+    from bertfast.kernels.testing import count_host_reads
 
     torch._dynamo.reset()
     model = _tiny_model().set_backend("triton")

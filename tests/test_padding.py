@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-# import from the module (the package attribute ``kernels.pad`` resolves lazily to the same function)
-from kernels.padding import pad, unpad
+# import from the module (the package attribute ``bertfast.kernels.pad`` resolves lazily to the same function)
+from bertfast.kernels.padding import pad, unpad
 
 
 def _mask(lengths, S, dtype=torch.int64):

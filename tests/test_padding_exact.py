@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import bertfast
-from kernels.testing import count_host_reads, tolerance
+from bertfast.kernels.testing import count_host_reads, tolerance
 
 transformers = pytest.importorskip("transformers")
 
 TOL = tolerance(torch.float32)
-GTOL = tolerance(torch.float32, 4.0)  # kernels.testing.GRAD_FACTOR
+GTOL = tolerance(torch.float32, 4.0)  # bertfast.kernels.testing.GRAD_FACTOR
 B, S = 3, 8
 
 HF_CFG = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,

@@ -1,14 +1,14 @@
 """Property tests (hypothesis): random batch (1-4), length (1-16), padding pattern (none, right,
 left, holes, all-padding rows, all-padding batch), dtype (fp32 / fp16 / bf16) and causal flag.
 
-* kernel level: ``kernels.attention`` (the interpreter) against ``attention_reference``, with raw
+* kernel level: ``bertfast.kernels.attention`` (the interpreter) against ``attention_reference``, with raw
   masks (bool / int / float 0-1) and with the prepared-mask API (``prepare_attention_mask``,
   analysed or trusted, 2-D or 4-D additive), into ``out=`` buffers pre-filled with NaN;
 * model level: the bertfast torch backend against transformers (a tiny random config saved
   and loaded; ``last_hidden_state`` at real tokens and ``pooler_output``), and the triton
   backend (interpreter) against the torch backend.
 
-Each comparison is within ``kernels.testing``'s tolerance table (times a stated factor for
+Each comparison is within ``bertfast.kernels.testing``'s tolerance table (times a stated factor for
 whole models), or the call raises a ``ValueError`` naming the problem.  Reproducible: the
 examples are derandomized and no example database is used (``PROFILE``); each property runs a
 few explicit examples (every padding pattern) and then a fixed number of generated ones
@@ -23,9 +23,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import kernels  # noqa: E402,F401
-from kernels.attention import attention, attention_reference, prepare_attention_mask  # noqa: E402
-from kernels.testing import TOLERANCES, assert_close, nan_like, tolerance  # noqa: E402
+from bertfast import kernels  # noqa: E402,F401
+from bertfast.kernels.attention import attention, attention_reference, prepare_attention_mask  # noqa: E402
+from bertfast.kernels.testing import TOLERANCES, assert_close, nan_like, tolerance  # noqa: E402
 
 # No shrink phase: a failure reports the first failing example (its description is in the
 # assertion message) instead of spending minutes of interpreter time shrinking it.
@@ -153,7 +153,7 @@ def _additive(valid, dtype, inf):
 @example(pm=ALL_PADDING, dtype=torch.float32, causal=True, heads=1, form="4d_inf", layers=1, seed=5)
 def test_kernel_prepared_mask_matches_reference(pm, dtype, causal, heads, form, layers, seed):
     """One AttentionMask, prepared once, serves several calls (the layers of one forward)."""
-    from kernels._common import trusted_inputs
+    from bertfast.kernels._common import trusted_inputs
 
     pattern, valid = pm
     _events(pattern, dtype, f"causal={causal}", form)

@@ -1,4 +1,4 @@
-"""Ladder for ``kernels.qkv_projection`` (rungs 1, 2 and 4; rung 3 is tests/test_compile.py).
+"""Ladder for ``bertfast.kernels.qkv_projection`` (rungs 1, 2 and 4; rung 3 is tests/test_compile.py).
 
 1. the reference in fp32 math agrees with float64, and its layout is the head split that a
    Hugging Face BERT self-attention builds from three separate projections;
@@ -10,10 +10,10 @@
 import pytest
 import torch
 
-import kernels._common as common
-from kernels import _gemm
-from kernels.qkv_projection import qkv_projection, qkv_projection_reference
-from kernels.testing import GRAD_FACTOR, assert_close, nan_like
+import bertfast.kernels._common as common
+from bertfast.kernels import _gemm
+from bertfast.kernels.qkv_projection import qkv_projection, qkv_projection_reference
+from bertfast.kernels.testing import GRAD_FACTOR, assert_close, nan_like
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

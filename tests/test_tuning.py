@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from kernels import _common, _gemm, tuning
-from kernels.linear import linear_reference
-from kernels.testing import assert_close, nan_like
+from bertfast.kernels import _common, _gemm, tuning
+from bertfast.kernels.linear import linear_reference
+from bertfast.kernels.testing import assert_close, nan_like
 
-A = sys.modules["kernels.attention"]  # the package attribute ``kernels.attention`` is the function
+A = sys.modules["bertfast.kernels.attention"]  # the package attribute ``bertfast.kernels.attention`` is the function
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 CPU = torch.device("cpu")
 
@@ -241,7 +241,7 @@ def test_timing_possible_guards(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not tuning.timing_possible(cuda)  # torch.compile tracing
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    from kernels.testing import record_launches
+    from bertfast.kernels.testing import record_launches
 
     with record_launches():
         assert not tuning.timing_possible(cuda)

@@ -280,7 +280,7 @@ def run(args) -> int:
             model_notes.add(f"{r.shape.get('model')}: {w}")
     notes += sorted(model_notes)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)}
-    from kernels._common import dtype_name
+    from bertfast.kernels._common import dtype_name
 
     settings.update({"device": str(device), "dtype": dtype_name(dtype),
                      "bench_settings": vars(bencher.settings)})

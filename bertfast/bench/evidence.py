@@ -238,7 +238,7 @@ def preimport() -> None:
     could not use it)."""
     import importlib
 
-    for name in ("torch", "transformers", "kernels.testing", "bertfast.modeling", "bertfast.bench.suites",
+    for name in ("torch", "transformers", "bertfast.kernels.testing", "bertfast.modeling", "bertfast.bench.suites",
                  "bertfast.bench.report", "bertfast.bench.profile", "bertfast.plan"):
         importlib.import_module(name)
     import transformers
@@ -372,7 +372,7 @@ def run(args) -> int:
     if dry:
         # the dry run forks its Python steps from this process: it must have imported kernels under
         # the interpreter and must never see a GPU; otherwise start afresh with that environment
-        import kernels
+        from bertfast import kernels
 
         if not kernels.INTERPRET or os.environ.get("CUDA_VISIBLE_DEVICES") != "":
             argv = [sys.executable, "-m", "bertfast.bench.evidence", "--out", out, "--dry-run", "--budget",
@@ -617,8 +617,8 @@ def step_host() -> None:
     from bertfast.bench import harness, suites
     from bertfast.modeling import plan_forward
     from bertfast.plan import plan_override
-    from kernels._common import trusted_inputs
-    from kernels.testing import count_host_reads
+    from bertfast.kernels._common import trusted_inputs
+    from bertfast.kernels.testing import count_host_reads
 
     device = _device()
     cuda = device.type == "cuda"

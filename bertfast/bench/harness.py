@@ -16,7 +16,7 @@ Timing rules
   and then enqueue a device-side delay (``torch.cuda._sleep``) before each call, so that the GPU
   is busy while the host issues the call and the events measure the device alone; end-to-end
   rows synchronise before each call instead, so that the host work a user pays is included.
-  Device reads inside a call are counted (``kernels.testing.count_host_reads``) and flagged on
+  Device reads inside a call are counted (``bertfast.kernels.testing.count_host_reads``) and flagged on
   kernel rows.  ``timer="do_bench"`` uses ``triton.testing.do_bench`` (not interleaved).
 * CPU: :data:`CLOCK` (``time.perf_counter``) around every call.
 * Inputs are rotated between several copies (enough to exceed the last-level cache, within a
@@ -52,7 +52,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from kernels._common import dtype_name
+from bertfast.kernels._common import dtype_name
 
 SCHEMA = "bertfast.bench/1"
 
@@ -73,7 +73,7 @@ STATUS_ERROR = "error"
 
 
 def interpreter_active() -> bool:
-    """True when Triton kernels would be interpreted: ``kernels.INTERPRET`` (read when ``kernels``
+    """True when Triton kernels would be interpreted: ``bertfast.kernels.INTERPRET`` (read when ``kernels``
     was imported) or the environment variable as it is now."""
     env = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
     mod = sys.modules.get("kernels")
@@ -644,7 +644,7 @@ class Bencher:
 
     def _device_reads(self, lv: _Live) -> int:
         """Device-to-host reads (``.item()``, ``.tolist()``, ``nonzero``, ...) in one call."""
-        from kernels.testing import count_host_reads
+        from bertfast.kernels.testing import count_host_reads
 
         args = lv.next_args()
         with count_host_reads() as n:

@@ -3,7 +3,7 @@
     bertfast bench host [--model bert-base] [--batch N ...] [--seq N ...] [--out DIR] [--quick]
 
 The model runs on CPU tensors with every Triton launch *recorded instead of run*
-(``kernels.testing.record_launches``): the launchers do all their host work (checks, launch
+(``bertfast.kernels.testing.record_launches``): the launchers do all their host work (checks, launch
 plans, allocation, argument marshalling) and nothing runs on a device, so the time measured is
 bertfast's own Python around the kernels, before Triton's launch cost (about 10 us per launch
 on a GPU host).  Per forward it reports:
@@ -74,7 +74,7 @@ def _count(model, ids, mask):
     """(launches, launches in the layer loop, torch ops with device work, reads, reads in the layer loop)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from kernels.testing import count_host_reads, record_launches
+    from bertfast.kernels.testing import count_host_reads, record_launches
 
     layers = model.encoder.layer
     marks = {}
@@ -106,7 +106,7 @@ def _torch_cpu_us(model, ids, mask, steps: int) -> float:
     """CPU time of the PyTorch ops that do device work, per forward (profiler self time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from kernels.testing import record_launches
+    from bertfast.kernels.testing import record_launches
 
     with record_launches(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -127,7 +127,7 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
     from bertfast import BertConfig, BertModel
     from bertfast.bench.harness import summarize
     from bertfast.bench.suites import PRESET_OF
-    from kernels.testing import record_launches
+    from bertfast.kernels.testing import record_launches
 
     cfg = BertConfig.preset(PRESET_OF[config_name], **config_overrides, backend="triton")
     torch.manual_seed(seed)

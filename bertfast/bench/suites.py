@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bertfast.bench.harness import Case, Prepared, Unavailable
-from kernels._common import dtype_name
+from bertfast.kernels._common import dtype_name
 
 # model name -> (hidden, heads, intermediate, layers)
 MODEL_SHAPES: Dict[str, Dict[str, int]] = {
@@ -111,18 +111,18 @@ def _randn(shape, dtype, device, gen, scale=1.0):
 
 
 def _kernels_attr(name: str):
-    """The Triton op ``kernels.<name>``; Unavailable where triton is not installed (the kernels
+    """The Triton op ``bertfast.kernels.<name>``; Unavailable where triton is not installed (the kernels
     package then exports only its PyTorch references)."""
-    import kernels
+    from bertfast import kernels
 
     if not kernels.HAS_TRITON:
-        raise Unavailable(f"kernels.{name} needs triton, which is not importable here")
+        raise Unavailable(f"bertfast.kernels.{name} needs triton, which is not importable here")
     return getattr(kernels, name)
 
 
 def _close_check(dtype: torch.dtype, factor: float = 1.0):
     """A check comparing the output with ``ref_fn`` evaluated in fp32 on the same inputs and cast
-    back (the kernels' own reference rule), within kernels.testing's tolerance for the dtype."""
+    back (the kernels' own reference rule), within bertfast.kernels.testing's tolerance for the dtype."""
 
     def make(ref_fn: Callable[..., torch.Tensor]):
         def check(out, args):
@@ -136,7 +136,7 @@ def _close_check(dtype: torch.dtype, factor: float = 1.0):
                 except RuntimeError:
                     return {"ok": False, "error": f"shape {tuple(o.shape)} != reference {tuple(r.shape)}"}
             err = (o.float() - r.float()).abs()
-            from kernels.testing import tolerance
+            from bertfast.kernels.testing import tolerance
 
             tol = tolerance(o.dtype, factor)
             ok = bool(torch.all(err <= tol["atol"] + tol["rtol"] * r.float().abs()).item())
@@ -438,7 +438,7 @@ def _attention_impl_cases(suite, op, shape, dn, flops, nbytes, batch, seq, heads
             valid = args[3]
             o = out.float()
             err = (o - r).abs()[valid]
-            from kernels.testing import tolerance
+            from bertfast.kernels.testing import tolerance
 
             tol = tolerance(out.dtype)
             ok = bool(torch.all(err <= tol["atol"] + tol["rtol"] * r.abs()[valid]).item())
@@ -519,7 +519,7 @@ def _attention_impl_cases(suite, op, shape, dn, flops, nbytes, batch, seq, heads
                     with torch.no_grad():
                         r = eager_core(q.float(), k.float(), v.float(), valid).reshape(batch * seq, heads, d)[idx]
                     err = (o.float() - r).abs()
-                    from kernels.testing import tolerance
+                    from bertfast.kernels.testing import tolerance
 
                     tol = tolerance(o.dtype)
                     ok = bool(torch.all(err <= tol["atol"] + tol["rtol"] * r.abs()).item())

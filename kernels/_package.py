@@ -1,4 +1,8 @@
-"""bertfast's Triton kernels, one file per op.
+"""bertfast's Triton kernels, one file per op: the package ``bertfast.kernels``.
+
+This file is the package's ``__init__``: the folder has none, so that no top-level package named
+``kernels`` exists at the checkout root (Hugging Face's ``kernels`` package, which transformers
+imports, owns that name); ``bertfast/__init__.py`` binds the folder as ``bertfast.kernels``.
 
 Each op ``name`` has a PyTorch twin ``name_reference`` (fp32 math, cast back to the input
 dtype) that tests check the kernel against.  ``TRITON_INTERPRET=1`` must be set before this
@@ -8,10 +12,10 @@ from __future__ import annotations
 
 import importlib
 
-from kernels._common import INTERPRET, HAS_TRITON  # noqa: F401
+from bertfast.kernels._common import INTERPRET, HAS_TRITON  # noqa: F401
 
 # op name -> module in this package.  One module per op; every module exposes
-# ``compile_specs(arch)`` for the compile check (python -m kernels.compile_check).
+# ``compile_specs(arch)`` for the compile check (python -m bertfast.kernels.compile_check).
 OP_MODULES = {
     "qkv_projection": "qkv_projection",
     "linear": "linear",
@@ -47,5 +51,5 @@ __all__ = sorted(_EXPORTS)
 # importing a submodule binds its name on the package, which would shadow a lazy lookup.
 for _name, _module in _EXPORTS.items():
     if HAS_TRITON or _module == "padding":
-        globals()[_name] = getattr(importlib.import_module(f"kernels.{_module}"), _name)
+        globals()[_name] = getattr(importlib.import_module(f"bertfast.kernels.{_module}"), _name)
 del _name, _module
