@@ -15,7 +15,12 @@
   pytest then deletes the attribute on undo instead of restoring it).
 """
 import contextlib
+import functools
+import importlib.metadata
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -26,6 +31,80 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 from bertfast import kernels  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A kernel with what the model's kernels need from the interpreter: a loop with a run-time bound,
+# bf16 loads and stores.  Triton 3.6's interpreter fails it with numpy >= 2.4 ("only 0-dimensional
+# arrays can be converted to Python scalars" at the loop, "'InterpreterBuilder' object has no
+# attribute 'get_bf16'"): a limitation of that triton, not of bertfast.
+_PROBE = """
+import torch, triton, triton.language as tl
+@triton.jit
+def probe(x_ptr, n):
+    offs = tl.arange(0, 16)
+    acc = tl.zeros((16,), dtype=tl.float32)
+    for _ in range(0, n):
+        acc += tl.load(x_ptr + offs).to(tl.float32)
+    tl.store(x_ptr + offs, acc.to(tl.bfloat16))
+x = torch.ones(16, dtype=torch.bfloat16)
+probe[(1,)](x, 3)
+assert x.float().sum().item() == 48.0, x
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem():
+    """None when Triton's interpreter runs bertfast-like kernels here (checked in a subprocess
+    with TRITON_INTERPRET=1), else why not, naming the triton and numpy versions."""
+    if not kernels.HAS_TRITON:
+        return "triton is not installed"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        return None
+    import numpy
+    import triton
+
+    last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+    return f"the interpreter of triton {triton.__version__} cannot run kernels with numpy {numpy.__version__}: {last}"
+
+
+def _installed_bertfast_problem():
+    """The suite must test the bertfast a user gets from this environment, never a copy that the
+    working directory happens to shadow it with.  Installed (wheel or editable): the imported
+    package must be the installed one.  Not installed (a plain checkout, as on the GPU machine):
+    it must come from a directory put on PYTHONPATH on purpose."""
+    import bertfast
+
+    here = os.path.realpath(os.path.dirname(bertfast.__file__))
+    try:
+        dist = importlib.metadata.distribution("bertfast")
+    except importlib.metadata.PackageNotFoundError:
+        paths = [os.path.realpath(p or ".") for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if os.path.dirname(here) in paths:
+            return None
+        return (f"bertfast imported from {here} is neither installed in this environment nor on PYTHONPATH "
+                f"(install it, or run a plain checkout with PYTHONPATH=.)")
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct.get("dir_info", {}).get("editable"):
+        url = direct.get("url", "")
+        source = os.path.realpath(url[len("file://"):]) if url.startswith("file://") else None
+        expected = os.path.join(source, "bertfast") if source else None
+    else:
+        expected = os.path.realpath(str(dist.locate_file("bertfast")))
+    if expected != here:
+        return f"bertfast imported from {here}, but the installed distribution is at {expected}"
+    return None
+
+
+def pytest_sessionstart(session):
+    problem = _installed_bertfast_problem()
+    if problem:
+        raise pytest.UsageError(problem)
+    if kernels.INTERPRET and not HAS_CUDA and interpreter_problem():
+        raise pytest.UsageError(
+            f"{interpreter_problem()}; the CPU test run needs a working interpreter (with triton 3.6: numpy<2.4)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,9 +34,17 @@ def test_ci_runs_the_readme_test_command():
     assert "\n" not in cmd, "the README test command must be one line (CI runs it as written)"
     ci_lines = [line.strip() for line in _read(".ci", "run").splitlines()]
     assert cmd in ci_lines
-    # and CI runs nothing else that installs packages or runs tests, outside that line
+    # first; then only the other CI steps, each a script beside it (the wheel, the GPU machine's
+    # versions), and nothing else that installs packages or runs tests
     others = [line for line in ci_lines if line != cmd and not line.startswith("#")]
     assert not [line for line in others if re.search(r"\bpip\b.*\binstall\b|\bpytest\b", line)], others
+    steps = [line.split()[1] for line in others if line.startswith("bash .ci/")]
+    assert steps == [".ci/wheel", ".ci/gpu-versions"], steps
+    assert ci_lines.index(cmd) < min(ci_lines.index(f"bash {s}") for s in steps)
+    for step in steps:
+        text = _read(*step.split("/"))
+        assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text, step
+        assert "python3 -m venv" in text or '-m venv "$work/venv"' in text, f"{step} builds its own venv"
 
 
 @pytest.mark.parametrize("which", ["main job", "tests"])
