@@ -25,7 +25,9 @@ kernels/padding.py: computed, never read, dropped).
 
 **Per call** (``CudaGraphRunner.__call__``): the inputs are validated and the route is planned
 eagerly by ``bertfast.modeling.plan_forward`` on the caller's tensors: ONE host read (the value
-checks and the padding statistics, T included).  The route (padded or packed), B, S and T pick
+checks and the padding statistics, T included), or none for inputs that ``bertfast.plan.to_device``
+copied from the host (it read them there, before the copy): the replay then starts without
+waiting for the device.  The route (padded or packed), B, S and T pick
 the bucket; the inputs are copied into that bucket's static buffers (ids, mask, token types;
 the padding rows / columns get mask 0); the graph replays; the outputs are sliced back to
 (B, S) and cloned (a later replay overwrites the static outputs).
@@ -48,7 +50,9 @@ output is cloned right after its replay).  ``max_graphs`` bounds how many are ke
 recently used dropped first); ``max_memory`` (bytes) bounds what they reserve: past it, every
 graph and the pool are released before the next capture.
 
-Inference only: the model must be in eval mode; the forward runs under ``torch.no_grad``.
+Inference only: the model must be in eval mode; the forward runs under ``torch.no_grad``.  Calls
+under ``torch.no_grad()`` and ``torch.inference_mode()`` share the graphs, in any order: the
+buffers and the captured outputs are ordinary tensors whatever the first call's mode.
 """
 from __future__ import annotations
 
@@ -87,6 +91,13 @@ AUTO = dict(max_batch=32, max_graphs=16, max_memory=2 * 2**30)
 
 _RUNNER_ATTR = "_bertfast_cuda_graphs"
 _IN_RUNNER = contextvars.ContextVar("bertfast_cuda_graphs_running", default=False)
+
+
+class CaptureError(RuntimeError):
+    """A graph could not be made (buffers allocated, warm-up, capture): the device cannot
+    capture what the forward does.  ``maybe_replay`` turns graphs off for the model on it; any
+    other error of a replayed call (filling the buffers, the replay) is not a capture failure."""
+
 
 # 2-D (batch, seq) outputs that are per token (the others, (batch, features), are per sequence)
 _PER_TOKEN_2D = frozenset({"start_logits", "end_logits"})
@@ -459,8 +470,8 @@ class CudaGraphRunner:
         return resolve_for(name, self.device, self.config, _param(self.model).dtype)
 
     def plan(self, input_ids, attention_mask=None, token_type_ids=None):
-        """Validate and plan the call (one host read): -> (ForwardPlan, Bucket, mask kind (see
-        ``mask_kind``), backend)."""
+        """Validate and plan the call (one host read; none for ``bertfast.plan.to_device``'s
+        copies): -> (ForwardPlan, Bucket, mask kind (see ``mask_kind``), backend)."""
         from bertfast.modeling import plan_forward
 
         enc = encoder_of(self.model)
@@ -493,12 +504,13 @@ class CudaGraphRunner:
 
     def _body(self, g: _Graph):
         """The captured function: the static plan from the buffers, then the model called as a
-        user calls it, on the buffers."""
+        user calls it, on the buffers.  Outside inference mode whatever the caller's mode, so that
+        the static outputs are ordinary tensors, as the buffers are (``_new_graph``)."""
         from bertfast.modeling import plan_override
 
         token = _IN_RUNNER.set(True)
         try:
-            with torch.no_grad(), trusted_inputs():
+            with torch.inference_mode(False), torch.no_grad(), trusted_inputs():
                 plan = self._static_plan(g)
                 g.plan = plan
                 with plan_override(plan):
@@ -508,13 +520,17 @@ class CudaGraphRunner:
             _IN_RUNNER.reset(token)
 
     def _new_graph(self, key, bucket: Bucket, kind: str) -> _Graph:
+        """A bucket's static buffers.  Made outside inference mode whatever the first call's mode:
+        an inference tensor could not be refilled by a later call under ``torch.no_grad`` (and an
+        ordinary tensor can be refilled under both)."""
         dev = self.device
         shape = (bucket.batch, bucket.seq)
-        inputs = {
-            "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long, device=dev),
-            "attention_mask": torch.zeros(shape, dtype=torch.long, device=dev),
-            "token_type_ids": torch.zeros(shape, dtype=torch.long, device=dev),
-        }
+        with torch.inference_mode(False):
+            inputs = {
+                "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long, device=dev),
+                "attention_mask": torch.zeros(shape, dtype=torch.long, device=dev),
+                "token_type_ids": torch.zeros(shape, dtype=torch.long, device=dev),
+            }
         return _Graph(key, bucket, kind, inputs)
 
     def _fill(self, g: _Graph, input_ids, attention_mask, token_type_ids):
@@ -566,13 +582,19 @@ class CudaGraphRunner:
         if weights != self._weights:
             self.reset()
             self._weights = weights
-        plan, bucket, kind, backend = self.plan(input_ids, attention_mask, token_type_ids)  # the host read
+        plan, bucket, kind, backend = self.plan(input_ids, attention_mask, token_type_ids)  # the host read, if any
         key = (bucket, kind, backend)
         g = self._graphs.get(key)
         if g is None:
-            g = self._new_graph(key, bucket, kind)
-            self._fill(g, input_ids, attention_mask, token_type_ids)
-            self._capture(g)
+            try:
+                g = self._new_graph(key, bucket, kind)
+            except RuntimeError as e:  # out of memory for the buffers
+                raise CaptureError(f"{type(e).__name__}: {e}") from e
+            self._fill(g, input_ids, attention_mask, token_type_ids)  # the capture's warm-up runs on this batch
+            try:
+                self._capture(g)
+            except RuntimeError as e:
+                raise CaptureError(f"{type(e).__name__}: {e}") from e
         else:
             self._graphs.move_to_end(key)
             self._fill(g, input_ids, attention_mask, token_type_ids)
@@ -712,9 +734,11 @@ def maybe_replay(model, args: tuple, kwargs: dict, capture=None):
     ``model(*args, **kwargs)``, or None when this call runs eagerly (see ``graph_inputs``).
 
     Bad input raises the forward's own ValueError (``plan_forward`` validates before anything
-    runs).  Should a capture fail otherwise (a RuntimeError: an op the device cannot capture),
-    graphs are switched off for this model with a warning naming the error, and the call (and
-    every later one) runs eagerly."""
+    runs).  Should a capture fail (``CaptureError``: an op the device cannot capture, no memory
+    for the graph), graphs are switched off for this model with a warning naming the error, and
+    the call (and every later one) runs eagerly.  Any other RuntimeError of the replayed call
+    (filling the buffers, the replay) is not a capture failure: this call runs eagerly, with a
+    warning naming the error, and graphs stay on."""
     inputs, _ = graph_inputs(model, args, kwargs)
     if inputs is None:
         return None
@@ -725,11 +749,15 @@ def maybe_replay(model, args: tuple, kwargs: dict, capture=None):
         return runner(*inputs)
     except ValueError:
         raise
-    except RuntimeError as e:
+    except CaptureError as e:
         runner.reset()
-        runner.disabled = f"{type(e).__name__}: {e}"
+        runner.disabled = str(e)
         warnings.warn(f"bertfast: CUDA-graph replay is off for this {type(model).__name__} (the capture failed: "
                       f"{runner.disabled}); it runs eagerly", RuntimeWarning, stacklevel=3)
+        return None
+    except RuntimeError as e:
+        warnings.warn(f"bertfast: a CUDA-graph replay of this {type(model).__name__} failed ({type(e).__name__}: "
+                      f"{e}); this call runs eagerly, graphs stay on", RuntimeWarning, stacklevel=3)
         return None
 
 

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from bertfast.plan import copy_to_device, to_device
 from bertfast.pooling import ScalarMix, mean_pool
 from bertfast.kernels._common import dtype_name
 
@@ -303,8 +304,8 @@ class SentenceEncoder:
         return index(layers, "layers")
 
     def _hidden(self, batch: dict, layers: LayersArg) -> torch.Tensor:
-        """(batch, seq, hidden) fp32: the hidden states ``layers`` (already checked) selects."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """(batch, seq, hidden) fp32: the hidden states ``layers`` (already checked) selects, for a
+        batch on the model's device (``bertfast.plan.to_device``)."""
         out = self.model(**batch, output_hidden_states=layers is not None)
         if layers is None:
             return out.last_hidden_state.float()
@@ -368,16 +369,18 @@ class SentenceEncoder:
             with torch.inference_mode():
                 for start in range(0, n, batch_size):
                     idx = order[start:start + batch_size]
-                    batch = self._pad(enc, idx)
+                    # checked and read on the host, then copied without waiting for the device: the
+                    # forward makes no device read (bertfast/plan.py), so the host runs ahead
+                    batch = to_device(self._pad(enc, idx), self.model)
                     hidden = self._hidden(batch, layers)  # (b, S, H) fp32
                     if tokens:
                         for row, i in enumerate(idx):
                             out[i] = self._token_vectors(texts[i], enc, i, hidden[row], normalize)
                     else:
-                        pooled = mean_pool(hidden, batch["attention_mask"].to(hidden.device), dtype=torch.float32)
+                        pooled = mean_pool(hidden, batch["attention_mask"], dtype=torch.float32)
                         if normalize:
                             pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
-                        out[torch.tensor(idx, device=self.device)] = pooled
+                        out[copy_to_device(torch.tensor(idx), self.device)] = pooled
                     if progress is not None:
                         progress.update(len(idx))
         finally:

@@ -145,9 +145,22 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return (9, 0)
 
 
-def tf32_allowed() -> bool:
-    """fp32 GEMMs follow torch's own switch: IEEE fp32 unless the user enabled TF32 for matmuls."""
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+def tf32_allowed(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a matmul of ``dtype`` may round its inputs to TF32: only fp32 asks (fp16 / bf16 read
+    nothing and get False), and fp32 follows torch's own switch for CUDA matmuls, IEEE unless the
+    user enabled TF32.  The switch is read through the API this torch has: from torch 2.9 the
+    per-backend precision (``torch.backends.cuda.matmul.fp32_precision``, "none" resolving to
+    ``torch.backends.fp32_precision``; every legacy setter writes it too), because once anything
+    has used that API, reading the legacy ``allow_tf32`` raises RuntimeError; before 2.9 the
+    legacy ``allow_tf32``."""
+    if dtype != torch.float32:
+        return False
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9: the legacy switch is the only one
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
 
 
 # ----------------------------------------------------------------------------- launch plans
@@ -183,7 +196,7 @@ TUNE_EPOCH = [0]
 def mode_key(dtype: torch.dtype) -> tuple:
     """The global switches a launch plan depends on: the interpreter, recording
     (bertfast.kernels.testing), for fp32 torch's TF32 switch, and the tuner's epoch (bertfast.kernels.tuning)."""
-    return (INTERPRET, _RECORDING.get() is not None, dtype == torch.float32 and tf32_allowed(), TUNE_EPOCH[0])
+    return (INTERPRET, _RECORDING.get() is not None, tf32_allowed(dtype), TUNE_EPOCH[0])
 
 
 class PlanCache:

@@ -301,6 +301,43 @@ def test_triton_rows_call_the_kernels_correctly():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_no_triton_row_reads_the_device_in_its_timed_call(dtype):
+    """Pre-flight defect (issue 21): the attention, varlen and embeddings rows read the device
+    inside the timed call (mask analysis, the cu_seqlens check, the id-range check) and the
+    encoder rows read the plan's statistics, where the SDPA and eager rows read nothing.  Every
+    Triton row (every kernel op, attention padded / varlen, forward and backward, every encoder
+    row that runs on this machine) is now timed as the model calls the kernels: its timed call,
+    with the launches recorded instead of run, makes no device read."""
+    from bertfast.kernels.testing import count_host_reads, record_launches
+
+    f = suites.KernelCaseFactory(CPU, dtype, ["triton"])
+    cases = f.qkv(32, 2, 2, 8) + f.linear(32, 64, 16, "gelu") + f.linear(64, 32, 16, None) + f.add_layernorm(32, 16)
+    cases += f.embeddings_layernorm(32, 2, 8)
+    cases += suites.attention_cases([16], 32, 2, 32, CPU, dtype, ["triton", "triton-varlen"],
+                                    ["full", "mixed"], ["fwd", "fwd+bwd"], causal=True)
+    cache = suites.ModelCache(CPU, dtype)
+    encoder = [c for c in suites.encoder_cases(["tiny"], [(2, 16)], CPU, dtype, suites.ENCODER_IMPLS,
+                                               ["full", "mixed"], cache=cache)
+               if c.triton and c.unavailable is None]
+    assert {c.impl for c in encoder} == {"bertfast-triton", "bertfast-triton-unpad"}  # graphs rows need CUDA
+    ops = {c.op for c in cases}
+    assert set(suites.KERNEL_OPS) <= ops and {"attention", "attention_causal", "attention_varlen"} & ops
+    assert any(c.impl == "triton-varlen" for c in cases)
+    reads = {}
+    for c in cases + encoder:
+        prep = c.build()
+        args = prep.make_inputs()
+        if prep.before is not None:
+            prep.before()
+        with record_launches() as launches, count_host_reads() as n:
+            prep.fn(*args)
+        assert launches, (c.op, c.impl)  # the Triton path ran
+        reads[(c.op, c.impl, c.shape_label)] = n[0]
+    assert all(n == 0 for n in reads.values()), {k: n for k, n in reads.items() if n}
+
+
+@pytest.mark.interpreter
 def test_bertfast_rows_switch_backend_and_unpad():
     """Plumbing only (no timing): the bertfast encoder rows run the model with the backend and
     padding-free setting they are named after, and match transformers with the same weights."""

@@ -645,6 +645,104 @@ def test_maybe_replay_falls_back_to_eager_when_a_capture_fails(monkeypatch):
     assert stub.captures == 1
 
 
+def _graph_warnings(caught) -> list:
+    return [str(w.message) for w in caught if "CUDA-graph" in str(w.message)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
+def test_graphs_survive_any_mix_of_inference_mode_and_no_grad(first, monkeypatch):
+    """Pre-flight defect (issue 21): the static buffers were made in the first call's grad mode;
+    after a first call under ``torch.inference_mode()`` they were inference tensors, a later call
+    under ``torch.no_grad()`` could not refill them, and graphs went off for good with a warning
+    that "the capture failed".  Now every call replays, in either order of the two modes."""
+    import warnings
+
+    monkeypatch.setattr(cg, "_DEVICE_TYPE", "cpu")
+    torch.manual_seed(0)
+    model = bertfast.BertModel(_tiny_config()).eval().set_backend("triton", unpad=False)
+    stub = _StubCapture()
+    other = "no_grad" if first == "inference_mode" else "inference_mode"
+    modes = [first, other, first, other]
+    batches = [_batch(2, 9, [9, 4], seed=i) for i in range(len(modes))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for mode, (ids, mask, tt) in zip(modes, batches):
+            with getattr(torch, mode)():
+                out = cg.maybe_replay(model, (ids, mask, tt), {}, capture=stub)
+                assert out is not None, (mode, _graph_warnings(caught))
+                ref = model.forward(ids, mask, tt)
+            real = mask.bool()
+            assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], msg=mode)
+    assert _graph_warnings(caught) == []
+    runner = cg.runner_of(model)
+    assert runner.disabled == "" and stub.captures == 1 and stub.replays == len(modes)
+    g, = runner._graphs.values()
+    assert not any(t.is_inference() for t in g.inputs.values())
+    assert not any(t.is_inference() for t in _tensors(g.output))
+
+
+@pytest.mark.interpreter
+def test_a_fill_error_is_not_a_capture_failure(monkeypatch):
+    """An error while refilling the buffers runs that call eagerly with a warning that says so;
+    graphs stay on (only a failed capture turns them off)."""
+    monkeypatch.setattr(cg, "_DEVICE_TYPE", "cpu")
+    torch.manual_seed(0)
+    model = bertfast.BertModel(_tiny_config()).eval().set_backend("triton", unpad=False)
+    stub = _StubCapture()
+    ids, mask, tt = _batch(2, 9, [9, 4])
+    with torch.no_grad():
+        assert cg.maybe_replay(model, (ids, mask, tt), {}, capture=stub) is not None
+        runner = cg.runner_of(model)
+        fill = runner._fill
+
+        def broken(*a, **k):
+            raise RuntimeError("cannot write the buffer")
+
+        monkeypatch.setattr(runner, "_fill", broken)
+        with pytest.warns(RuntimeWarning) as caught:
+            assert cg.maybe_replay(model, (ids, mask, tt), {}, capture=stub) is None  # this call: eager
+        messages = _graph_warnings(caught)
+        assert len(messages) == 1 and "cannot write the buffer" in messages[0] and "runs eagerly" in messages[0]
+        assert "capture failed" not in messages[0]
+        assert runner.disabled == "" and stub.captures == 1
+        monkeypatch.setattr(runner, "_fill", fill)
+        assert cg.maybe_replay(model, (ids, mask, tt), {}, capture=stub) is not None  # graphs still on
+    assert stub.replays == 2 and cg.runner_of(model) is runner
+
+
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the slack rows' uninitialised values, never read
+@pytest.mark.parametrize("unpad", [True, False])
+def test_replay_of_inputs_read_on_the_host_makes_no_device_read(unpad, monkeypatch):
+    """Inputs copied by ``bertfast.plan.to_device`` (the mask read on the host before the copy):
+    the capture call and every replay read nothing from the device; the same inputs handed over
+    as they are cost the plan's one read.  Outputs equal eager (SentenceEncoder's setting:
+    torch.inference_mode)."""
+    from bertfast.kernels.testing import count_host_reads
+    from bertfast.plan import to_device
+
+    monkeypatch.setattr(cg, "_DEVICE_TYPE", "cpu")
+    torch.manual_seed(0)
+    model = bertfast.BertModel(_tiny_config()).eval().set_backend("triton", unpad=unpad)
+    stub = _StubCapture()
+    with torch.inference_mode():
+        for seed, lengths in enumerate(([9, 4], [9, 9], [3, 7], [9, 4])):
+            ids, mask, tt = _batch(2, 9, lengths, seed=seed)
+            dev = to_device({"input_ids": ids, "attention_mask": mask, "token_type_ids": tt}, model)
+            with count_host_reads() as n:
+                out = cg.maybe_replay(model, (), dev, capture=stub)
+            assert out is not None and n[0] == 0, (lengths, n[0])
+            with count_host_reads() as n:
+                again = cg.maybe_replay(model, (ids, mask, tt), {}, capture=stub)
+            assert n[0] == 1
+            ref = model.forward(ids, mask, tt)
+            real = mask.bool()
+            assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], msg=str(lengths))
+            assert torch.equal(out.last_hidden_state, again.last_hidden_state)
+    assert stub.host_reads == 0 and stub.replays == 8 and stub.captures == len(cg.runner_of(model)._graphs)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 SHAPES = {

@@ -9,12 +9,32 @@ from bertfast.bench import host
 
 CASES = [{"B": 2, "S": 16, "lengths": "full"}, {"B": 4, "S": 16, "lengths": "mixed"},
          {"B": 4, "S": 16, "lengths": "mixed", "unpad": False}]
+HOST_CASES = [{**c, "inputs": "host"} for c in CASES]
 
 
 @pytest.fixture(scope="module")
 def docs():
     return {L: host.measure("minilm", CASES, repeat=3, warmup=1, num_hidden_layers=L, vocab_size=500)
             for L in (2, 3)}
+
+
+@pytest.fixture(scope="module")
+def host_doc():
+    return host.measure("minilm", CASES + HOST_CASES, repeat=3, warmup=1, num_hidden_layers=2, vocab_size=500)
+
+
+def test_inputs_from_the_host_make_no_device_read(host_doc):
+    """The same forwards with the inputs built on the CPU and handed over through
+    bertfast.plan.to_device (the mask read on the host before the copy): no device read at all,
+    the same launches (issue 21)."""
+    rows = host_doc["rows"]
+    device, from_host = rows[:len(CASES)], rows[len(CASES):]
+    for d, h in zip(device, from_host):
+        assert (d["inputs"], h["inputs"]) == ("device", "host")
+        assert d["reads"] == 1 and h["reads"] == 0 and h["reads_in_layer_loop"] == 0, (d, h)
+        assert h["launches"] == d["launches"] == 1 + 7 * 2
+    assert "| 4 x 16 | mixed | True | host |" in host.format_table(host_doc)
+    assert [c["inputs"] for c in host.workloads(None, None, False)] == ["device", "host"] * 3 + ["device"]
 
 
 @pytest.mark.parametrize("layers", [2, 3])

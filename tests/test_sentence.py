@@ -217,3 +217,31 @@ def test_unusable_devices_are_refused_before_loading(monkeypatch, device):
     with pytest.raises(ValueError, match=f"device '{name}'"):
         parse_device(device)
     assert parse_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("layers", [None, [-1, -2]])
+def test_forwards_read_nothing_from_the_device(enc, layers):
+    """encode checks each batch and reads its mask on the host, before copying it to the model's
+    device (bertfast.plan.to_device): the forwards themselves read nothing back (issue 21), and the
+    embeddings are the same as from the inputs handed over directly."""
+    from bertfast.kernels.testing import count_host_reads
+    from bertfast.pooling import mean_pool
+
+    reads, calls = [], []
+    pre = enc.model.register_forward_pre_hook(lambda m, a: calls.append(counter[0]))
+    post = enc.model.register_forward_hook(lambda m, a, o: reads.append(counter[0] - calls[-1]))
+    try:
+        with count_host_reads() as counter:
+            got = enc.encode(TEXTS, batch_size=3, layers=layers)
+    finally:
+        pre.remove()
+        post.remove()
+    assert len(reads) == -(-len(TEXTS) // 3) and reads == [0] * len(reads)
+    batch = enc.tokenize(TEXTS)
+    with torch.inference_mode():
+        out = enc.model(**batch, output_hidden_states=layers is not None)
+        hidden = out.last_hidden_state
+        if layers is not None:
+            hidden = torch.stack([out.hidden_states[i] for i in layers]).mean(0)
+        want = torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)

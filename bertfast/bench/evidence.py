@@ -32,12 +32,23 @@ checkpoint package needed).
 
 ``--dry-run``: the same steps on CPU (``CUDA_VISIBLE_DEVICES=""``), tiny shapes, Triton in the
 interpreter, short loops; its numbers are plumbing, never performance (the files say so).
+
+``--short``: for when only a few minutes of GPU time are left: ``versions`` (which card, which
+versions), ``host`` and ``encoder`` (bert-base at (1,128), (32,128) full and mixed) only, in
+:data:`SHORT_BUDGET_S` seconds (about two minutes with the start-up), into the same files.
+
+Nothing finished is lost to a kill: ``gpu-tests`` prints every test's outcome as it ends
+(``pytest -v``, into evidence.log; parsed into evidence.json, a killed run included), and the
+timed steps save their rows after every group, naming the group that was running when the step
+was cut (the ``compile`` step times its reference rows as a group of their own before the
+compiled model's first call, which is what overruns).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +59,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 SCHEMA = "bertfast.bench.evidence/1"
 DEFAULT_BUDGET_S = 480
+SHORT_BUDGET_S = 100  # --short: with the start-up and a killed step's grace, within two minutes
 MIN_STEP_S = 10  # a step is started only with this much of the budget left (or its whole limit, if shorter)
 FILES = ("evidence.json", "evidence.md", "evidence.log", "profile_trace.json", "encoder_speedup.png",
          "kernels_speedup.png", "kernels_peak.png", "tune.json")
@@ -68,6 +80,9 @@ class Step:
     why: str
     optional: bool = False  # runs only if its whole limit is left after the others (tune, kernels-tuned)
     env: Dict[str, str] = field(default_factory=dict)  # "{work}" / "{out}" are filled in
+    # what the step's output says, for its record's data (e.g. pytest's per-test outcomes); read
+    # from its output also after a kill
+    parse_output: Optional[Callable[[List[str]], Dict[str, Any]]] = None
 
 
 @dataclass
@@ -96,17 +111,20 @@ def _py(name: str) -> Optional[List[str]]:
     return None if _FORK else [sys.executable, "-m", "bertfast.bench.evidence", "--step", name]
 
 
-def steps(dry_run: bool) -> List[Step]:
+def steps(dry_run: bool, short: bool = False) -> List[Step]:
     """The evidence steps in order.  Real-run limits sum to :data:`DEFAULT_BUDGET_S` (8 min); the
     expected times come from the work each does (the Triton compile cache is filled by the
-    gpu-tests step, so later steps mostly reuse compiled kernels)."""
+    gpu-tests step, so later steps mostly reuse compiled kernels).  ``short``: :func:`short_steps`."""
+    if short:
+        return short_steps(dry_run)
     py = sys.executable
+    # -v: every test's outcome is printed as it ends (a killed run keeps which tests passed)
     if dry_run:
-        tests = [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+        tests = [py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:randomly", "-p", "no:cacheprovider",
                  "tests/test_gpu_model.py"]
     else:
         workers = ["-n", "4", "--dist", "loadfile"] if _has_module("xdist") else []
-        tests = [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-rfE",
+        tests = [py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:randomly", "-p", "no:cacheprovider", "-rfE",
                  *workers, "tests"]
     out = [
         Step("versions", _py("versions"), 20, 5,
@@ -114,7 +132,7 @@ def steps(dry_run: bool) -> List[Step]:
         Step("gpu-tests", tests, 130, 80,
              "pytest -m gpu in 4 workers (one file per worker, --dist loadfile; the GPU has room for all): "
              "collection ~15 s, then mostly Triton compilation of each kernel configuration, shared through "
-             "the on-disk cache; correctness first, so it runs before any timing"),
+             "the on-disk cache; correctness first, so it runs before any timing", parse_output=pytest_outcomes),
         Step("host", _py("host"), 40, 20,
              "bert-base fp16 at 2 shapes x 3 modes, 30 interleaved forwards each (~3-10 ms), plus model "
              "build and the first graph captures"),
@@ -143,6 +161,44 @@ def steps(dry_run: bool) -> List[Step]:
     if dry_run:  # the same code as the kernels step: nothing more to show without a GPU
         out = [st for st in out if st.name != "kernels-tuned"]
     return out
+
+
+def short_steps(dry_run: bool) -> List[Step]:
+    """``--short``: which card, then the host and encoder steps on fewer shapes and repetitions;
+    limits sum to :data:`SHORT_BUDGET_S`.  No gpu-tests step fills the Triton compile cache first,
+    so the host step compiles bert-base's kernels (most of its time)."""
+    short = {"BERTFAST_EVIDENCE_SHORT": "1"}
+    out = [
+        Step("versions", _py("versions"), 10, 5, "imports and nvidia-smi: a few seconds"),
+        Step("host", _py("host"), 40, 25,
+             "compiles bert-base fp16's Triton kernels (no gpu-tests step before it), then 2 shapes x 3 modes, "
+             "20 interleaved forwards each", env=dict(short)),
+        Step("encoder", _py("encoder"), 50, 35,
+             "(1,128) full, (32,128) full and mixed x 6 implementations, ~0.1 s of timed work per row, "
+             "graph captures, transformers model builds, calibration", env=dict(short)),
+    ]
+    for st in out:
+        st.env = {**DEFAULT_TABLE, **st.env}
+    return out
+
+
+_PYTEST_OUTCOME = re.compile(r"(?:^|\s)(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?:\s|$)")
+_PYTEST_NODE = re.compile(r"(\S+\.py::\S+)")
+
+
+def pytest_outcomes(lines: List[str]) -> Dict[str, Any]:
+    """Per-test outcomes from ``pytest -v`` output (one worker's line format or xdist's, either
+    order of id and outcome): {"tests": {node id: outcome}, "counts": {outcome: n}}; a test seen
+    twice (its outcome, then the summary's failure line) keeps its first outcome."""
+    tests: Dict[str, str] = {}
+    for line in lines:
+        outcome, node = _PYTEST_OUTCOME.search(line), _PYTEST_NODE.search(line)
+        if outcome and node:
+            tests.setdefault(node.group(1), outcome.group(1).lower())
+    counts: Dict[str, int] = {}
+    for o in tests.values():
+        counts[o] = counts.get(o, 0) + 1
+    return {"tests": tests, "counts": counts}
 
 
 def _has_module(name: str) -> bool:
@@ -268,6 +324,7 @@ def run_step(step: Step, limit_s: float, env: Dict[str, str], log, work: str) ->
     with open(log.name, encoding="utf-8", errors="replace") as f:  # this step's output
         f.seek(start)
         tail = [line.strip() for line in f.read().splitlines() if line.strip()]
+    parsed = step.parse_output(tail) if step.parse_output is not None else {}
     log.write(f"===== {step.name}: {status} (rc {rc}) after {elapsed:.1f} s\n")
     log.flush()
     rec = StepRecord(step.name, status, rc, round(elapsed, 2), round(limit_s, 1), step.expected_s, step.why)
@@ -286,7 +343,11 @@ def run_step(step: Step, limit_s: float, env: Dict[str, str], log, work: str) ->
                 rec.status = "unavailable"
         except (OSError, ValueError) as e:
             rec.summary = f"unreadable result file: {e}"
+    rec.data.update(parsed)
     if status == "timeout":
+        so_far = parsed.get("counts")
+        if so_far:
+            rec.summary = "finished before the kill: " + ", ".join(f"{n} {o}" for o, n in sorted(so_far.items()))
         rec.summary = (f"killed at its {limit_s:.0f} s limit" + ("; partial results kept" if rec.data else "") +
                        (f" ({rec.summary})" if rec.summary else ""))
     elif rec.status == "failed":
@@ -338,7 +399,8 @@ def write_outputs(out: str, header: Dict[str, Any], records: Sequence[StepRecord
 
 
 def summary_markdown(header: Dict[str, Any], records: Sequence[StepRecord], budget_s: float) -> str:
-    lines = [f"# bertfast GPU evidence{' (DRY RUN: plumbing on CPU, not performance)' if header.get('dry_run') else ''}",
+    lines = [f"# bertfast GPU evidence{' (SHORT RUN: versions, host, encoder)' if header.get('short') else ''}"
+             f"{' (DRY RUN: plumbing on CPU, not performance)' if header.get('dry_run') else ''}",
              "", f"- date: {header.get('created')}", f"- command: `{header.get('command')}`",
              f"- git commit: {header.get('git_commit')}",
              f"- budget: {budget_s:.0f} s; steps took {sum(r.elapsed_s for r in records):.0f} s", "",
@@ -354,12 +416,14 @@ def summary_markdown(header: Dict[str, Any], records: Sequence[StepRecord], budg
 
 
 def run(args) -> int:
-    """``bertfast bench evidence`` (parsed ``bertfast bench`` arguments: --out, --dry-run, --budget)."""
+    """``bertfast bench evidence`` (parsed ``bertfast bench`` arguments: --out, --dry-run, --budget,
+    --short)."""
     from bertfast.bench.harness import git_commit
 
     out = args.out
     dry = bool(getattr(args, "dry_run", False))
-    budget = float(args.budget or DEFAULT_BUDGET_S)
+    short = bool(getattr(args, "short", False))
+    budget = float(args.budget or (SHORT_BUDGET_S if short else DEFAULT_BUDGET_S))
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -376,12 +440,12 @@ def run(args) -> int:
 
         if not kernels.INTERPRET or os.environ.get("CUDA_VISIBLE_DEVICES") != "":
             argv = [sys.executable, "-m", "bertfast.bench.evidence", "--out", out, "--dry-run", "--budget",
-                    str(int(budget))]
+                    str(int(budget))] + (["--short"] if short else [])
             sys.stdout.flush()
             sys.stderr.flush()
             os.execve(sys.executable, argv, env)
         preimport()
-    header = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dry_run": dry,
+    header = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dry_run": dry, "short": short,
               "command": " ".join(getattr(args, "_command", None) or ["bertfast", "bench", "evidence"]),
               "git_commit": git_commit()}
     cwd = os.getcwd()
@@ -389,7 +453,7 @@ def run(args) -> int:
         os.chdir(root)  # pytest's tests/ and the relative paths of the steps
         global _FORK
         _FORK = dry
-        records = run_steps(steps(dry), os.path.join(cwd, out), budget, env, header)
+        records = run_steps(steps(dry, short), os.path.join(cwd, out), budget, env, header)
     finally:
         os.chdir(cwd)
     print(summary_markdown(header, records, budget).split("\n## ")[0])
@@ -406,6 +470,10 @@ def _dry() -> bool:
 
 def _step_name() -> str:
     return os.environ.get("BERTFAST_EVIDENCE_STEP", "step")
+
+
+def _short() -> bool:
+    return os.environ.get("BERTFAST_EVIDENCE_SHORT") == "1"
 
 
 def _save(data: Dict[str, Any], markdown: str, summary: str, status: str = "ok") -> None:
@@ -449,7 +517,9 @@ def step_versions() -> None:
 
     device = _device()
     env = harness.environment(device, ["bertfast", "bench", "evidence"])
-    extra: Dict[str, Any] = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    from bertfast.kernels._common import tf32_allowed
+
+    extra: Dict[str, Any] = {"tf32_matmul": tf32_allowed(torch.float32),  # (the legacy read can raise)
                              "cudnn_tf32": torch.backends.cudnn.allow_tf32,
                              "python": platform.python_version(), "loadavg": os.getloadavg()}
     if device.type == "cuda":
@@ -495,7 +565,11 @@ def _bench_rows(cases, title: str, settings=None) -> None:
     results: List[Any] = [None] * len(cases)
     done: List[Any] = []
     for idx in harness.groups_of(cases):
-        for i, r in zip(idx, bencher.run_group([cases[i] for i in idx], peaks)):
+        group = [cases[i] for i in idx]
+        # the rows so far, and what runs now: what a kill in this group leaves
+        _save_rows(done, cal, title, partial=True,
+                   running=f"{group[0].op} {group[0].shape_label}: {', '.join(c.impl for c in group)}")
+        for i, r in zip(idx, bencher.run_group(group, peaks)):
             results[i] = r
         done = [r for r in results if r is not None]
         harness.compute_speedups(done)
@@ -516,21 +590,29 @@ def _bench_rows(cases, title: str, settings=None) -> None:
             print(line, file=sys.stderr)
 
 
-def _save_rows(results, cal, title: str, partial: bool) -> None:
+def _save_rows(results, cal, title: str, partial: bool, running: str = "") -> None:
+    """The step's rows so far; ``running``: the group being timed now (what a kill would have cut)."""
     from bertfast.bench import report
 
     footnotes: Dict[str, int] = {}
-    md = [title, "", report.markdown_table(results, results[0].suite, footnotes) if results else ""]
+    md = [title, "", report.markdown_table(results, results[0].suite, footnotes) if results else "(no rows yet)"]
     if footnotes:
         md += ["", *[f"[{n}] {reason}" for reason, n in sorted(footnotes.items(), key=lambda kv: kv[1])]]
     cp, mm = cal.get("copy", {}), cal.get("matmul", {})
     md += ["", f"calibrated in this step: copy {report._fmt(cp.get('gbps'))} GB/s, {mm.get('dtype')} matmul "
                f"{report._fmt(mm.get('tflops'))} TFLOP/s" + (" - partial: the step was cut short" if partial else "")]
+    if running:
+        md += ["", f"running when this was saved (cut there if the step was killed): {running}"]
     ok = [r for r in results if r.status == "ok"]
     sig = [r for r in ok if r.speedup_significant]
     summary = f"{len(ok)}/{len(results)} rows ok, {len(sig)} speedups outside the noise" + (" (partial)" if partial
                                                                                              else "")
-    _save({"calibration": cal, "results": [r.to_dict() for r in results]}, "\n".join(md), summary)
+    if running:
+        summary += f"; running: {running}"
+    data = {"calibration": cal, "results": [r.to_dict() for r in results]}
+    if running:
+        data["running"] = running
+    _save(data, "\n".join(md), summary)
 
 
 def step_encoder() -> None:
@@ -541,6 +623,10 @@ def step_encoder() -> None:
     if _dry():
         shapes = [((1, 8), ["full"]), ((2, 16), ["mixed"])]
         settings = harness.BenchSettings(warmup_ms=0, target_ms=5, min_reps=5, max_reps=5, min_warmup=1)
+    elif _short():  # the issue's table: (1,128), (32,128) full and mixed; half the timed work
+        shapes = [((1, 128), ["full"]), ((32, 128), ["full", "mixed"])]
+        settings = harness.BenchSettings(warmup_ms=20, target_ms=100, min_reps=15, max_reps=200, min_warmup=3,
+                                         rotation_budget_bytes=1 * 2**30)
     else:
         shapes = [((1, 128), ["full"]), ((32, 128), ["full", "mixed"]), ((32, 512), ["mixed"])]
         settings = harness.BenchSettings(warmup_ms=30, target_ms=200, min_reps=20, max_reps=400, min_warmup=3,
@@ -601,23 +687,31 @@ def step_compile() -> None:
     else:
         shape, mode, backend = (32, 128), "max-autotune", "inductor"
         settings = harness.BenchSettings(warmup_ms=30, target_ms=200, min_reps=20, max_reps=400, min_warmup=3)
-    impls = ["hf-sdpa", "hf-compile", "bertfast-triton-unpad-graphs"]
-    cases = suites.encoder_cases([model], [shape], device, dtype, impls, ["mixed"], compile_mode=mode,
-                                 compile_backend=backend)
-    for c in cases:
-        c.baseline = "hf-sdpa"
+    # first the rows that cannot overrun, as a group of their own (saved when it ends); then the
+    # compiled model, interleaved with its baseline again: its first call (the autotuning) is what
+    # overruns, and a kill there keeps the first group's rows
+    def rows(impls, group=""):
+        cases = suites.encoder_cases([model], [shape], device, dtype, impls, ["mixed"], compile_mode=mode,
+                                     compile_backend=backend)
+        for c in cases:
+            c.baseline = "hf-sdpa"
+            c.group += group
+        return cases
+
+    cases = rows(["hf-sdpa", "bertfast-triton-unpad-graphs"]) + rows(["hf-sdpa", "hf-compile"], " (compiled)")
     _bench_rows(cases, f"torch.compile(mode={mode!r}, backend={backend!r}) of transformers {model}; "
                                   "first-call time (compilation) in the JSON; baseline transformers SDPA", settings)
 
 
 def step_host() -> None:
-    """Host vs device time per forward, three ways, interleaved."""
+    """Host vs device time per forward, interleaved: eager and graph replay, each with the mask
+    on the device (the plan reads it: one device read) and with the mask from the host
+    (``bertfast.plan.to_device`` inside the timed call: checked and read on the host, copied
+    without waiting; no device read)."""
     import torch
 
     from bertfast.bench import harness, suites
-    from bertfast.modeling import plan_forward
-    from bertfast.plan import plan_override
-    from bertfast.kernels._common import trusted_inputs
+    from bertfast.plan import to_device
     from bertfast.kernels.testing import count_host_reads
 
     device = _device()
@@ -627,7 +721,7 @@ def step_host() -> None:
     cfg = model.config
     shapes = [(1, 8, "full"), (2, 8, "mixed")] if _dry() else [(1, 128, "full"), (32, 128, "full"),
                                                                  (32, 128, "mixed")]
-    reps = 3 if _dry() else 30
+    reps = 3 if _dry() else (20 if _short() else 30)
     backend = "torch" if _dry() else "triton"  # the dry run: the same plumbing, no interpreted kernels
     rows = []
 
@@ -637,50 +731,47 @@ def step_host() -> None:
 
     for B, S, mode in shapes:
         lengths = suites.lengths_for(mode, B, S)
-        mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]).long().to(device)
-        ids = (torch.randint(1000, cfg.vocab_size, (B, S)).to(device) * mask)
-        model.set_backend(backend, graphs=False)
-        plan = plan_forward(cfg, ids, mask, None, None, None, dtype, triton=backend == "triton",
-                            reads_first_token=True, unpad=model.runtime.unpad)
+        host_mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]).long()
+        host = {"input_ids": torch.randint(1000, cfg.vocab_size, (B, S)) * host_mask, "attention_mask": host_mask}
+        ids, mask = host["input_ids"].to(device), host_mask.to(device)
 
-        def eager():
-            model.set_backend(backend, graphs=False)
-            return model(input_ids=ids, attention_mask=mask)
+        def run(graphs, from_host):
+            """(inputs, forward): a mode's call is forward(inputs()); its device reads are counted in
+            the forward (to_device reads the host tensors, never the device)."""
+            def inputs():
+                return to_device(host, model) if from_host else {"input_ids": ids, "attention_mask": mask}
 
-        def no_reads():
-            model.set_backend(backend, graphs=False)
-            with plan_override(plan), trusted_inputs():
-                return model(input_ids=ids, attention_mask=mask)
+            def forward(kw):
+                model.set_backend(backend, graphs=graphs)
+                return model(**kw)
+            return inputs, forward
 
-        def graphs():
-            model.set_backend(backend, graphs=True)
-            return model(input_ids=ids, attention_mask=mask)
-
-        modes = {"eager": eager, "eager, no device reads": no_reads}
+        modes = {"eager": run(False, False), "eager, host mask": run(False, True)}
         if cuda:
-            modes["graph replay"] = graphs
+            modes.update({"graph replay": run(True, False), "graph replay, host mask": run(True, True)})
         samples: Dict[str, Dict[str, List[float]]] = {m: {"host_ms": [], "wall_ms": [], "device_ms": []}
                                                       for m in modes}
         reads = {}
         with torch.inference_mode():
-            for m, fn in modes.items():
+            for m, (inputs, forward) in modes.items():
                 for _ in range(2):  # warm-up (first graph capture included)
-                    fn()
+                    forward(inputs())
                 sync()
+                kw = inputs()
                 with count_host_reads() as n:
-                    fn()
+                    forward(kw)
                 sync()
                 reads[m] = n[0]
             for r in range(reps):
                 order = list(modes.items())
                 order = order[r % len(order):] + order[:r % len(order)]
-                for m, fn in order:
+                for m, (inputs, forward) in order:
                     sync()
                     if cuda:
                         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                         s.record()
                     t0 = time.perf_counter()
-                    fn()
+                    forward(inputs())
                     t1 = time.perf_counter()
                     if cuda:
                         e.record()
@@ -696,10 +787,16 @@ def step_host() -> None:
                 row[k] = harness.summarize(xs) if xs else None
             rows.append(row)
         if not cuda:
-            rows.append({"B": B, "S": S, "lengths": mode, "mode": "graph replay", "unavailable":
-                         "CUDA graphs need a CUDA GPU"})
+            rows += [{"B": B, "S": S, "lengths": mode, "mode": m, "unavailable": "CUDA graphs need a CUDA GPU"}
+                     for m in ("graph replay", "graph replay, host mask")]
+        _save_host_rows(rows, backend, partial=(B, S, mode) != shapes[-1])
+
+
+def _save_host_rows(rows: List[Dict[str, Any]], backend: str, partial: bool) -> None:
+    """The host step's rows so far (saved after every shape: a kill keeps the finished shapes)."""
     md = ["host = time until the forward returns (launches issued; a device read waits for the GPU inside it), "
-          "wall = until the device is done (synchronised), device = CUDA events around the call; median "
+          "wall = until the device is done (synchronised), device = CUDA events around the call; host mask = "
+          "the inputs built on the CPU, bertfast.plan.to_device inside the timed call; median "
           "[p10-p90] ms over interleaved forwards" + (" - dry run: CPU, PyTorch backend (plumbing only)"
                                                       if _dry() else ""), "",
           "| B x S | lengths | mode | device reads | host ms | wall ms | device ms | host/wall |",
@@ -717,8 +814,10 @@ def step_host() -> None:
         md.append(f"| {r['B']} x {r['S']} | {r['lengths']} | {r['mode']} | {r['device_reads']} | {cell(r['host_ms'])} "
                   f"| {cell(r['wall_ms'])} | {cell(r.get('device_ms'))} | "
                   f"{'-' if ratio is None else f'{ratio:.2f}'} |")
+    if partial:
+        md += ["", "partial: the step was cut short after these shapes"]
     _save({"model": _model_name(), "backend": backend, "rows": rows}, "\n".join(md),
-          f"{len(rows)} rows ({', '.join(sorted({r['mode'] for r in rows}))})")
+          f"{len(rows)} rows ({', '.join(sorted({r['mode'] for r in rows}))})" + (" (partial)" if partial else ""))
 
 
 def step_profile() -> None:
@@ -790,6 +889,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "BERTFAST_EVIDENCE_WORK / BERTFAST_EVIDENCE_OUT / BERTFAST_EVIDENCE_STEP)")
     p.add_argument("--out", default="evidence")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--short", action="store_true", help="versions, host and encoder only, in about two minutes")
     p.add_argument("--budget", type=int, default=None)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)

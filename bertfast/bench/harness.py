@@ -52,7 +52,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from bertfast.kernels._common import dtype_name
+from bertfast.kernels._common import dtype_name, tf32_allowed
 
 SCHEMA = "bertfast.bench/1"
 
@@ -894,7 +894,7 @@ def calibrate(device: torch.device, dtype: torch.dtype, quick: bool = False,
         n = 4096 if quick else 8192
         mm_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
         if dtype == torch.float32:
-            mm_dtype = torch.float32  # TF32 or IEEE per torch.backends.cuda.matmul.allow_tf32
+            mm_dtype = torch.float32  # TF32 or IEEE per torch's switch (bertfast.kernels._common.tf32_allowed)
     else:
         copy_bytes = 64 * 2**20  # larger than a server CPU's last-level cache
         n = 1024
@@ -925,7 +925,7 @@ def calibrate(device: torch.device, dtype: torch.dtype, quick: bool = False,
                          "p90_ms": t["p90_ms"], "reps": t["n"], "noisy": t["noisy"],
                          "tflops": fl / (t["min_ms"] / 1e3) / 1e12,
                          "tflops_median": fl / (t["median_ms"] / 1e3) / 1e12,
-                         "tf32": bool(cuda and mm_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)}
+                         "tf32": bool(cuda and tf32_allowed(mm_dtype))}
         del a, c
     except Exception as e:  # pragma: no cover
         out["matmul"] = {"error": f"{type(e).__name__}: {e}"}

@@ -13,6 +13,11 @@ on a GPU host).  Per forward it reports:
   launch on a GPU;
 * ``reads``: device reads (``.item()``, ``.tolist()``, ``nonzero``, ``bool(tensor)``, ...), in
   the whole forward and inside the layer loop;
+* ``inputs``: ``device`` (ids and mask handed to the model as they are: its plan reads the mask,
+  one device read) or ``host`` (built on the CPU and handed over through
+  ``bertfast.plan.to_device``, which checks them and reads the mask on the host before the copy,
+  as SentenceEncoder does: no device read in the forward; ``to_device`` is inside the timed call,
+  its read of the host tensors is not counted as a device read);
 * ``host_us``: wall time per forward (median, p10, p90, min over interleaved repeats);
   ``torch_cpu_us``: the CPU time of those PyTorch ops (real CPU compute here, an asynchronous
   launch on a GPU), so ``host_us - torch_cpu_us`` is the host cost a GPU would see, less
@@ -43,7 +48,8 @@ _NO_WORK = {
 
 
 def workloads(batches: Optional[List[int]], seqs: Optional[List[int]], quick: bool) -> List[Dict[str, Any]]:
-    """(B, S, lengths) cases: the issue's (1,128) full, (32,128) full and mixed by default."""
+    """(B, S, lengths) cases: the issue's (1,128) full, (32,128) full and mixed by default, each
+    with the inputs on the device and from the host (``inputs``)."""
     if batches or seqs:
         out = []
         for b in batches or [1, 32]:
@@ -51,10 +57,12 @@ def workloads(batches: Optional[List[int]], seqs: Optional[List[int]], quick: bo
                 out.append({"B": b, "S": s, "lengths": "full"})
                 if b > 1:
                     out.append({"B": b, "S": s, "lengths": "mixed"})
-        return out
+        return [{**c, "inputs": i} for c in out for i in ("device", "host")]
     cases = [{"B": 1, "S": 128, "lengths": "full"}, {"B": 32, "S": 128, "lengths": "full"},
-             {"B": 32, "S": 128, "lengths": "mixed"}, {"B": 32, "S": 128, "lengths": "mixed", "unpad": False}]
-    return cases[:1] + cases[2:3] if quick else cases
+             {"B": 32, "S": 128, "lengths": "mixed"}]
+    cases = [{**c, "inputs": i} for c in cases for i in ("device", "host")]
+    cases.append({"B": 32, "S": 128, "lengths": "mixed", "unpad": False, "inputs": "device"})
+    return [cases[0], cases[4], cases[5]] if quick else cases
 
 
 def _inputs(case, vocab: int, seed: int):
@@ -70,8 +78,18 @@ def _inputs(case, vocab: int, seed: int):
     return ids, mask
 
 
-def _count(model, ids, mask):
-    """(launches, launches in the layer loop, torch ops with device work, reads, reads in the layer loop)."""
+def _call(model, case, ids, mask):
+    """One forward of ``case``: the inputs as they are, or through ``bertfast.plan.to_device``."""
+    if case.get("inputs") == "host":
+        from bertfast.plan import to_device
+
+        return model(**to_device({"input_ids": ids, "attention_mask": mask}, model))
+    return model(input_ids=ids, attention_mask=mask)
+
+
+def _count(model, case, ids, mask):
+    """(launches, launches in the layer loop, torch ops with device work, reads, reads in the layer
+    loop), in the forward (for host inputs: after ``to_device``, whose read is of the host tensors)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from bertfast.kernels.testing import count_host_reads, record_launches
@@ -87,12 +105,18 @@ def _count(model, ids, mask):
                 ops.append(name)
             return func(*args, **(kwargs or {}))
 
+    if case.get("inputs") == "host":
+        from bertfast.plan import to_device
+
+        kw = to_device({"input_ids": ids, "attention_mask": mask}, model)
+    else:
+        kw = {"input_ids": ids, "attention_mask": mask}
     with record_launches() as calls, count_host_reads() as reads:
         h1 = layers[0].register_forward_pre_hook(lambda *a: marks.update(start=(len(calls), reads[0])))
         h2 = layers[-1].register_forward_hook(lambda *a: marks.update(end=(len(calls), reads[0])))
         try:
             with _Ops():
-                model(input_ids=ids, attention_mask=mask)
+                model(**kw)
         finally:
             h1.remove()
             h2.remove()
@@ -102,7 +126,7 @@ def _count(model, ids, mask):
     return len(calls), in_loop, ops, reads[0], marks["end"][1] - marks["start"][1]
 
 
-def _torch_cpu_us(model, ids, mask, steps: int) -> float:
+def _torch_cpu_us(model, case, ids, mask, steps: int) -> float:
     """CPU time of the PyTorch ops that do device work, per forward (profiler self time)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -110,7 +134,7 @@ def _torch_cpu_us(model, ids, mask, steps: int) -> float:
 
     with record_launches(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            model(input_ids=ids, attention_mask=mask)
+            _call(model, case, ids, mask)
     total = 0.0
     for evt in prof.key_averages():
         if evt.key.startswith("aten::") and evt.key not in _NO_WORK:
@@ -141,9 +165,10 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
             ids, mask = _inputs(case, cfg.vocab_size, seed)
             with record_launches():
                 for _ in range(warmup):
-                    model(input_ids=ids, attention_mask=mask)
-            launches, in_loop, ops, reads, loop_reads = _count(model, ids, mask)
-            rows.append({**case, "unpad": case.get("unpad", True), "tokens": int(mask.sum()),
+                    _call(model, case, ids, mask)
+            launches, in_loop, ops, reads, loop_reads = _count(model, case, ids, mask)
+            rows.append({**case, "unpad": case.get("unpad", True), "inputs": case.get("inputs", "device"),
+                         "tokens": int(mask.sum()),
                          "launches": launches,
                          "launches_per_layer": in_loop / cfg.num_hidden_layers if in_loop is not None else None,
                          "torch_ops": len(ops), "torch_op_names": sorted(set(ops)),
@@ -155,7 +180,7 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
                 for row, (ids, mask) in zip(rows, inputs):
                     model.set_backend("triton", unpad=row["unpad"])
                     t0 = time.perf_counter()
-                    model(input_ids=ids, attention_mask=mask)
+                    _call(model, row, ids, mask)
                     row["times_us"].append((time.perf_counter() - t0) * 1e6)
                 if progress is not None and r % max(1, repeat // 10) == 0:
                     progress(f"timing {r}/{repeat}")
@@ -164,7 +189,7 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
             st = summarize(row.pop("times_us"))  # the harness's statistics (in us here, despite its key names)
             row["host_us"] = {"median": st["median_ms"], "p10": st["p10_ms"], "p90": st["p90_ms"], "min": st["min_ms"],
                               "n": st["n"]}
-            row["torch_cpu_us"] = _torch_cpu_us(model, ids, mask, steps=min(20, repeat))
+            row["torch_cpu_us"] = _torch_cpu_us(model, row, ids, mask, steps=min(20, repeat))
             row["host_minus_torch_cpu_us"] = row["host_us"]["median"] - row["torch_cpu_us"]
     return {"schema": "bertfast.bench.host/1", "model": config_name, "dtype": "float16",
             "layers": cfg.num_hidden_layers, "rows": rows, "environment": _environment()}
@@ -201,13 +226,14 @@ def format_table(doc: Dict[str, Any]) -> str:
     lines = [f"bertfast bench host: {doc['model']} ({doc['layers']} layers, fp16), Triton launches recorded, "
              f"not run; times per forward",
              "",
-             "| B x S | lengths | unpad | tokens | launches | per layer | torch ops | reads | reads in layers | "
-             "host us median [p10, p90] | torch CPU us | host - torch CPU us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| B x S | lengths | unpad | inputs | tokens | launches | per layer | torch ops | reads | "
+             "reads in layers | host us median [p10, p90] | torch CPU us | host - torch CPU us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         h = r["host_us"]
         lines.append(
-            f"| {r['B']} x {r['S']} | {r['lengths']} | {r['unpad']} | {r['tokens']} | {r['launches']} | "
+            f"| {r['B']} x {r['S']} | {r['lengths']} | {r['unpad']} | {r.get('inputs', 'device')} | {r['tokens']} | "
+            f"{r['launches']} | "
             f"{_fmt(r['launches_per_layer'])} | {r['torch_ops']} | {r['reads']} | {_fmt(r['reads_in_layer_loop'])} | "
             f"{h['median']:.0f} [{h['p10']:.0f}, {h['p90']:.0f}] | {r['torch_cpu_us']:.0f} | "
             f"{r['host_minus_torch_cpu_us']:.0f} |")
