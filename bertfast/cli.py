@@ -21,6 +21,7 @@ shows its traceback.  ``--debug`` shows the traceback of expected failures too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -199,9 +200,36 @@ def _text_arg(value: str) -> str:
     return value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm", type=_model_arg, metavar="PATH|NAME",
-                   help="model directory or name (default: minilm, the bundled all-MiniLM-L6-v2)")
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op threads for the command (main() sets and restores them)."""
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for PyTorch's ops (default: torch's, one per core); on a busy machine "
+                        "fewer threads than cores is often faster")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: Optional[int]):
+    """torch.set_num_threads(n) for the block (nothing when n is None), then the previous count."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _add_model_args(p: argparse.ArgumentParser, model_required: bool = False, model_help: Optional[str] = None) -> None:
+    if model_required:
+        p.add_argument("--model", required=True, type=_model_arg, metavar="PATH",
+                       help=model_help or "checkpoint directory")
+    else:
+        p.add_argument("--model", default="minilm", type=_model_arg, metavar="PATH|NAME",
+                       help="model directory or name (default: minilm, the bundled all-MiniLM-L6-v2)")
     p.add_argument("--device", default=None, type=_device_arg, metavar="cpu|cuda",
                    help="device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, type=_dtype_arg, metavar="float32|float16|bfloat16",
@@ -211,6 +239,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, type=_backend_arg, metavar="auto|torch|triton",
                    help="forward-pass implementation (default: the model's, i.e. auto: Triton on CUDA, "
                         "PyTorch elsewhere)")
+    add_threads_argument(p)
 
 
 # ---------------------------------------------------------------------------- encode
@@ -539,8 +568,10 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     g = p.add_argument_group("corpus files (bertfast.corpus): row i of --output is row i of --input")
     g.add_argument("--input", "-i", metavar="FILE",
                    help="encode every row of FILE: .txt (one text per line, blank lines kept as rows: the "
-                        "embedding of [CLS] [SEP]), .jsonl / .csv / .parquet (with --field)")
-    g.add_argument("--field", metavar="NAME", help="the JSON key / CSV or parquet column holding the text")
+                        "embedding of [CLS] [SEP]), .jsonl / .csv / .tsv / .parquet (the text column: --field)")
+    g.add_argument("--field", metavar="NAME",
+                   help="the JSON key / CSV, TSV or parquet column holding the text (default: text when there "
+                        "is one, else the only column)")
     g.add_argument("--output", "-o", metavar="FILE",
                    help="write the embeddings to FILE: .npy (N, D), .parquet (id, embedding) or .jsonl, plus "
                         "FILE.manifest.json")
@@ -609,7 +640,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _torch_threads(getattr(args, "threads", None)):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -7,13 +7,15 @@
     >>> from bertfast.corpus import encode_file
     >>> manifest = encode_file("corpus.txt", "corpus.npy", model="minilm")
 
-**Rows.**  Row ``i`` of the output is row ``i`` of the input, always: line ``i`` of a ``.txt``
-file (split on ``\\n`` only, a trailing ``\\r`` dropped, so row numbers are those of ``wc -l`` /
-``sed -n``), line ``i`` of a ``.jsonl`` file, record ``i`` of a ``.csv`` (after the header; blank
+**Rows.**  The input is read by :mod:`bertfast.data` (the rules every bertfast command shares):
+row ``i`` of the output is row ``i`` of the input, always: line ``i`` of a ``.txt`` file (split
+on ``\\n`` only, a trailing ``\\r`` dropped, so row numbers are those of ``wc -l`` / ``sed -n``),
+line ``i`` of a ``.jsonl`` file, record ``i`` of a ``.csv`` / ``.tsv`` (after the header; blank
 lines are no records, as for ``csv.DictReader`` and ``pandas.read_csv``) or of a ``.parquet``
-file.  A blank text (empty or whitespace only; a JSON/parquet null too) is encoded like any
-other: it gets the model's embedding of the empty sequence ``[CLS] [SEP]`` (what
-``SentenceEncoder.encode("")`` gives, as sentence-transformers does).  ``skip_empty=True``
+file.  The text is the ``field`` column / key, by default ``text`` when there is one (else the
+only column).  A blank text (empty or whitespace only; a JSON/parquet null or a missing CSV cell
+too) is encoded like any other: it gets the model's embedding of the empty sequence ``[CLS] [SEP]``
+(what ``SentenceEncoder.encode("")`` gives, as sentence-transformers does).  ``skip_empty=True``
 (``--skip-empty``) leaves blank rows out instead; the manifest lists them (``skipped_rows``)
 and the ``id`` column of .parquet/.jsonl outputs keeps each vector's input row.
 
@@ -28,6 +30,11 @@ Ctrl-C) leaves the parts directory; running the same command again resumes from 
 already written (``resume=True`` / ``--resume`` insists on it).  A parts directory from a
 different run (another model, input, setting) is refused with a one-line error.
 
+One run writes an output at a time: a run holds ``.OUTPUT.lock`` (``flock``, released with its
+process however it ends), and a second run on the same output stops at once with "another run
+is writing OUTPUT".  Progress goes to stderr every 256 rows: redrawn in place on a terminal, a
+plain line every 30 s in a log.
+
 Chunks, not processes, are the unit of work: under torchrun each rank encodes a contiguous range
 of chunks (so the merged output keeps the input order) and rank 0 assembles after a barrier; with
 Ray, the chunks are rows of a Ray dataset (bertfast.distributed).  A run may be resumed with a
@@ -36,7 +43,6 @@ different number of processes.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import io
 import json
@@ -50,20 +56,21 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
+from bertfast.data import DEFAULT_COLUMN, FORMATS, DataFile, need_pyarrow, pick_column
+
 __all__ = [
     "INPUT_FORMATS", "OUTPUT_FORMATS", "OUTPUT_DTYPES", "CorpusReader", "EncodeJob", "encode_file",
     "split_lines", "read_manifest", "manifest_path", "model_fingerprint", "file_fingerprint",
 ]
 
-INPUT_FORMATS = ("txt", "jsonl", "csv", "parquet")
+INPUT_FORMATS = FORMATS
 OUTPUT_FORMATS = ("npy", "parquet", "jsonl")
 OUTPUT_DTYPES = ("float32", "float16")
 MANIFEST_VERSION = 1
 DEFAULT_CHUNK_SIZE = 2048
+PROGRESS_INTERVAL = 30.0  # seconds between the progress lines written to a log (not a terminal)
+PROGRESS_ROWS = 256  # rows encoded between two progress updates (a chunk is encoded in such slices)
 EMBEDDING_COLUMN = "embedding"
-_PARQUET_SLICE = 4096  # parquet text rows converted to Python at a time
-_SUFFIXES = {".txt": "txt", ".text": "txt", ".tsv": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
-             ".parquet": "parquet", ".pq": "parquet", ".npy": "npy", ".json": "jsonl"}
 # the settings that must be equal for a run to resume another one (the rest, e.g. batch size,
 # device or backend, may change between the two)
 _RUN_KEYS = ("model", "model_dtype", "max_length", "normalize", "input", "output", "skip_empty", "chunk_size")
@@ -86,26 +93,16 @@ def split_lines(data: str) -> List[str]:
     return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
-def _format_of(path: Union[str, os.PathLike], fmt: Optional[str], allowed: Sequence[str], what: str) -> str:
-    if fmt is not None:
-        if fmt not in allowed:
-            raise ValueError(f"unknown {what} format {fmt!r} (choose from {', '.join(allowed)})")
-        return fmt
+_OUTPUT_SUFFIXES = {".npy": "npy", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                    ".json": "jsonl"}
+
+
+def _output_format(path: Union[str, os.PathLike]) -> str:
     suffix = Path(path).suffix.lower()
-    found = _SUFFIXES.get(suffix)
-    if found not in allowed:
-        raise ValueError(f"{path}: cannot tell the {what} format from the suffix {suffix or '(none)'!r} "
-                         f"(expected one of {', '.join('.' + f for f in allowed)})")
-    return found
-
-
-def _need_pyarrow(what: str):
-    try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise ValueError(f"{what} needs pyarrow, which is not installed: pip install 'bertfast[parquet]'") from None
-    return pyarrow
+    if suffix not in _OUTPUT_SUFFIXES:
+        raise ValueError(f"{path}: cannot tell the output format from the suffix {suffix or '(none)'!r} "
+                         f"(expected one of {', '.join('.' + f for f in OUTPUT_FORMATS)})")
+    return _OUTPUT_SUFFIXES[suffix]
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -139,180 +136,67 @@ def model_fingerprint(model: Union[str, os.PathLike]) -> dict:
 
 # ---------------------------------------------------------------------------- reading
 class CorpusReader:
-    """The texts of an input file, row by row, in order (see the module docstring for what a
-    row is).  ``field`` names the JSON key / CSV column / parquet column holding the text (for
-    .jsonl whose lines are plain JSON strings, and single-column .csv/.parquet, it may be left out).
+    """The texts of an input file, row by row, in order, read by :class:`bertfast.data.DataFile`
+    (its rules: rows, headers, empty cells, duplicate keys, line numbers in errors).  ``field``
+    names the JSON key / CSV, TSV or parquet column holding the text; left out, it is ``text``
+    when there is one, else the only column (.jsonl lines may also be plain JSON strings).  A null
+    text (JSON / parquet null, a missing CSV cell) is the empty text.
 
     ``plan(chunk_size)`` makes one pass over the file and returns the row count and, for each
     chunk, where it starts (a byte offset, or a row index for parquet), so ``read(lo, hi, start)``
     can read one chunk without reading what comes before it (torchrun ranks and Ray workers)."""
 
     def __init__(self, path: Union[str, os.PathLike], field: Optional[str] = None, fmt: Optional[str] = None):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"input file not found: {path}")
-        if self.path.is_dir():
-            raise IsADirectoryError(f"{path} is a directory, not an input file")
-        self.format = _format_of(path, fmt, INPUT_FORMATS, "input")
+        self.file = DataFile(path, fmt)
+        self.path, self.format = self.file.path, self.file.format
         if self.format == "txt" and field is not None:
-            raise ValueError(f"--field {field!r} is for .jsonl/.csv/.parquet input; {path} is a text file "
+            raise ValueError(f"--field {field!r} is for .jsonl/.csv/.tsv/.parquet input; {path} is a text file "
                              f"(one text per line)")
+        if self.file.columns is not None:
+            field = pick_column(self.path, self.file.columns, field, self.format.upper())
+        elif self.format == "jsonl" and field is None:
+            first = next(iter(self.file.rows()), None)
+            if first is not None and isinstance(first.value, dict):
+                keys = ", ".join(map(str, first.value))
+                if DEFAULT_COLUMN not in first.value:
+                    raise ValueError(f"{self.file.where(first.line)}: a JSON object without a {DEFAULT_COLUMN!r} "
+                                     f"key: give --field (its keys: {keys})")
+                field = DEFAULT_COLUMN
         self.field = field
         if self.format == "parquet":
-            self._parquet_field()
-        elif self.format == "csv":
-            self._csv_field()
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-    # -- per-format row iterators: yield (byte offset or row index of the row, text)
-    def _lines(self, offset: int = 0) -> Iterator[Tuple[int, int, bytes]]:
-        """(line number from 0 relative to offset, byte offset, raw line without \\n / \\r\\n)."""
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            pos = offset
-            for i, raw in enumerate(f):
-                start = pos
-                pos += len(raw)
-                if raw.endswith(b"\n"):
-                    raw = raw[:-1]
-                if raw.endswith(b"\r"):
-                    raw = raw[:-1]
-                if start == 0 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]  # a UTF-8 byte order mark
-                yield i, start, raw
+            t = pq.ParquetFile(self.path).schema_arrow.field(self.field).type
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+                raise ValueError(f"{self.path}: column {self.field!r} is {t}, not a string column")
 
-    def _decode(self, raw: bytes, row: int) -> str:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{self.path}: line {row + 1} is not UTF-8 text ({e.reason} at byte {e.start} of the "
-                             f"line)") from None
-
-    def _json_text(self, raw: bytes, row: int) -> str:
-        where = f"{self.path}: line {row + 1}"
-        if not raw.strip():
-            raise ValueError(f"{where} is blank; JSONL needs one JSON value per line (row i = line i)")
-        try:
-            value = json.loads(self._decode(raw, row))
-        except ValueError as e:
-            raise ValueError(f"{where} is not valid JSON ({e})") from None
-        if isinstance(value, dict):
-            if self.field is None:
-                raise ValueError(f"{where} is a JSON object: give --field (its keys: {', '.join(map(str, value))})")
-            if self.field not in value:
-                raise ValueError(f"{where} has no field {self.field!r} (its keys: {', '.join(map(str, value))})")
-            value = value[self.field]
-        elif self.field is not None:
-            raise ValueError(f"{where} is a JSON {type(value).__name__}, not an object with field {self.field!r}")
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: the text{' field ' + repr(self.field) if self.field else ''} is a JSON "
-                             f"{type(value).__name__}, not a string")
-        return value
-
-    def _csv_open(self, offset: int):
-        f = open(self.path, "rb")
-        f.seek(offset)
-        return f
-
-    def _csv_field(self) -> None:
-        with open(self.path, encoding="utf-8-sig", newline="") as f:
-            header = next(csv.reader(f), None)
-        if not header:
-            raise ValueError(f"{self.path}: empty CSV file (expected a header row naming the columns)")
-        self._pick_column(header, "CSV")
-        self._col = header.index(self.field)
-
-    def _pick_column(self, names: Sequence[str], kind: str) -> None:
-        """Set self.field to the text column among ``names`` (the only one when not given)."""
-        if self.field is None:
-            if len(names) != 1:
-                raise ValueError(f"{self.path}: give --field, the {kind} column holding the text (columns: "
-                                 f"{', '.join(names)})")
-            self.field = names[0]
-        if self.field not in names:
-            raise ValueError(f"{self.path}: no column {self.field!r} (columns: {', '.join(names)})")
-
-    def _csv_rows(self, offset: int) -> Iterator[Tuple[int, str]]:
-        """(byte offset of the record, text) for each record from ``offset`` (0 = the header's start)."""
-        f = self._csv_open(offset)
-        pos = [offset]
-        row_for_errors = [0]
-
-        def lines():  # csv.reader pulls lines one by one, with no read-ahead: pos is exact
-            for raw in f:
-                pos[0] += len(raw)
-                try:
-                    yield raw.decode("utf-8-sig" if pos[0] == len(raw) else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{self.path}: record {row_for_errors[0] + 1} is not UTF-8 text "
-                                     f"({e.reason})") from None
-
-        with f:
-            reader = csv.reader(lines())
-            if offset == 0:
-                next(reader, None)  # the header
-            while True:
-                start = pos[0]
-                try:
-                    rec = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    raise ValueError(f"{self.path}: bad CSV near byte {start}: {e}") from None
-                if not rec:  # a blank line is no record (as csv.DictReader and pandas.read_csv count them)
-                    continue
-                yield start, (rec[self._col] if self._col < len(rec) else "")
-                row_for_errors[0] += 1
-
-    def _parquet_field(self) -> None:
-        pa = _need_pyarrow("parquet input")
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(self.path)
-        self._pick_column(pf.schema_arrow.names, "parquet")
-        t = pf.schema_arrow.field(self.field).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-            raise ValueError(f"{self.path}: column {self.field!r} is {t}, not a string column")
-
-    def _parquet_rows(self, start_row: int) -> Iterator[Tuple[int, str]]:
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(self.path)
-        row = 0
-        for g in range(pf.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if row + n <= start_row:  # a whole row group before the range: not read
-                row += n
-                continue
-            cached = getattr(self, "_parquet_group", None)  # chunks in a row: the same row group again
-            if cached is not None and cached[0] == g:
-                col = cached[1]
-            else:
-                col = pf.read_row_group(g, columns=[self.field]).column(self.field)
-                self._parquet_group = (g, col)  # one row group's text column at most
-            skip = max(0, start_row - row)
-            row += skip
-            # to Python in slices, from start_row on: a row group may hold a million rows, a chunk
-            # only needs a few thousand of them (read() stops after the chunk)
-            for a in range(skip, n, _PARQUET_SLICE):
-                for v in col.slice(a, _PARQUET_SLICE).to_pylist():
-                    yield row, ("" if v is None else v)
-                    row += 1
-
-    def _rows(self, start: int = 0, first_row: int = 0) -> Iterator[Tuple[int, str]]:
-        """(position of the row, text) from position ``start`` (a byte offset; a row for parquet)
-        where row ``first_row`` begins (for error messages)."""
-        if self.format == "parquet":
-            yield from self._parquet_rows(start)
-        elif self.format == "csv":
-            yield from self._csv_rows(start)
-        elif self.format == "jsonl":
-            for i, pos, raw in self._lines(start):
-                yield pos, self._json_text(raw, first_row + i)
+    def _text(self, row) -> str:
+        value = row.value
+        if self.format == "txt":
+            return value
+        if self.format == "jsonl":
+            where = self.file.where(row.line, row.pos)
+            if isinstance(value, dict):
+                if self.field is None:
+                    raise ValueError(f"{where}: a JSON object, but the first line is a plain string (its keys: "
+                                     f"{', '.join(map(str, value))})")
+                if self.field not in value:
+                    raise ValueError(f"{where}: no field {self.field!r} (its keys: {', '.join(map(str, value))})")
+                value = value[self.field]
+            elif self.field is not None:
+                raise ValueError(f"{where}: a JSON {type(value).__name__}, not an object with field {self.field!r}")
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{where}: the text{' field ' + repr(self.field) if self.field else ''} is a JSON "
+                                 f"{type(value).__name__}, not a string")
         else:
-            for i, pos, raw in self._lines(start):
-                yield pos, self._decode(raw, first_row + i)
+            value = value[self.field]
+        return "" if value is None else value
+
+    def _rows(self, start: Optional[int] = None) -> Iterator[Tuple[int, str]]:
+        """(position of the row, text) from position ``start`` (a byte offset; a row for parquet)."""
+        for row in self.file.rows(start, columns=[self.field] if self.format == "parquet" else None):
+            yield row.pos, self._text(row)
 
     # -- public API
     def __iter__(self) -> Iterator[str]:
@@ -323,9 +207,7 @@ class CorpusReader:
         """(number of rows, start position of each chunk of ``chunk_size`` rows); every row is
         parsed once, so a bad row fails here, before any model is loaded."""
         if self.format == "parquet":
-            import pyarrow.parquet as pq
-
-            n = pq.ParquetFile(self.path).metadata.num_rows
+            n = self.file.count()
             return n, list(range(0, n, chunk_size))
         starts: List[int] = []
         n = 0
@@ -338,7 +220,7 @@ class CorpusReader:
     def read(self, lo: int, hi: int, start: int) -> List[str]:
         """Texts of rows [lo, hi), the first of which begins at position ``start`` (from plan())."""
         out: List[str] = []
-        for _, text in self._rows(start, first_row=lo):
+        for _, text in self._rows(start):
             if len(out) >= hi - lo:
                 break
             out.append(text)
@@ -378,6 +260,47 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
 
 def _write_json(path: Path, data: dict) -> None:
     _atomic_write(path, lambda f: json.dump(data, f, indent=1, sort_keys=True), mode="w")
+
+
+def lock_path(output: Union[str, os.PathLike]) -> Path:
+    """The lock file of a run writing ``output``: ``.NAME.lock`` beside it."""
+    p = Path(output)
+    return p.with_name(f".{p.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(output: Union[str, os.PathLike]) -> Iterator[None]:
+    """Hold the lock of ``output`` for the block: one run writes an output at a time.  A second run
+    is refused at once with a one-line error.  The lock is the operating system's (``flock``), so
+    it goes with its process however that ends (a killed run can be resumed right away); the lock
+    file is removed when the block ends.  Without ``fcntl`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    path = lock_path(output)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"another run is writing {output} (it holds {path}); wait for it to finish or "
+                             f"stop it, then run this again") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:  # the previous holder finished and removed it
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file that is gone: lock the new one
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes: a waiting run then sees a new file
+        os.close(fd)
 
 
 def manifest_path(output: Union[str, os.PathLike]) -> Path:
@@ -427,23 +350,49 @@ def _chunk_name(j: int) -> str:
 
 
 class _RunProgress:
-    """A progress line for the rows of this run (rows/s counts only what this run encodes)."""
+    """Progress of the rows of this run on stderr (rows/s counts only what this run encodes).
 
-    def __init__(self, total: int, done: int, desc: str, show: Optional[bool]):
-        from bertfast.sentence import PROGRESS_THRESHOLD, _Progress
+    On a terminal: one line redrawn in place (at most 10 times a second).  Otherwise (a log file,
+    a pipe): a plain line every ``interval`` seconds, and a last one at the end when any was
+    written, so a long run shows it is alive in its log.  ``show``: None shows it when more than
+    PROGRESS_THRESHOLD rows are to be encoded, False never, True always."""
 
-        todo = total - done
+    def __init__(self, total: int, done: int, desc: str, show: Optional[bool], stream=None,
+                 interval: Optional[float] = None):
+        from bertfast.sentence import PROGRESS_THRESHOLD
+
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.todo, self.desc = total - done, desc
+        self.interval = PROGRESS_INTERVAL if interval is None else interval
         if show is None:
-            show = todo > PROGRESS_THRESHOLD and bool(getattr(sys.stderr, "isatty", lambda: False)())
-        self.bar = _Progress(todo, desc=desc) if show and todo > 0 else None
+            show = self.todo > PROGRESS_THRESHOLD
+        self.show = bool(show) and self.todo > 0
+        self.done, self.lines = 0, 0
+        self.start = self.last = time.perf_counter()
+
+    def _line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        pct = 100.0 * self.done / self.todo if self.todo else 100.0
+        return f"{self.desc}: {self.done:,}/{self.todo:,} rows ({pct:3.0f}%), {rate:,.1f} rows/s, {elapsed:,.0f}s"
+
+    def _write(self, end: str) -> None:
+        self.stream.write(("\r" if self.tty else "") + self._line() + end)
+        self.stream.flush()
+        self.lines += 1
+        self.last = time.perf_counter()
 
     def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+        self.done += n
+        if not self.show:
+            return
+        if time.perf_counter() - self.last >= (0.1 if self.tty else self.interval):
+            self._write("" if self.tty else "\n")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.show and (self.tty or self.lines):
+            self._write("\n")
 
 
 # ---------------------------------------------------------------------------- the job
@@ -466,9 +415,9 @@ class EncodeJob:
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.output = Path(output)
-        self.output_format = _format_of(output, None, OUTPUT_FORMATS, "output")
+        self.output_format = _output_format(output)
         if self.output_format == "parquet":
-            _need_pyarrow("parquet output")
+            need_pyarrow("parquet output")
         if self.output.is_dir():
             raise IsADirectoryError(f"--output {output} is a directory; give a file name ending in "
                                     f"{', '.join('.' + f for f in OUTPUT_FORMATS)}")
@@ -636,15 +585,18 @@ class EncodeJob:
         try:
             for k, j in enumerate(todo):
                 ids, texts = self.chunk_texts(j)
-                if texts:
-                    emb = encoder.encode(texts, batch_size=batch_size, normalize=self.manifest["normalize"],
-                                         show_progress=False, convert_to_numpy=True)  # (n, D) float32
-                else:  # every row of the chunk is blank and skipped
-                    emb = np.zeros((0, self.manifest["embedding_dim"]), dtype=np.float32)
-                self.write_chunk(j, ids, emb)
+                # in slices, for the progress line: each text's vector does not depend on the
+                # others in its call (padding-free path), so slices give the vectors of one call
+                parts = [np.zeros((0, self.manifest["embedding_dim"]), dtype=np.float32)]
+                for a in range(0, len(texts), PROGRESS_ROWS):
+                    parts.append(encoder.encode(texts[a:a + PROGRESS_ROWS], batch_size=batch_size,
+                                                normalize=self.manifest["normalize"], show_progress=False,
+                                                convert_to_numpy=True))  # (n, D) float32
+                    bar.update(len(parts[-1]))
+                self.write_chunk(j, ids, np.concatenate(parts))
                 rows = self.chunk_rows([j])
                 encoded += rows
-                bar.update(rows)
+                bar.update(rows - len(texts))  # the blank rows skipped
                 if after_chunk is not None:
                     after_chunk()
                 if kill_after is not None and k + 1 >= kill_after:
@@ -781,13 +733,14 @@ def encode_file(input, output, *, model="minilm", field=None, input_format=None,
     job = EncodeJob(input, output, model=model, field=field, input_format=input_format, dtype=dtype,
                     max_length=max_length, normalize=normalize, output_dtype=output_dtype, skip_empty=skip_empty,
                     chunk_size=chunk_size)
-    manifest = job.prepare(resume=resume, overwrite=overwrite)
-    if manifest.get("complete"):
-        return manifest
-    if encoder is None:
-        from bertfast.sentence import SentenceEncoder
+    with output_lock(job.output):
+        manifest = job.prepare(resume=resume, overwrite=overwrite)
+        if manifest.get("complete"):
+            return manifest
+        if encoder is None:
+            from bertfast.sentence import SentenceEncoder
 
-        encoder = SentenceEncoder(model, device=device, dtype=dtype, max_length=max_length, backend=backend)
-    job.encode_chunks(encoder, range(manifest["n_chunks"]), batch_size=batch_size, progress=progress,
-                      after_chunk=job.record_progress, kill_after=_kill_after_chunks)
-    return job.finalize()
+            encoder = SentenceEncoder(model, device=device, dtype=dtype, max_length=max_length, backend=backend)
+        job.encode_chunks(encoder, range(manifest["n_chunks"]), batch_size=batch_size, progress=progress,
+                          after_chunk=job.record_progress, kill_after=_kill_after_chunks)
+        return job.finalize()

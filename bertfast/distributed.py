@@ -24,13 +24,14 @@ from the driver, so a Ray run resumes like any other.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any, Dict, Optional
 
 import numpy as np
 
-from bertfast.corpus import EMBEDDING_COLUMN, OUTPUT_DTYPES, EncodeJob
+from bertfast.corpus import EMBEDDING_COLUMN, OUTPUT_DTYPES, EncodeJob, output_lock
 
 __all__ = ["encode_dataset", "encode_file_ray", "encode_file_torchrun", "DIST_TIMEOUT"]
 
@@ -86,6 +87,7 @@ def encode_file_torchrun(input, output, *, model="minilm", device=None, batch_si
     own_group = not dist.is_initialized()
     if own_group:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    lock = contextlib.ExitStack()  # rank 0 holds the output's lock from prepare to finalize
     try:
         job = EncodeJob(input, output, world_size=world, **_job_kwargs(dict(common, model=model)))
         # rank 0 checks the output / an earlier run and writes the parts manifest; the others wait for it
@@ -93,6 +95,7 @@ def encode_file_torchrun(input, output, *, model="minilm", device=None, batch_si
         message: list = [None]
         if rank == 0:
             try:
+                lock.enter_context(output_lock(job.output))
                 prepared = job.prepare(resume=resume, overwrite=overwrite)
                 todo = [] if prepared.get("complete") else job.chunks_left()
                 message = [("ok", prepared, todo)]
@@ -117,6 +120,7 @@ def encode_file_torchrun(input, output, *, model="minilm", device=None, batch_si
         dist.barrier()  # the others wait until the output is complete
         return manifest
     finally:
+        lock.close()
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -167,18 +171,39 @@ class _RayEncoder:
         return batch.append_column(self.output_column, pa.FixedSizeListArray.from_arrays(flat, dim))
 
 
-def _ray_workers(ray, num_workers, num_gpus_per_worker, num_cpus_per_worker) -> tuple:
+def _ray_init(ray) -> None:
+    """Connect to the Ray cluster (RAY_ADDRESS, a running one, else a new local one) unless this
+    process already is; a cluster that cannot be reached or started is a one-line ValueError
+    naming RAY_ADDRESS, not Ray's traceback."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init()
+    except Exception as e:  # ConnectionError (no cluster at RAY_ADDRESS), RuntimeError, ...
+        address = os.environ.get("RAY_ADDRESS")
+        where = f"RAY_ADDRESS={address}" if address else "a new local Ray cluster"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"Ray: cannot connect to {where} ({type(e).__name__}: {first}); start one with "
+                         f"`ray start --head`, or unset RAY_ADDRESS to start a local one") from None
+
+
+def _ray_workers(ray, num_workers, num_gpus_per_worker, num_cpus_per_worker, free_cpus: int = 1) -> tuple:
     """(workers, gpus per worker, cpus per worker): one per GPU when the cluster has GPUs, else
-    CPU workers (default 2, each with num_cpus_per_worker threads)."""
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS / a running cluster, else a local one
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    CPU workers (default 2, each with num_cpus_per_worker threads).  The default leaves
+    ``free_cpus`` of the cluster's CPUs to the dataset's own tasks (reading a parquet file needs a
+    CPU slot: with every CPU held by an encoder actor, it would wait forever, and so would the
+    actors), down to one worker."""
+    _ray_init(ray)
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
     if num_gpus_per_worker is None:
         num_gpus_per_worker = 1 if gpus else 0
-    if num_workers is None:
-        num_workers = max(1, int(gpus // num_gpus_per_worker)) if num_gpus_per_worker else 2
     if num_cpus_per_worker is None:
         num_cpus_per_worker = 1
+    if num_workers is None:
+        num_workers = max(1, int(gpus // num_gpus_per_worker)) if num_gpus_per_worker else 2
+        if num_cpus_per_worker and cpus:
+            num_workers = max(1, min(num_workers, int((cpus - free_cpus) // num_cpus_per_worker)))
     return int(num_workers), num_gpus_per_worker, num_cpus_per_worker
 
 
@@ -186,10 +211,13 @@ def encode_dataset(ds, *, model="minilm", column: str = "text", output_column: s
                    output: Optional[str] = None, batch_size: int = 32, rows_per_batch: int = RAY_BATCH_ROWS,
                    normalize: bool = True, dtype=None, max_length: Optional[int] = None, backend: Optional[str] = None,
                    output_dtype: str = "float32", num_workers: Optional[int] = None,
-                   num_gpus_per_worker: Optional[float] = None, num_cpus_per_worker: Optional[float] = None):
+                   num_gpus_per_worker: Optional[float] = None, num_cpus_per_worker: Optional[float] = None,
+                   free_cpus: int = 1):
     """Add ``output_column`` (a fixed-size list of ``output_dtype``, the embedding of
     ``column``) to a Ray dataset, through an actor pool of ``num_workers`` actors, each holding
-    one model (default: one actor per GPU of the cluster, else 2 CPU actors).  Blank and null
+    one model (default: one actor per GPU of the cluster, else 2 CPU actors; either way no more
+    than leave ``free_cpus`` CPUs of the cluster to the tasks that read ``ds``: on a 2-CPU cluster,
+    one actor, since two would hold both CPUs and the read tasks would never run).  Blank and null
     texts get the embedding of ``[CLS] [SEP]``, as in bertfast.corpus.  Returns the (lazy)
     dataset; with ``output`` (a directory or URI), also writes it there as parquet shards."""
     ray = _need_ray()
@@ -202,7 +230,7 @@ def encode_dataset(ds, *, model="minilm", column: str = "text", output_column: s
     from bertfast.loading import resolve_model_path
 
     model_path = str(resolve_model_path(model))  # fail here, not in every actor; actors get a path
-    workers, gpus, cpus = _ray_workers(ray, num_workers, num_gpus_per_worker, num_cpus_per_worker)
+    workers, gpus, cpus = _ray_workers(ray, num_workers, num_gpus_per_worker, num_cpus_per_worker, free_cpus)
     out = ds.map_batches(
         _RayEncoder,
         fn_constructor_kwargs=dict(model=model_path, column=column, output_column=output_column, dtype=dtype,
@@ -236,11 +264,19 @@ def encode_file_ray(input, output, *, model="minilm", num_workers: Optional[int]
     chunk file as its rows come back (in order) and assembles the output as bertfast.corpus
     does.  Returns the complete manifest.  ``device`` is not used: Ray places the workers."""
     ray = _need_ray()
-    import ray.data
-
-    from bertfast.corpus import _RunProgress
+    import ray.data  # noqa: F401
 
     job = EncodeJob(input, output, **_job_kwargs(dict(common, model=model)))
+    _ray_init(ray)  # before any dataset: Ray Data would start one itself, with a traceback on failure
+    with output_lock(job.output):
+        return _encode_file_ray(job, ray, model=model, num_workers=num_workers, batch_size=batch_size,
+                                progress=progress, resume=resume, overwrite=overwrite, **common)
+
+
+def _encode_file_ray(job: EncodeJob, ray, *, model, num_workers, batch_size, progress, resume, overwrite,
+                     **common) -> dict:
+    from bertfast.corpus import _RunProgress
+
     manifest = job.prepare(resume=resume, overwrite=overwrite)
     if manifest.get("complete"):
         return manifest
@@ -260,7 +296,8 @@ def encode_file_ray(input, output, *, model="minilm", num_workers: Optional[int]
         encoded = encode_dataset(rows, model=model, column="text", batch_size=batch_size,
                                  normalize=manifest["normalize"], dtype=common.get("dtype"),
                                  max_length=common.get("max_length"), backend=common.get("backend"),
-                                 output_dtype=manifest["output"]["dtype"], num_workers=num_workers)
+                                 output_dtype=manifest["output"]["dtype"], num_workers=num_workers,
+                                 free_cpus=0)  # the chunks are read by tasks that take no CPU slot
         pending = iter(todo)
         current, buf_ids, buf_emb = None, [], []
 

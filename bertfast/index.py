@@ -13,9 +13,11 @@ memory stays bounded by one block whatever the corpus size, and the result is ex
 by the lower id).  ``id`` is the input row (line ``id + 1`` of a .txt input); texts are read back
 from the input file named in the manifest when it is still there, unchanged.
 
-The index knows its model from the manifest: queries given as text are encoded with it, and
-``Index(path, model=...)`` with another checkpoint is refused (vectors of two models are not
-comparable).
+The index knows its model from the manifest: queries given as text are encoded with it, and a
+model whose config and weights are not the ones the file was encoded with is refused, whether
+given as ``Index(path, model=...)`` (at once) or found at the manifest's path (when a text query
+needs it: a later fine-tune into the same directory is caught); vectors of two models are not
+comparable.
 
 ``Index(path, ann="faiss")`` (``pip install 'bertfast[ann]'``, faiss-cpu) answers from an HNSW
 graph instead (approximate: recall below 1 on large corpora; all vectors are loaded into RAM to
@@ -86,13 +88,11 @@ class Index:
         # unit vectors stored as float16 are unit only to ~1e-3: scored as cosines, not dot products
         self.normalized = bool(m.get("normalize")) and m["output"].get("dtype", "float32") == "float32"
         self.model_info = m["model"]
-        if model is not None:
-            mine = model_fingerprint(model)
-            if mine["sha256"] != self.model_info.get("sha256"):
-                raise ValueError(f"model {model} is not the model {path} was encoded with "
-                                 f"({self.model_info.get('name')} at {self.model_info.get('path')}); query vectors of "
-                                 f"another model are not comparable")
         self.model = model if model is not None else self.model_info.get("path")
+        self._model_given = model is not None
+        self._model_checked = False
+        if model is not None:
+            self._check_model()  # a model named by the caller: refused at once
         self.device = device
         self.block_rows = block_rows
         self._encoder = None
@@ -163,12 +163,41 @@ class Index:
                     yield np.asarray(ids, np.int64), (np.asarray(vecs, np.float32) if with_vectors else None)
 
     # ---------------------------------------------------------------- queries
+    def _check_model(self) -> None:
+        """Refuse a query model whose fingerprint (config + weights) is not the one in the
+        manifest, however it was found: given as ``model=``, or the manifest's own path, where a
+        later fine-tune may have written another checkpoint since the file was encoded."""
+        if self._model_checked:
+            return
+        where = f"{self.model_info.get('name')} at {self.model_info.get('path')}"
+        given = self._model_given
+        if self.model is None:
+            raise ValueError(f"{manifest_path(self.path)} names no model path; pass the model {self.path} was "
+                             f"encoded with as model= / --model")
+        try:
+            mine = model_fingerprint(self.model)
+        except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+            if given:
+                raise
+            raise ValueError(f"the model {self.path} was encoded with ({where}) cannot be read any more ({e}); "
+                             f"pass that model with model= / --model") from None
+        if mine["sha256"] != self.model_info.get("sha256"):
+            if given:
+                raise ValueError(f"model {self.model} is not the model {self.path} was encoded with ({where}); query "
+                                 f"vectors of another model are not comparable")
+            raise ValueError(f"the checkpoint at {self.model_info.get('path')} changed after {self.path} was encoded "
+                             f"(its config or weights differ from the manifest's fingerprint): query vectors of "
+                             f"another model are not comparable; re-encode, or pass the original model with "
+                             f"model= / --model")
+        self._model_checked = True
+
     def encoder(self):
-        """The SentenceEncoder of the index's model (loaded on first use), with the manifest's
-        max_length and dtype."""
+        """The SentenceEncoder of the index's model (loaded on first use, after checking its
+        fingerprint against the manifest), with the manifest's max_length and dtype."""
         if self._encoder is None:
             from bertfast.sentence import SentenceEncoder
 
+            self._check_model()
             self._encoder = SentenceEncoder(self.model, device=self.device,
                                             max_length=self.manifest.get("resolved_max_length"))
         return self._encoder

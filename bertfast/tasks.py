@@ -13,9 +13,11 @@ checkpoint's ``config.id2label``.
 
 A checkpoint with no trained head for the task is refused before any model is built, in one
 line naming the missing weights, e.g. ``checkpoint minilm (...) has no trained
-question-answering head (missing qa_outputs.weight, qa_outputs.bias)``: all-MiniLM-L6-v2 (the
-default model) is a sentence encoder and ships no head at all, so every task here refuses it;
-fine-tune one with ``bertfast finetune`` first.  The keys are read from the weights file's header
+question-answering head (missing qa_outputs.weight, qa_outputs.bias)``: all-MiniLM-L6-v2
+(``minilm``) is a sentence encoder and ships no head at all, so every task here refuses it, and
+their commands have no default ``--model`` (it is required); fine-tune one with ``bertfast
+finetune`` first.  ``classify`` warns when a checkpoint fine-tuned on single texts is given pairs
+(or the reverse): ``bertfast finetune`` writes the task to the config's ``finetuning_task``.  The keys are read from the weights file's header
 (``bertfast.loading.read_header``): nothing is built or read for a refused checkpoint.  A
 checkpoint whose ``config.architectures`` names another BERT head (e.g. a sequence classifier
 given to ``tag``, whose ``classifier.*`` weights have the same names) is refused too.
@@ -37,6 +39,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -117,7 +120,7 @@ def check_head(model: Union[str, os.PathLike], task: str):
     return d, config
 
 
-def load(task: str, model: Union[str, os.PathLike] = "minilm", *, device=None, dtype=None,
+def load(task: str, model: Union[str, os.PathLike], *, device=None, dtype=None,
          backend: Optional[str] = None, max_length: Optional[int] = None):
     """(model in eval mode, :class:`bertfast.Tokenizer`) for ``task`` ("fill-mask", "classify",
     "tag", "answer", "generate") from a checkpoint directory or name, after :func:`check_head`."""
@@ -246,6 +249,13 @@ def classify(model: ModelArg, texts: Union[str, Sequence[str]], pairs=None, *, t
                              f"text per text, or one for all")
     net, tok = _resolve("classify", model, tokenizer, **load_kw)
     cfg, names = net.config, _labels(net.config)
+    trained = cfg.extra.get("finetuning_task")  # written by bertfast finetune: "classify" or "pair"
+    if trained == "classify" and pairs is not None:
+        warnings.warn("this classifier was fine-tuned on single texts (bertfast finetune --task classify), "
+                      "not pairs: the scores of text pairs mean little", UserWarning, stacklevel=3)
+    elif trained == "pair" and pairs is None:
+        warnings.warn("this classifier was fine-tuned on text pairs (bertfast finetune --task pair): give the "
+                      "second texts (pairs= / --pair)", UserWarning, stacklevel=3)
     regression = cfg.problem_type == "regression" or cfg.num_labels == 1
     multi = cfg.problem_type == "multi_label_classification"
     out = []
@@ -314,7 +324,7 @@ def tag(model: ModelArg, text: Union[str, Sequence[str]], *, tokenizer=None, str
 
 
 @torch.inference_mode()
-def answer(question: str, context: str, model: ModelArg = "minilm", *, tokenizer=None, max_answer_len: int = 30,
+def answer(question: str, context: str, model: ModelArg, *, tokenizer=None, max_answer_len: int = 30,
            max_length: int = 384, stride: Optional[int] = None, **load_kw) -> dict:
     """The answer span of ``context`` for ``question`` (an extractive QA checkpoint).  A long
     context is read in overlapping windows (``collators.qa_features``: ``max_length`` tokens, at
@@ -381,7 +391,8 @@ def generate(model: ModelArg, prompt: str, max_new_tokens: int = 20, *, top_k: O
                        top_k=top_k if top_k is not None else 0, temperature=temperature,
                        eos_token_id=tok.sep_token_id if stop_at_sep else None, generator=generator)
     new = out[0, ids.shape[1]:].tolist()
-    return {"text": tok.decode(out[0].tolist()), "generated": tok.decode(new), "token_ids": new}
+    return {"text": tok.decode(out[0].tolist(), skip_special_tokens=True),
+            "generated": tok.decode(new, skip_special_tokens=True), "token_ids": new}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -395,10 +406,13 @@ class Command:
     run: Callable[[Any], int]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, finetune_task: str) -> None:
     from bertfast.cli import _add_model_args
 
-    _add_model_args(p)
+    # required: the bundled minilm is a sentence encoder without any task head
+    _add_model_args(p, model_required=True,
+                    model_help=f"a checkpoint with this task's trained head, e.g. from bertfast finetune --task "
+                               f"{finetune_task}")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -420,7 +434,7 @@ def _fill_mask_args(p):
 
     p.add_argument("text", type=_text_arg, metavar="TEXT", help="a text with one or more [MASK] tokens")
     p.add_argument("--top", type=_positive_int, default=5, metavar="K", help="predictions per mask (default 5)")
-    _common(p)
+    _common(p, "mlm")
 
 
 def _fill_mask_run(args) -> int:
@@ -445,7 +459,7 @@ def _classify_args(p):
     p.add_argument("texts", nargs="+", type=_text_arg, metavar="TEXT", help="texts to classify")
     p.add_argument("--pair", action="append", type=_text_arg, metavar="TEXT",
                    help="second text of a pair (NLI, paraphrase): once for every TEXT, or once per TEXT")
-    _common(p)
+    _common(p, "classify")
 
 
 def _classify_run(args) -> int:
@@ -455,7 +469,11 @@ def _classify_run(args) -> int:
     if pairs is not None and len(pairs) not in (1, len(args.texts)):
         raise CLIError(f"{len(args.texts)} TEXT(s) but {len(pairs)} --pair: give one --pair for all, or one per TEXT")
     pairs = pairs[0] if pairs is not None and len(pairs) == 1 else pairs
-    res = classify(args.model, args.texts, pairs, **_load_kw(args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        res = classify(args.model, args.texts, pairs, **_load_kw(args))
+    for w in caught:  # one line each, as the errors
+        print(f"bertfast: warning: {w.message}", file=sys.stderr)
 
     def lines():
         return [f"{r['label']}\t{r['score']:.4f}\t{t}" for r, t in zip(res, args.texts)]
@@ -467,7 +485,7 @@ def _tag_args(p):
     from bertfast.cli import _text_arg
 
     p.add_argument("text", type=_text_arg, metavar="TEXT", help="the text whose words are labelled")
-    _common(p)
+    _common(p, "tokens")
 
 
 def _tag_run(args) -> int:
@@ -486,7 +504,7 @@ def _answer_args(p):
                    help="longest answer in tokens (default 30)")
     p.add_argument("--stride", type=_positive_int, default=None, metavar="N",
                    help="token overlap of the windows of a long context (default min(128, a third of a window))")
-    _common(p)
+    _common(p, "qa")
 
 
 def _answer_run(args) -> int:
@@ -522,7 +540,7 @@ def _generate_args(p):
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (with --top-k)")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampling (with --top-k)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at [SEP]")
-    _common(p)
+    _common(p, "causal-lm")
 
 
 def _generate_run(args) -> int:

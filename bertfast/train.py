@@ -22,8 +22,11 @@ mlm         BertForMaskedLM                    text                             
 causal-lm   BertLMHeadModel (is_decoder=True)  text                                perplexity
 ==========  =================================  ==================================  ========================
 
-Labels / tags are strings or ints; their names go into the checkpoint's config (``id2label``,
-``label2id``).  ``answers`` is ``{"text": str, "answer_start": int}`` (a character offset into
+Data files (.jsonl, .csv, .tsv, .parquet; .txt lines are ``{"text": line}``) are read by
+:mod:`bertfast.data`, as ``bertfast encode`` reads them; a null field, an empty label and a
+null word are refused naming the file and line.  Labels / tags are strings or ints; their
+names go into the checkpoint's config (``id2label``, ``label2id``; ``finetuning_task`` says
+which task trained the head).  ``answers`` is ``{"text": str, "answer_start": int}`` (a character offset into
 the context) or SQuAD's ``{"text": [...], "answer_start": [...]}``; in CSV files it is that
 JSON as a string, and tokens / tags are whitespace-separated.
 
@@ -32,22 +35,34 @@ tokenizer, ``metrics.json`` (every epoch's evaluation) and ``checkpoint/`` -- th
 state (model, optimizer, scheduler, RNG states, position in the data order), written at the end
 of each epoch, every ``--save-steps`` optimizer steps, on Ctrl-C and at ``--stop-after-steps``.
 ``--resume`` continues from it and reaches the same weights, step count and losses as a run that
-was never interrupted (fp32 on CPU, bit for bit).
+was never interrupted (fp32 on CPU, bit for bit), whenever the interruption came: SIGINT is held
+back while an optimizer step is applied (with the position and RNG states that go with it),
+and ``checkpoint`` is a symbolic link to ``checkpoint.XXXX/``, switched to a new complete
+directory by one rename, so a process that dies while saving leaves the previous checkpoint.
+``--no-checkpoint`` writes none (it holds the weights and AdamW's two moments: three times the
+model's size), and the run cannot be resumed.
+
+A batch with nothing to learn from (MLM that masked no token of its short texts, token tagging
+with every label ignored) is skipped and counted: ``skipped_batches`` in each epoch's record
+and a line on stderr.  A NaN or infinite loss of a batch that has targets stops the run.
+Under torchrun (WORLD_SIZE > 1) ``bertfast finetune`` refuses to start.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import string
 import sys
+import tempfile
+import threading
 import time
 import types
 import warnings
@@ -108,68 +123,34 @@ class _Record(dict):
 
 
 def read_records(path: Union[str, os.PathLike], fmt: Optional[str] = None) -> List[_Record]:
-    """Read a JSONL file (one JSON object a line; blank lines skipped) or a CSV / TSV file with a
-    header row.  The format comes from the extension (.jsonl / .json / .csv / .tsv) unless
-    ``fmt`` is given.  Every problem is a one-line error naming the file and the line."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"file not found: {p}")
-    if p.is_dir():
-        raise IsADirectoryError(f"{p} is a directory, not a data file")
-    fmt = (fmt or p.suffix.lstrip(".")).lower()
-    if fmt in ("json", "jsonl", "ndjson"):
-        fmt = "jsonl"
-    elif fmt not in ("csv", "tsv"):
-        raise ValueError(f"{p}: unknown data format {fmt!r}; use a .jsonl, .csv or .tsv file")
-    try:
-        with open(p, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    """Every example of a data file, read by :class:`bertfast.data.DataFile` (the rules of every
+    bertfast command: .jsonl objects, .csv / .tsv with a header row, .parquet, or .txt whose lines
+    are ``{"text": line}``).  The format comes from the extension unless ``fmt`` is given.  Every
+    problem is a one-line error naming the file and the line."""
+    from bertfast.data import DEFAULT_COLUMN, DataFile
+
+    data = DataFile(path, fmt, what="data")
     records: List[_Record] = []
-    if fmt == "jsonl":
-        # split at "\n" only: str.splitlines() also splits at U+2028, U+0085, ... that JSON strings may hold raw
-        for n, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{p}:{n}: expected a JSON object with named fields, got {type(obj).__name__}")
-            r = _Record(obj)
-            r.source, r.line = str(p), n
-            records.append(r)
-    else:
-        # a file object, not lines: quoted fields keep their line breaks (and U+2028 and the like)
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
-        limit = csv.field_size_limit()
-        csv.field_size_limit(max(limit, len(text)))  # no field is longer than the file (default limit: 128 KiB)
-        try:
-            if not reader.fieldnames:
-                raise ValueError(f"{p}: no header row (the first line must name the fields)")
-            for row in reader:
-                if None in row:
-                    raise ValueError(f"{p}:{reader.line_num}: more values than the {len(reader.fieldnames)} "
-                                     f"header fields")
-                r = _Record(row)
-                r.source, r.line = str(p), reader.line_num
-                records.append(r)
-        except csv.Error as e:
-            raise ValueError(f"{p}:{reader.line_num}: not valid {fmt.upper()} ({e})") from None
-        finally:
-            csv.field_size_limit(limit)
+    for row in data.rows():
+        value = {DEFAULT_COLUMN: row.value} if data.format == "txt" else row.value
+        if not isinstance(value, dict):
+            raise ValueError(f"{data.where(row.line)}: expected a JSON object with named fields, got "
+                             f"{type(value).__name__}")
+        r = _Record(value)
+        r.source, r.line = str(data.path), row.line
+        records.append(r)
     if not records:
-        raise ValueError(f"{p}: no examples")
+        raise ValueError(f"{data.path}: no examples")
     return records
 
 
 def _field(rec: _Record, name: str, flag: str) -> Any:
-    if name not in rec or rec[name] is None:
+    if name not in rec:
         have = ", ".join(map(str, rec)) or "none"
         raise ValueError(f"{rec.source}:{rec.line}: missing field {name!r} (fields: {have}; choose another with "
                          f"--{flag.replace('_', '-')})")
+    if rec[name] is None:
+        raise ValueError(f"{rec.source}:{rec.line}: field {name!r} is null (a JSON null or a missing CSV cell)")
     return rec[name]
 
 
@@ -186,12 +167,18 @@ def _words(rec, name, flag) -> List[Any]:
         v = v.split()
     if not isinstance(v, list) or not v:
         raise ValueError(f"{rec.source}:{rec.line}: field {name!r} must be a non-empty list, got {v!r}")
+    for i, w in enumerate(v):
+        if isinstance(w, bool) or not isinstance(w, (str, int, float)):
+            raise ValueError(f"{rec.source}:{rec.line}: field {name!r}: item {i} is {json.dumps(w)}, not a word "
+                             f"(str) or number")
     return v
 
 
 def _label_key(v: Any, rec, name) -> Union[str, int]:
     if isinstance(v, bool) or not isinstance(v, (str, int)):
         raise ValueError(f"{rec.source}:{rec.line}: field {name!r} must be a label name (str) or id (int), got {v!r}")
+    if isinstance(v, str) and not v.strip():
+        raise ValueError(f"{rec.source}:{rec.line}: field {name!r} is an empty label {v!r} (an empty CSV cell?)")
     return v
 
 
@@ -233,6 +220,7 @@ class _Options:
     stop_after_steps: Optional[int] = None
     resume: bool = False
     overwrite: bool = False
+    checkpoint: bool = True
     progress: Optional[bool] = None
     fields: Dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -257,6 +245,12 @@ class _Options:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ValueError(f"stop_after_steps must be >= 1, got {self.stop_after_steps}")
+        if not self.checkpoint:
+            given = [flag for flag, on in (("resume", self.resume), ("save_steps", self.save_steps),
+                                           ("stop_after_steps", self.stop_after_steps is not None)) if on]
+            if given:
+                raise ValueError(f"checkpoint=False (--no-checkpoint) writes no training state, so "
+                                 f"{', '.join(given)} cannot apply")
         unknown = sorted(set(self.fields) - set(DEFAULT_FIELDS))
         if unknown:
             raise ValueError(f"unknown field option(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_FIELDS)}")
@@ -289,6 +283,11 @@ class _Task:
 
     def collate(self, feats: Sequence[dict], generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
         return pad_batch(feats, self.tok.pad_token_id)
+
+    def has_targets(self, batch: Dict[str, Any]) -> bool:
+        """Whether the batch has anything to learn from (per-token tasks: a labelled token; a
+        loss over no token is 0 / 0 = NaN).  Read from the labels on the host, before any forward."""
+        return True
 
     def evaluate(self, model, records, feats, batches, run_batch) -> Dict[str, float]:
         raise NotImplementedError
@@ -363,8 +362,15 @@ class _Pair(_Classify):
     pair = True
 
 
+def _any_label(labels: torch.Tensor) -> bool:
+    return bool((labels != IGNORE_INDEX).any())
+
+
 class _Tokens(_Task):
     head = "BertForTokenClassification"
+
+    def has_targets(self, batch):
+        return _any_label(batch["labels"])
 
     def fit_labels(self, records, config_labels):
         name = self.opts.field("tags_field")
@@ -545,6 +551,9 @@ class _MLM(_Task):
     def collate(self, feats, generator=None):
         return self.collator(feats, generator=generator)
 
+    def has_targets(self, batch):
+        return _any_label(batch["labels"])
+
     def evaluate(self, model, records, feats, batches, run_batch):
         g = torch.Generator().manual_seed(self.eval_seed)
         return _lm_metrics(self._outputs(feats, batches, run_batch, g), shift=False, accuracy_name="masked_accuracy")
@@ -569,6 +578,9 @@ class _CausalLM(_Task):
     def collate(self, feats, generator=None):
         return self.collator(feats)
 
+    def has_targets(self, batch):  # position t predicts token t + 1: the labels from position 1 on
+        return _any_label(batch["labels"][:, 1:])
+
     def evaluate(self, model, records, feats, batches, run_batch):
         return _lm_metrics(self._outputs(feats, batches, run_batch), shift=True, accuracy_name="next_token_accuracy")
 
@@ -592,7 +604,8 @@ class _StepProgress(_Progress):
         pct = 100.0 * self.done / self.total if self.total else 100.0
         ex = self.examples / elapsed if elapsed > 0 else 0.0
         tk = self.tokens / elapsed if elapsed > 0 else 0.0
-        return (f"{self.desc}: {self.done}/{self.total} batches ({pct:3.0f}%) loss {self.loss:.4f}, "
+        loss = f" loss {self.loss:.4f}," if math.isfinite(self.loss) else ""  # nothing before the first loss
+        return (f"{self.desc}: {self.done}/{self.total} batches ({pct:3.0f}%){loss} "
                 f"{ex:,.1f} examples/s, {tk:,.0f} tokens/s, {elapsed:.1f}s")
 
 
@@ -608,6 +621,45 @@ class _Quiet:
 
 
 # ============================================================================ state
+@dataclasses.dataclass(eq=False)
+class _Boundary:
+    """Where the last optimizer step left the run: the position of the next micro-batch, the RNG
+    states then, and the epoch's running loss and skipped-batch count (a checkpoint's contents
+    beside the model, optimizer and scheduler)."""
+    epoch: int
+    batch_pos: int
+    rng: dict
+    loss_sum: float
+    loss_count: int
+    skipped: int
+
+
+@contextlib.contextmanager
+def _held_sigint():
+    """Hold SIGINT (Ctrl-C, ``kill -INT``) back while the block runs and deliver it when the
+    block is done, so that an optimizer step (weights, optimizer, scheduler, step count and
+    position) is never interrupted half applied.  Only the main thread can handle signals;
+    elsewhere, or when Python does not own the SIGINT handler, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # installed outside Python: cannot be put back
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:  # the block finished: now the interruption, as it would have come
+        if callable(previous):
+            previous(signal.SIGINT, received[0])
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -650,7 +702,8 @@ def train(task: str, train_file: Union[str, os.PathLike], eval_file: Union[None,
           stride: int = 32, mlm_probability: float = 0.15, whole_word: bool = False,
           label_all_subwords: bool = False, precision: str = "fp32", seed: int = 0, device=None,
           save_steps: int = 0, stop_after_steps: Optional[int] = None, resume: bool = False,
-          overwrite: bool = False, progress: Optional[bool] = None, **fields: str) -> TrainResult:
+          overwrite: bool = False, checkpoint: bool = True, progress: Optional[bool] = None,
+          **fields: str) -> TrainResult:
     """Fine-tune ``model`` (a checkpoint directory or "minilm") on ``task`` from ``train_file``
     (JSONL / CSV), evaluating on ``eval_file`` after every epoch; write the result to ``out``.
 
@@ -661,8 +714,11 @@ def train(task: str, train_file: Union[str, os.PathLike], eval_file: Union[None,
     autocast (weights and optimizer stay fp32).  ``seed`` fixes the head's initialisation, the
     data order, dropout and MLM masking.  ``stop_after_steps`` stops (checkpointed) after that
     many optimizer steps in all, as an interruption would; ``resume=True`` continues from
-    ``out/checkpoint``.  ``progress``: show the progress line on stderr (default: on a terminal;
-    a few plain lines otherwise, ``False`` for none)."""
+    ``out/checkpoint``; ``checkpoint=False`` writes no ``checkpoint/`` at all (it holds the
+    weights and AdamW's two moments, three times the model's size), so the run cannot be
+    resumed.  Not under torchrun: every rank would train the same model into the same ``out``
+    (use DDP in a training loop of your own).  ``progress``: show the progress line on stderr
+    (default: on a terminal; a few plain lines otherwise, ``False`` for none)."""
     opts = _Options(task=task, train_file=str(train_file), eval_file=None if eval_file is None else str(eval_file),
                     model=str(model), out=str(out), epochs=epochs, batch_size=batch_size,
                     eval_batch_size=eval_batch_size, grad_accum=grad_accum, lr=float(lr),
@@ -672,9 +728,21 @@ def train(task: str, train_file: Union[str, os.PathLike], eval_file: Union[None,
                     label_all_subwords=bool(label_all_subwords), precision=precision, seed=int(seed),
                     device=None if device is None else str(device), save_steps=int(save_steps or 0),
                     stop_after_steps=stop_after_steps, resume=bool(resume), overwrite=bool(overwrite),
-                    progress=progress, fields={k: v for k, v in fields.items() if v is not None})
+                    checkpoint=bool(checkpoint), progress=progress,
+                    fields={k: v for k, v in fields.items() if v is not None})
     opts.check()
+    _refuse_torchrun()
     return _Trainer(opts).run()
+
+
+def _refuse_torchrun() -> None:
+    """bertfast finetune trains in one process: under torchrun every rank would run the same
+    training and write the same --out."""
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if world != "1":
+        raise ValueError(f"bertfast finetune trains in one process, but WORLD_SIZE={world} (torchrun): every rank "
+                         f"would train the same model into the same --out; run it without torchrun (for "
+                         f"data-parallel training, wrap a bertfast model in DDP in your own training loop)")
 
 
 class _Trainer:
@@ -707,7 +775,8 @@ class _Trainer:
         elif (self.ckpt / STATE_FILE).is_file() and not opts.overwrite:
             raise ValueError(f"{self.out} already holds a training run; pass --resume to continue it or "
                                   f"--overwrite to start over")
-        model_dir = self.ckpt if self.state is not None else resolve_model_path(opts.model)
+        # the directory the checkpoint link points at now (later saves point the link elsewhere)
+        model_dir = self.ckpt.resolve() if self.state is not None else resolve_model_path(opts.model)
         self.model_dir = Path(model_dir)
         self.tok = Tokenizer.from_pretrained(self.model_dir, max_length=None)
         self.task = _TASK_CLASSES[opts.task](opts, self.tok)
@@ -738,6 +807,7 @@ class _Trainer:
                 print(f"bertfast finetune: {w.message}", file=self.err)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        model.config.extra["finetuning_task"] = opts.task  # as transformers names it: what the head learned
         self.model = model.to(self.device)
         lengths = [len(f["input_ids"]) for f in self.train_feats]
         self.sampler = LengthGroupedBatches(lengths, opts.batch_size, seed=opts.seed)
@@ -778,26 +848,62 @@ class _Trainer:
         self.model.save_pretrained(directory)
         self.tok.save_pretrained(directory)
 
-    def _save_checkpoint(self, epoch: int, batch_pos: int, rng: dict, loss_sum: float, loss_count: int) -> None:
-        """Everything the next step needs: weights, optimizer, scheduler, RNG states, position."""
-        tmp = self.out / (CHECKPOINT_DIR + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self._save_model(tmp)
-        torch.save({"options": dataclasses.asdict(self.opts), "epoch": epoch, "batch_pos": batch_pos,
+    def _save_checkpoint(self, b: "_Boundary") -> None:
+        """Everything the next step needs: weights, optimizer, scheduler, RNG states, position.
+
+        Written to a new directory ``checkpoint.XXXX``; then ``checkpoint`` (a symbolic link) is
+        pointed at it by one rename (``os.replace`` of a new link onto the old one), and the
+        previous directory removed.  So whenever the process dies, ``checkpoint`` is the old
+        state or the new one, whole."""
+        if not self.opts.checkpoint:
+            return
+        self._remove_stale_checkpoints()
+        new = Path(tempfile.mkdtemp(prefix=CHECKPOINT_DIR + ".", dir=self.out))
+        self._save_model(new)
+        torch.save({"options": dataclasses.asdict(self.opts), "epoch": b.epoch, "batch_pos": b.batch_pos,
                     "global_step": self.global_step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "rng": rng, "history": self.history,
-                    "loss_sum": loss_sum, "loss_count": loss_count, "last_loss": self.last_loss},
-                   tmp / STATE_FILE)
-        if self.ckpt.exists():  # replace the old checkpoint only once the new one is complete
-            old = self.out / (CHECKPOINT_DIR + ".old")
-            if old.exists():
-                shutil.rmtree(old)
+                    "scheduler": self.scheduler.state_dict(), "rng": b.rng, "history": self.history,
+                    "loss_sum": b.loss_sum, "loss_count": b.loss_count, "skipped": b.skipped,
+                    "last_loss": self.last_loss}, new / STATE_FILE)
+        old = self._checkpoint_target()
+        if self.ckpt.is_dir() and not self.ckpt.is_symlink():
+            # a checkpoint directory of an older bertfast: a directory cannot be replaced by a link in
+            # one step, so it is moved aside first (the one save whose death can leave no checkpoint)
+            old = Path(tempfile.mkdtemp(prefix=CHECKPOINT_DIR + ".", dir=self.out))
             self.ckpt.rename(old)
-            tmp.rename(self.ckpt)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(self.ckpt)
+        link = self.out / f".{CHECKPOINT_DIR}.link-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        os.symlink(new.name, link)  # relative: the output directory may be moved
+        os.replace(link, self.ckpt)  # the one step that switches to the new state
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._saved = b
+
+    def _checkpoint_target(self) -> Optional[Path]:
+        """The directory ``checkpoint`` points at (None when there is no checkpoint link)."""
+        if not self.ckpt.is_symlink():
+            return None
+        return self.out / os.readlink(self.ckpt)
+
+    def _remove_stale_checkpoints(self) -> None:
+        """Directories and links of saves that a dead process left half written."""
+        keep = self._checkpoint_target()
+        for p in self.out.glob(CHECKPOINT_DIR + ".*"):  # checkpoint.XXXX (also an older bertfast's .tmp / .old)
+            if p.is_dir() and not p.is_symlink() and (keep is None or p.name != keep.name):
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.out.glob(f".{CHECKPOINT_DIR}.link-*"):
+            p.unlink(missing_ok=True)
+
+    def _remove_checkpoint(self) -> None:
+        """Start over (--overwrite): the checkpoint of the earlier run goes."""
+        target = self._checkpoint_target()
+        if self.ckpt.is_symlink():
+            self.ckpt.unlink()
+        elif self.ckpt.is_dir():
+            shutil.rmtree(self.ckpt)
+        if target is not None:
+            shutil.rmtree(target, ignore_errors=True)
+        self._remove_stale_checkpoints()
 
     def _write_metrics(self) -> None:
         with open(self.out / METRICS_FILE, "w", encoding="utf-8") as f:
@@ -823,30 +929,37 @@ class _Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.history: List[Dict[str, float]] = []
         self.global_step, start_epoch, start_pos = 0, 0, 0
-        loss_sum, loss_count = 0.0, 0
-        self.last_loss = float("nan")
+        loss_sum, loss_count, skipped = 0.0, 0, 0
+        self.last_loss = last_value = float("nan")
         if self.state is not None:
             st = self.state
             self.optimizer.load_state_dict(st["optimizer"])
             self.scheduler.load_state_dict(st["scheduler"])
             self.global_step, start_epoch, start_pos = st["global_step"], st["epoch"], st["batch_pos"]
             self.history, loss_sum, loss_count = list(st["history"]), st["loss_sum"], st["loss_count"]
+            skipped = st.get("skipped", 0)
             self.last_loss = st["last_loss"]
             _set_rng_state(st["rng"])
             print(f"bertfast finetune: resuming at step {self.global_step}/{self.total_steps} "
                   f"(epoch {start_epoch + 1}, batch {start_pos})", file=self.err)
         else:
+            if opts.overwrite:
+                self._remove_checkpoint()
             torch.manual_seed(opts.seed)
             random.seed(opts.seed)
         self.model.train()
         stopped = False
-        boundary = (start_epoch, start_pos, _rng_state(), loss_sum, loss_count)  # the last optimizer step
+        # the state at the last optimizer step: what a checkpoint holds.  The live model, optimizer,
+        # scheduler and step count change only inside _held_sigint() blocks, together with it, so
+        # an interruption anywhere saves weights and position of one and the same step
+        boundary = _Boundary(start_epoch, start_pos, _rng_state(), loss_sum, loss_count, skipped)
+        self._saved: Optional[_Boundary] = None
         try:
             for epoch in range(start_epoch, opts.epochs):
                 batches = self.sampler.batches(epoch)
                 pos0 = start_pos if epoch == start_epoch else 0
                 if epoch != start_epoch:
-                    loss_sum, loss_count = 0.0, 0
+                    loss_sum, loss_count, skipped = 0.0, 0, 0
                 bar = self._progress(epoch)
                 bar.update(pos0)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -856,30 +969,35 @@ class _Trainer:
                     group0 = (pos // opts.grad_accum) * opts.grad_accum
                     n_group = min(opts.grad_accum, len(batches) - group0)
                     batch = self.task.collate([self.train_feats[i] for i in idx], self._batch_generator(epoch, pos))
-                    out = self._run_batch(batch)
-                    loss = out.loss.float()
-                    loss_value = float(loss.detach())  # the one host sync of the micro-batch
-                    if not math.isfinite(loss_value):
-                        raise ValueError(f"the loss is {loss_value} at step {self.global_step + 1} "
-                                         f"(epoch {epoch + 1}, batch {pos}); try a lower --lr")
-                    (loss / n_group).backward()
-                    loss_sum += loss_value
-                    loss_count += 1
-                    bar.loss = loss_sum / loss_count
+                    if self.task.has_targets(batch):
+                        out = self._run_batch(batch)
+                        loss = out.loss.float()
+                        loss_value = float(loss.detach())  # the one host sync of the micro-batch
+                        if not math.isfinite(loss_value):
+                            raise ValueError(f"the loss is {loss_value} at step {self.global_step + 1} "
+                                             f"(epoch {epoch + 1}, batch {pos}); try a lower --lr")
+                        (loss / n_group).backward()
+                        loss_sum += loss_value
+                        loss_count += 1
+                        last_value = loss_value
+                        bar.loss = loss_sum / loss_count
+                    else:  # nothing to learn from (e.g. MLM masked no token of these short texts)
+                        skipped += 1
                     bar.examples += len(idx)
                     bar.tokens += int(batch["attention_mask"].sum())
                     if pos - group0 + 1 == n_group:  # the step
-                        if opts.max_grad_norm > 0:
-                            torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.max_grad_norm)
-                        self.optimizer.step()
-                        self.scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.global_step += 1
-                        self.last_loss = loss_value
-                        boundary = (epoch, pos + 1, _rng_state(), loss_sum, loss_count)
-                        stop = opts.stop_after_steps is not None and self.global_step >= opts.stop_after_steps
-                        if stop or (opts.save_steps and self.global_step % opts.save_steps == 0):
-                            self._save_checkpoint(*boundary)
+                        with _held_sigint():
+                            if opts.max_grad_norm > 0:
+                                torch.nn.utils.clip_grad_norm_(self.model.parameters(), opts.max_grad_norm)
+                            self.optimizer.step()
+                            self.scheduler.step()
+                            self.optimizer.zero_grad(set_to_none=True)
+                            self.global_step += 1
+                            self.last_loss = last_value
+                            boundary = _Boundary(epoch, pos + 1, _rng_state(), loss_sum, loss_count, skipped)
+                            stop = opts.stop_after_steps is not None and self.global_step >= opts.stop_after_steps
+                            if stop or (opts.save_steps and self.global_step % opts.save_steps == 0):
+                                self._save_checkpoint(boundary)
                         if stop:
                             stopped = True
                             break
@@ -889,24 +1007,34 @@ class _Trainer:
                     print(f"bertfast finetune: stopped after step {self.global_step}/{self.total_steps}; "
                           f"continue with --resume", file=self.err)
                     break
-                record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": loss_sum / max(loss_count, 1)}
+                record = {"epoch": epoch + 1, "step": self.global_step, "train_loss": loss_sum / max(loss_count, 1),
+                          "skipped_batches": skipped}
                 if self.eval_feats:
                     record.update(self.evaluate())
-                self.history.append(record)
-                print("bertfast finetune: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                        for k, v in record.items()), file=self.err)
-                self._write_metrics()
-                self._save_checkpoint(epoch + 1, 0, _rng_state(), 0.0, 0)
-                boundary = (epoch + 1, 0, _rng_state(), 0.0, 0)
+                with _held_sigint():  # the epoch's end: history, metrics.json and checkpoint together
+                    self.history.append(record)
+                    if skipped:
+                        print(f"bertfast finetune: epoch {epoch + 1}: skipped {skipped} of {len(batches)} batches "
+                              f"with no labelled token (nothing to learn from)", file=self.err)
+                    print("bertfast finetune: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                            for k, v in record.items()), file=self.err)
+                    self._write_metrics()
+                    boundary = _Boundary(epoch + 1, 0, _rng_state(), 0.0, 0, 0)
+                    self._save_checkpoint(boundary)
+            if not stopped:  # interrupted while writing it: --resume writes it again
+                self._save_model(self.out)
         except KeyboardInterrupt:  # keep everything up to the last optimizer step
-            self._save_checkpoint(*boundary)
+            if not opts.checkpoint:
+                print(f"\nbertfast finetune: interrupted at step {self.global_step}; no checkpoint written "
+                      f"(--no-checkpoint): the run cannot be resumed", file=self.err)
+                raise
+            if self._saved is not boundary:
+                self._save_checkpoint(boundary)
             print(f"\nbertfast finetune: interrupted; checkpoint at step {self.global_step} in {self.ckpt} "
                   f"(continue with --resume)", file=self.err)
             raise
-        if not stopped:
-            self._save_model(self.out)
         metrics = {k: v for k, v in (self.history[-1] if self.history else {}).items()
-                   if k not in ("epoch", "step", "train_loss")}
+                   if k not in ("epoch", "step", "train_loss", "skipped_batches")}
         train_loss = self.history[-1]["train_loss"] if self.history and not stopped else (
             loss_sum / max(loss_count, 1))
         return TrainResult(output_dir=self.out, global_step=self.global_step, total_steps=self.total_steps,
@@ -916,7 +1044,7 @@ class _Trainer:
 
 # ============================================================================ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from bertfast.cli import _device_arg, _model_arg, nonnegative_int, out_dir_arg, positive_int
+    from bertfast.cli import _device_arg, _model_arg, add_threads_argument, nonnegative_int, out_dir_arg, positive_int
 
     p.add_argument("--task", required=True, choices=TASKS, help="what to fine-tune (the head and the metric)")
     p.add_argument("--train", required=True, metavar="FILE", help="training data (.jsonl, .csv or .tsv)")
@@ -951,6 +1079,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after-steps", type=positive_int, default=None, metavar="N",
                    help="stop after N optimizer steps with a checkpoint, as an interruption would")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                   help="write no checkpoint/ (the training state: weights plus AdamW's two moments, 3x the "
+                        "model's size); the run cannot be resumed")
+    add_threads_argument(p)
     p.add_argument("--overwrite", action="store_true", help="start over although --out holds a run")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -973,7 +1105,8 @@ def run(args) -> int:
                    mlm_probability=args.mlm_probability, whole_word=args.whole_word,
                    label_all_subwords=args.label_all_subwords, precision=args.precision, seed=args.seed,
                    device=args.device, save_steps=args.save_steps, stop_after_steps=args.stop_after_steps,
-                   resume=args.resume, overwrite=args.overwrite, progress=args.progress, **fields)
+                   resume=args.resume, overwrite=args.overwrite, checkpoint=args.checkpoint, progress=args.progress,
+                   **fields)
     summary = {"output_dir": str(result.output_dir), "global_step": result.global_step,
                "total_steps": result.total_steps, "stopped": result.stopped, "train_loss": result.train_loss,
                "metrics": result.metrics, "seconds": round(result.seconds, 2)}

@@ -150,11 +150,12 @@ def test_parquet_reader(tmp_path):
 
 
 @pytest.mark.parametrize("content, field, expect", [
-    ('{"t": "a"}\n\n{"t": "b"}\n', "t", "line 2 is blank"),
-    ('{"t": "a"}\n{"x": "b"}\n', "t", "line 2 has no field 't' (its keys: x)"),
-    ('{"t": "a"}\n{"t": 3}\n', "t", "is a JSON int, not a string"),
-    ('{"t": "a"}\n{"t": "a"\n', "t", "line 2 is not valid JSON"),
-    ('{"t": "a"}\n', None, "give --field (its keys: t)"),
+    ('{"t": "a"}\n\n{"t": "b"}\n', "t", "bad.jsonl:2: blank line"),
+    ('{"t": "a"}\n{"x": "b"}\n', "t", "bad.jsonl:2: no field 't' (its keys: x)"),
+    ('{"t": "a"}\n{"t": 3}\n', "t", "bad.jsonl:2: the text field 't' is a JSON int, not a string"),
+    ('{"t": "a"}\n{"t": "a"\n', "t", "bad.jsonl:2: not valid JSON"),
+    ('{"t": "a"}\n', None, "bad.jsonl:1: a JSON object without a 'text' key: give --field (its keys: t)"),
+    ('{"t": "a"}\n{"t": "b", "t": "c"}\n', "t", "bad.jsonl:2: the object names key 't' twice"),
 ])
 def test_bad_jsonl_names_the_line(tmp_path, content, field, expect):
     p = tmp_path / "bad.jsonl"
@@ -170,9 +171,9 @@ def test_bad_input_files(tmp_path):
     with pytest.raises(ValueError, match="cannot tell the input format"):
         CorpusReader(tmp_path / "a.xml")
     (tmp_path / "a.txt").write_bytes(b"ok\ncaf\xe9\n")
-    with pytest.raises(ValueError, match="line 2 is not UTF-8"):
+    with pytest.raises(ValueError, match="a.txt:2: not UTF-8"):
         CorpusReader(tmp_path / "a.txt").plan(10)
-    with pytest.raises(ValueError, match="--field 'x' is for .jsonl"):
+    with pytest.raises(ValueError, match="--field 'x' is for .jsonl/.csv/.tsv/.parquet"):
         CorpusReader(tmp_path / "a.txt", field="x")
     (tmp_path / "a.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match=r"no column 'c' \(columns: a, b\)"):
@@ -266,7 +267,7 @@ def test_small_outputs_jsonl_float16_and_errors(tmp_path, tiny, encoder, capsys)
         (["hi", "--input", str(src), "--output", str(out)], "not both"),
         (["--input", str(src), "--field", "body", "--output", str(tmp_path / "o.txt")], "cannot tell the output"),
         (["--input", str(src), "--field", "nope", "--output", str(tmp_path / "o.npy"), "--model", str(tiny)],
-         "line 1 has no field 'nope'"),
+         "in.jsonl:1: no field 'nope'"),
         (["--input", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o.npy")], "input file not found"),
         (["hi", "--field", "body", "--skip-empty"], "--field, --skip-empty: only with --input"),
         (["--input", str(src), "--field", "body", "--output", str(out)], "already exists from another run"),

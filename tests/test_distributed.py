@@ -183,3 +183,99 @@ def test_ray_two_cpu_workers_equal_one_process(setup, tmp_path):
         for k in set(os.environ) - set(saved_env):  # ray sets RAY_* variables in the driver
             del os.environ[k]
         os.environ.update(saved_env)
+
+
+def test_unreachable_ray_cluster_is_one_line(setup, tmp_path, capsys, monkeypatch):
+    """RAY_ADDRESS=auto with no cluster running: ``bertfast encode --ray`` says so in one line
+    (Ray's ``ray.init`` raises ConnectionError, which once escaped as a 12-frame traceback).  A
+    stand-in ``ray`` module whose init fails as Ray's does: this runs whether Ray is installed
+    or not, and no cluster is started."""
+    import types
+
+    from bertfast.cli import main
+
+    calls = []
+
+    def init(*a, **k):
+        calls.append(1)
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                              "setting `--address` flag or `RAY_ADDRESS` environment variable.\nmore lines")
+
+    fake = types.ModuleType("ray")
+    fake.is_initialized = lambda: False
+    fake.init = init
+    fake.data = types.ModuleType("ray.data")
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.data", fake.data)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    tiny, src, _ = setup
+    out = tmp_path / "emb.npy"
+    rc = main(["encode", "--input", str(src), "--output", str(out), "--model", str(tiny), "--ray"])
+    err = capsys.readouterr().err
+    assert rc == 1 and calls == [1] and err.count("\n") == 1, err
+    assert err.startswith("bertfast: error: Ray: cannot connect to RAY_ADDRESS=auto (ConnectionError: Could not "
+                          "find any running Ray instance.")
+    assert not out.exists() and not (tmp_path / "emb.npy.parts").exists()
+
+
+def test_default_ray_workers_leave_a_cpu_for_reading(monkeypatch):
+    """The default number of encoder actors leaves a CPU of the cluster to the tasks that read
+    the user's dataset: on a 2-CPU cluster, 2 actors held both CPUs and read_parquet never ran
+    (encode_dataset hung).  ``bertfast encode --ray`` reads with tasks that take no CPU slot
+    (free_cpus=0): 2 actors there."""
+    import types
+
+    from bertfast.distributed import _ray_workers
+
+    def fake(resources):
+        return types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: resources)
+
+    assert _ray_workers(fake({"CPU": 2.0}), None, None, None) == (1, 0, 1)
+    assert _ray_workers(fake({"CPU": 8.0}), None, None, None) == (2, 0, 1)
+    assert _ray_workers(fake({"CPU": 2.0}), None, None, None, free_cpus=0) == (2, 0, 1)
+    assert _ray_workers(fake({"CPU": 16.0, "GPU": 4.0}), None, None, None) == (4, 1, 1)
+    assert _ray_workers(fake({"CPU": 2.0, "GPU": 2.0}), None, None, None) == (1, 1, 1)
+    assert _ray_workers(fake({"CPU": 2.0}), 2, None, None) == (2, 0, 1)  # asked for: as given
+
+
+@pytest.mark.slow
+def test_readme_ray_api_on_a_two_cpu_cluster_finishes(setup, tmp_path):
+    """README's ``encode_dataset(ray.data.read_parquet(...), model=..., column=..., output=...)``
+    with its defaults on a 2-CPU Ray cluster: finishes, with the single-process vectors."""
+    saved_env = dict(os.environ)
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        pytest.skip("ray is not installed (pip install 'bertfast[ray]')")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from bertfast.distributed import encode_dataset
+    from bertfast.sentence import SentenceEncoder
+
+    tiny, _, _ = setup
+    texts = LINES[:120]
+    pq.write_table(pa.table({"text": texts, "n": list(range(120))}), tmp_path / "in.parquet")
+    code = textwrap.dedent(f"""
+        import ray
+        from bertfast.distributed import encode_dataset
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 runtime_env={{"env_vars": {{"OMP_NUM_THREADS": "1"}}}})
+        ds = ray.data.read_parquet({str(tmp_path / "in.parquet")!r})
+        encode_dataset(ds, model={str(tiny)!r}, column="text", output={str(tmp_path / "shards")!r})
+        ray.shutdown()
+    """)
+    try:  # in a child process with a time limit: the failure this guards against is a hang
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                              env=_env(), cwd=ROOT)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pq.read_table(tmp_path / "shards").sort_by("n")
+    got = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(120, 32)
+    want = SentenceEncoder(tiny, device="cpu").encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(got, want, atol=BATCH_ATOL, rtol=0)

@@ -2,6 +2,7 @@
 a brute-force computation, knows its model, returns input rows and texts; ``bertfast search``."""
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -170,3 +171,28 @@ def test_float16_file_scores_are_cosines_of_the_stored_vectors(setup, tmp_path):
     want_ids, want_s = brute_force(stored, np.arange(len(LINES)), q, 20)
     hits = Index(out, block_rows=50).search(q, top=20)
     np.testing.assert_allclose([h.score for h in hits], want_s, atol=1e-6, rtol=0)
+
+
+def test_search_without_model_checks_the_checkpoint_at_the_manifest_path(setup, tmp_path, capsys):
+    """Issue 22, item 4: a new fine-tune written into the directory the index was encoded with:
+    the query model is found through the manifest and its fingerprint is checked as --model's
+    is, instead of scoring with another model's vectors."""
+    from bertfast.sentence import SentenceEncoder
+
+    tiny, enc, src, outs = setup
+    model_dir = make_tiny_model(tmp_path / "model")
+    out = tmp_path / "emb.npy"
+    encode_file(src, out, model=model_dir, encoder=SentenceEncoder(model_dir, device="cpu"), chunk_size=64)
+    assert Index(out).search(LINES[7], top=1)[0].id == 7  # the same checkpoint: answers
+    make_tiny_model(model_dir, seed=99)  # "a new fine-tune into the same directory": same config, other weights
+    index = Index(out)  # vectors as queries need no model: still answered
+    assert index.search(np.load(out)[7], top=1)[0].id == 7
+    with pytest.raises(ValueError, match=r"the checkpoint at .*model changed after .*emb.npy was encoded"):
+        index.search(LINES[7], top=1)
+    rc = main(["search", "--index", str(out), "--query", LINES[7]])
+    _one_line_error(rc, capsys.readouterr().err, "changed after")
+    assert main(["search", "--index", str(outs["npy"]), "--query", LINES[7], "--model", str(tiny)]) == 0  # original
+    capsys.readouterr()
+    shutil.rmtree(model_dir)  # the checkpoint is gone
+    with pytest.raises(ValueError, match=r"the model .*emb.npy was encoded with .* cannot be read any more"):
+        Index(out).search("x")

@@ -75,11 +75,45 @@ def run(capsys, *argv):
     (["generate", "the weather is"], "causal-LM", "cls.predictions.bias"),
 ])
 def test_headless_minilm_is_refused_in_one_line(capsys, argv, head, missing):
-    code, out, err = run(capsys, *argv)  # default --model minilm: an encoder without any head
+    code, out, err = run(capsys, *argv, "--model", "minilm")  # an encoder without any head
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("bertfast: error: checkpoint minilm (") and f"has no trained {head} head (missing" in err
     assert missing in err
+
+
+@pytest.mark.parametrize("argv", [["fill-mask", "a [MASK]."], ["classify", "a"], ["tag", "a"],
+                                  ["answer", "-q", "a?", "-c", "b"], ["generate", "a"]])
+def test_model_is_required_not_a_default_that_cannot_work(capsys, argv):
+    """The task commands do not offer minilm (no task head) as a default: --model is required,
+    and --help says what it must be."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("bertfast: error: the following arguments are required: --model")
+    assert main([argv[0], "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default: minilm" not in help_text and "trained head, e.g. from bertfast finetune --task" in help_text
+
+
+def test_classify_pair_on_a_single_text_classifier_warns(ckpt, tmp_path, capsys):
+    """A checkpoint fine-tuned by bertfast finetune says which it learned (config finetuning_task):
+    classify warns in one line when given pairs for a single-text classifier, and the reverse."""
+    import shutil
+
+    for task in ("classify", "pair"):
+        d = tmp_path / task
+        shutil.copytree(ckpt["classify"], d)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(dict(cfg, finetuning_task=task)))
+    code, out, err = run(capsys, "classify", "a film", "--pair", "a plot", "--model", str(tmp_path / "classify"))
+    assert code == 0 and len(out.splitlines()) == 1
+    assert err == ("bertfast: warning: this classifier was fine-tuned on single texts (bertfast finetune --task "
+                   "classify), not pairs: the scores of text pairs mean little\n")
+    code, _, err = run(capsys, "classify", "a film", "--model", str(tmp_path / "pair"))
+    assert code == 0 and err.startswith("bertfast: warning: this classifier was fine-tuned on text pairs")
+    for ok in (["classify", "a film", "--model", str(tmp_path / "classify")],
+               ["classify", "a film", "--pair", "a plot", "--model", str(tmp_path / "pair")]):
+        assert run(capsys, *ok)[2] == ""
 
 
 def test_other_head_and_wrong_attention_are_refused(ckpt):

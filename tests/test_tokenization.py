@@ -107,10 +107,11 @@ def test_stride_larger_than_the_room_left_is_a_value_error_not_a_rust_panic(toks
     panics (pyo3's PanicException is a BaseException, with a backtrace); ours is a ValueError."""
     ours, _ = toks
     question, context = "what " * 100, "the box is red " * 50
-    with pytest.raises(ValueError, match=r"text\[0\] is 100 tokens.*leaves 25 token\(s\).*stride=32"):
+    with pytest.raises(ValueError, match=r"stride=32 must be smaller than the 25 token\(s\) of text_pair\[0\] .*"
+                                         r"less 3 special tokens and the 100 tokens kept of text\[0\]"):
         ours([question], [context], truncation="only_second", max_length=128, stride=32,
              return_overflowing_tokens=True)
-    with pytest.raises(ValueError, match=r"text_pair\[0\] is 100 tokens"):
+    with pytest.raises(ValueError, match=r"25 token\(s\) of text\[0\] .* the 100 tokens kept of text_pair\[0\]"):
         ours([context], [question], truncation="only_first", max_length=128, stride=32,
              return_overflowing_tokens=True)
     ok = ours([question], [context], truncation="only_second", max_length=128, stride=24,
@@ -151,8 +152,12 @@ def test_special_ids_decode_and_conversions(toks):
     assert sorted(ours.all_special_ids) == sorted(ref.all_special_ids)
     assert ours.model_max_length == ref.model_max_length == 512
     ids = ours("Paris is the capital of France.")["input_ids"][0]
-    assert ours.decode(ids) == ref.decode(ids.tolist(), skip_special_tokens=True) == "paris is the capital of france."
-    assert ours.decode(ids, skip_special_tokens=False).startswith("[CLS]")
+    # transformers' default keeps special tokens (issue 22, item 16)
+    assert ours.decode(ids) == ref.decode(ids.tolist()) == "[CLS] paris is the capital of france. [SEP]"
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids.tolist(), skip_special_tokens=True) \
+        == "paris is the capital of france."
+    assert ours.batch_decode([ids, ids[1:3]]) == ref.batch_decode([ids.tolist(), ids[1:3].tolist()])
+    assert ours.decode(int(ids[1])) == ref.decode(int(ids[1])) == "paris"
     toks_ = ours.convert_ids_to_tokens(ids.tolist())
     assert toks_ == ref.convert_ids_to_tokens(ids.tolist())
     assert ours.convert_tokens_to_ids(toks_) == ids.tolist()
@@ -202,3 +207,114 @@ def test_vocab_txt_only_and_save_pretrained_round_trip(toks, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
         Tokenizer.from_pretrained(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------- issue 22
+def test_pair_with_stride_under_default_truncation_is_a_value_error_not_a_rust_panic(toks, monkeypatch):
+    """longest_first shares max_length between the two texts: each keeps fewer tokens than the
+    stride, and the Rust library aborts (transformers lets pyo3's PanicException, a
+    BaseException, escape); bertfast refuses first, naming the text."""
+    monkeypatch.setenv("RUST_BACKTRACE", "0")
+    ours, ref = toks
+    a, b = "a b c d e f g h", "i j k l m n o p"
+    with pytest.raises(BaseException):  # tokenizers 0.23: pyo3_runtime.PanicException
+        ref([a], [b], truncation=True, max_length=10, stride=4)
+    with pytest.raises(ValueError, match=r"stride=4 must be smaller than the 3 token\(s\) of text\[0\] .*less 3 "
+                                         r"special tokens and the 4 tokens kept of text_pair\[0\] "
+                                         r"\(truncation='longest_first'\)"):
+        ours([a], [b], max_length=10, stride=4)
+    with pytest.raises(ValueError, match=r"stride=6 must be smaller than the 6 token\(s\) of text\[0\]"):
+        ours("a b c d e f g", max_length=8, stride=6)  # one text: the same abort
+    kw = dict(truncation=True, padding=True, max_length=10, stride=2, return_overflowing_tokens=True)
+    assert_same(ours([a], [b], **kw), ref([a], [b], **kw, return_tensors="pt"))  # a stride that fits: windows
+    assert_same(ours("a b", max_length=8, stride=6), ref("a b", truncation=True, padding=True, max_length=8,
+                                                          stride=6, return_tensors="pt"))  # nothing truncated
+
+
+def test_pad_to_multiple_of_that_does_not_divide_max_length_is_refused_like_transformers(toks):
+    ours, ref = toks
+    texts = SINGLES[:2]
+    with pytest.raises(ValueError, match="not a multiple of pad_to_multiple_of"):
+        ref(texts, truncation=True, padding=True, max_length=10, pad_to_multiple_of=8)
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of=8 does not divide max_length=10: .*padded past"):
+        ours(texts, max_length=10, pad_to_multiple_of=8)
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of=48 does not divide max_length=512 \(model_max_length\)"):
+        ours(texts, pad_to_multiple_of=48)  # was: rows of 528 positions
+    for kw in (dict(truncation=True, padding=True, max_length=16, pad_to_multiple_of=8),
+               dict(truncation=False, padding="max_length", max_length=10, pad_to_multiple_of=8)):  # no truncation:
+        a, b = ours(FIRSTS, **kw), ref(FIRSTS, **kw, return_tensors="pt")  # padded to 16, as transformers
+        assert_same(a, b)
+        assert a["input_ids"].shape[1] == 16
+
+
+def test_text_pair_and_tuple_batches_as_transformers(toks):
+    ours, ref = toks
+    kw = dict(truncation=True, padding=True, return_tensors="pt")
+    # one text with an empty text_pair: no pair (transformers); in a batch: an empty second segment
+    assert_same(ours("abc", ""), ref("abc", "", **kw))
+    assert ours("abc", "")["input_ids"].tolist() == [[101, 5925, 102]]
+    assert_same(ours(["abc"], [""]), ref(["abc"], [""], **kw))
+    assert ours(["abc"], [""])["input_ids"].tolist() == [[101, 5925, 102, 102]]
+    # a batch of (text, text_pair) tuples, alone or mixed with single texts, words too
+    batch = [("Who wrote it?", SECONDS[1]), "a single text", ("short", "")]
+    assert_same(ours(batch, return_offsets_mapping=True), ref(batch, **kw, return_offsets_mapping=True))
+    words = [(["Jean-Luc", "Picard"], ["the", "captain"]), ["alone"]]
+    assert_same(ours(words, is_split_into_words=True), ref(words, is_split_into_words=True, **kw))
+    with pytest.raises(TypeError, match=r"text\[0\] is a list, not a str or a \(str, str\) pair"):
+        ours([["a", "b", "c"]])
+    with pytest.raises(TypeError, match=r"text\[0\] is a tuple, not a str \(text_pair is given"):
+        ours([("a", "b")], ["c"])
+
+
+def test_add_special_tokens_false_allows_a_short_max_length(toks):
+    ours, ref = toks
+    kw = dict(truncation=True, padding=True, add_special_tokens=False, return_overflowing_tokens=True,
+              return_tensors=None)  # the windows of a pair differ in length
+    for max_length in (1, 2, 3):
+        for args in (("hello world there",), (["hello world"], ["a b c"])):
+            a, b = ours(*args, max_length=max_length, **kw), ref(*args, max_length=max_length, **kw)
+            assert {k: a[k] for k in b} == dict(b)
+    one = ours("hello world there", max_length=1, **kw)["input_ids"]
+    assert one == [[7592], [2088], [2045]]  # one token per window
+    with pytest.raises(ValueError, match="max_length=2 leaves no room for text next to the 2 special tokens"):
+        ours("hello world", max_length=2)  # with [CLS] and [SEP]: still refused (transformers: no truncation at all)
+
+
+def test_too_long_warning_where_transformers_warns(toks, monkeypatch):
+    """transformers warns once per tokenizer when a row is longer than model_max_length and no
+    max_length is in effect; bertfast warns in the same cases, with the same words."""
+    import copy
+    import logging
+    import warnings
+
+    ours, ref = toks
+    long_text = "word " * 600  # 602 tokens
+    cases = [dict(truncation=False, padding=False), dict(truncation=False, padding=True),
+             dict(truncation=None, padding=False), dict(truncation=True, padding=True),
+             dict(truncation=False, padding="max_length"), dict(truncation=False, padding=False, max_length=700)]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        for kw in cases:
+            for texts in ([long_text], ["short", long_text]):
+                records.clear()
+                fresh_ref, fresh_ours = copy.deepcopy(ref), copy.deepcopy(ours)  # each warns once per tokenizer
+                fresh_ref(texts, **kw)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    fresh_ours(texts, **kw, return_tensors=None)
+                    fresh_ours(texts, **kw, return_tensors=None)  # a second call: no second warning
+                ours_said = [str(w.message) for w in caught if "maximum sequence length" in str(w.message)]
+                ref_said = [r.getMessage() for r in records if "maximum sequence length" in r.getMessage()]
+                assert ours_said == ref_said, kw
+                if kw.get("truncation") in (False, None) and "max_length" not in kw and kw["padding"] != "max_length":
+                    assert ours_said == ["Token indices sequence length is longer than the specified maximum sequence "
+                                         "length for this model (602 > 512). Running this sequence through the model "
+                                         "will result in indexing errors"]
+    finally:
+        hf_logger.removeHandler(handler)
+    with pytest.warns(UserWarning, match="`max_length` is ignored when `padding`=`True`"):
+        ours(["a", "b c"], truncation=False, padding=True, max_length=8)

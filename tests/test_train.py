@@ -367,10 +367,10 @@ def test_read_records_keeps_line_separators_inside_fields(tmp_path):
 
     text = "one\u2028two \x85 three"
     p = tmp_path / "u.jsonl"
-    p.write_text(json.dumps({"text": text, "label": "x"}, ensure_ascii=False) + "\r\n\n" +
+    p.write_text(json.dumps({"text": text, "label": "x"}, ensure_ascii=False) + "\r\n" +
                  json.dumps({"text": "b", "label": "y"}) + "\n", encoding="utf-8")
     recs = read_records(p)
-    assert [r["text"] for r in recs] == [text, "b"] and [r.line for r in recs] == [1, 3]
+    assert [r["text"] for r in recs] == [text, "b"] and [r.line for r in recs] == [1, 2]
     c = tmp_path / "u.csv"
     with open(c, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
