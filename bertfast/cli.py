@@ -640,7 +640,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        with _torch_threads(getattr(args, "threads", None)):
+        threads = getattr(args, "threads", None)  # one count; `bench cpu --threads 1 2` runs each itself
+        with _torch_threads(threads if isinstance(threads, int) else None):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)

@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from bertfast import cpu_linear
 from bertfast.activations import get_activation, get_activation_, kernel_epilogue
 from bertfast.masks import fold_causal
 
@@ -143,8 +144,8 @@ def qkv_projection(x: torch.Tensor, attn_self, num_heads: int, kernels: bool):
         y = mods["qkv_int8"](x)  # (..., 3C)
     elif inference() and not any(is_quantized(m) for m in lins) and not torch.compiler.is_compiling():
         wb = fused_qkv_view(*lins)
-        if wb is not None:
-            y = F.linear(x, *wb)  # (..., 3C)
+        if wb is not None:  # (..., 3C); on CPU the implementation chosen for this class (bertfast/cpu_linear.py)
+            y = cpu_linear.linear(x, *wb) if cpu_linear.usable(x, wb[0]) else F.linear(x, *wb)
     if y is not None:
         if x.dim() == 2:  # packed (T, C) -> 3 x (T, H, D)
             return y.view(x.shape[0], 3, num_heads, D).unbind(1)
@@ -184,29 +185,39 @@ def attention_varlen(q, k, v, packing, *, causal: bool, dropout_p: float, traini
     return attention_varlen_torch(q, k, v, packing.seqlens, causal, dropout_p, training).view(T, H * D)
 
 
-def linear(x, weight, bias, activation: Optional[str], kernels: bool) -> torch.Tensor:
-    """activation(x @ weight.T + bias); ``activation``: a name of the activation table or None."""
+def linear(x, weight, bias, activation: Optional[str], kernels: bool,
+           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """activation(x @ weight.T + bias) (+ ``residual``, shaped like the output); ``activation``: a
+    name of the activation table or None.  PyTorch path in inference on CPU: the implementation
+    chosen for this shape class on this CPU (bertfast/cpu_linear.py), which may fuse the
+    activation or the residual add into the GEMM."""
     if kernels:
         epi = kernel_epilogue(activation) if activation is not None else None
         y = kops.linear(x, weight, bias, epi)
         if activation is not None and epi is None:
             y = get_activation(activation)(y)
-        return y
+        return y if residual is None else y.add_(residual)
+    if cpu_linear.usable(x, weight):
+        return cpu_linear.linear(x, weight, bias, activation, residual)
     y = F.linear(x, weight, bias)
-    if activation is None:
-        return y
-    return (get_activation_(activation) if inference() else get_activation(activation))(y)  # y is ours
+    if activation is not None:
+        y = (get_activation_(activation) if inference() else get_activation(activation))(y)  # y is ours
+    if residual is not None:
+        y = y.add_(residual) if inference() else y + residual
+    return y
 
 
 def add_layernorm(y, residual, ln, x_bias: Optional[torch.Tensor], kernels: bool, owned: bool = False) -> torch.Tensor:
     """LayerNorm(y + x_bias + residual) with ``ln``'s weight, bias and eps.  ``owned``: ``y`` is a
-    temporary of the caller's that the PyTorch path may overwrite (in inference)."""
+    temporary of the caller's that the PyTorch path may overwrite (in inference).  ``residual``
+    None: already in ``y`` (added by ``linear``; PyTorch path)."""
     p = ln._parameters
     if kernels:
         return kops.add_layernorm(y, residual, p["weight"], p["bias"], ln.eps, x_bias)
     if x_bias is not None:
         y = y + x_bias
-    y = y.add_(residual) if owned and inference() else y + residual
+    if residual is not None:
+        y = y.add_(residual) if owned and inference() else y + residual
     return F.layer_norm(y, ln.normalized_shape, p["weight"], p["bias"], ln.eps)
 
 

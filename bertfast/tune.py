@@ -2,7 +2,7 @@
 
     bertfast tune [--model PATH|minilm] [--batch-sizes 1,8,32] [--seq-lens 128,512]
                   [--shapes 8x128,32x512] [--lengths full|mixed|both] [--dtype float16]
-                  [--device cuda[:N]] [--force]
+                  [--device cuda[:N]|cpu] [--threads N ...] [--force]
 
 Runs forwards of the model (Triton backend, no CUDA graphs, no gradients) at every requested
 (batch, sequence length), with full and / or mixed sequence lengths (mixed: padding-free and
@@ -12,7 +12,12 @@ and the fastest valid candidate stored in the cache (``$BERTFAST_TUNE_CACHE`` or
 ``~/.cache/bertfast/tuning.json``), where later processes find it without timing anything.
 Classes already in the cache are reported as "cache" and not timed again unless ``--force``.
 
-Needs a CUDA GPU: elsewhere it stops with one line saying so (exit 1).
+Needs a CUDA GPU: elsewhere it stops with one line saying so (exit 1) -- except with
+``--device cpu``: the same forwards on the PyTorch CPU path (default float32; sequence lengths
+16,128 unless given), where every linear's shape class (fused QKV, FFN1 + activation, the output
+projections; by token-count bucket) times the implementations this torch offers
+(``bertfast.cpu_linear``) and stores the fastest under this CPU's key, once per ``--threads``
+count (choices are per thread count; default: torch's current one).
 """
 from __future__ import annotations
 
@@ -30,6 +35,16 @@ def _int_list(value: str) -> list:
     if not out or any(v < 1 for v in out):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive integers, got {value!r}")
     return out
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
 
 
 def _shape_list(value: str) -> list:
@@ -55,15 +70,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory or name (default: minilm, the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--batch-sizes", default=[1, 8, 32], type=_int_list, metavar="B,B,...",
                         help="batch sizes to tune for (default: 1,8,32)")
-    parser.add_argument("--seq-lens", default=[128, 512], type=_int_list, metavar="S,S,...",
-                        help="sequence lengths to tune for (default: 128,512; capped at the model's maximum)")
+    parser.add_argument("--seq-lens", default=None, type=_int_list, metavar="S,S,...",
+                        help="sequence lengths to tune for (default: 128,512 on CUDA, 16,128 on CPU; capped at the "
+                             "model's maximum)")
     parser.add_argument("--shapes", default=None, type=_shape_list, metavar="BxS,...",
                         help="explicit (batch x sequence length) shapes, instead of --batch-sizes x --seq-lens")
     parser.add_argument("--lengths", default="both", choices=("full", "mixed", "both"),
                         help="full-length sequences, mixed lengths (padding), or both (default)")
-    parser.add_argument("--dtype", default="float16", type=_dtype_arg, metavar="float32|float16|bfloat16",
-                        help="model dtype (default: float16)")
-    parser.add_argument("--device", default="cuda", metavar="cuda[:N]", help="CUDA device (default: cuda)")
+    parser.add_argument("--dtype", default=None, type=_dtype_arg, metavar="float32|float16|bfloat16",
+                        help="model dtype (default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", default="cuda", metavar="cuda[:N]|cpu",
+                        help="CUDA device, or cpu for the CPU linears (default: cuda)")
+    parser.add_argument("--threads", dest="thread_counts", default=None, type=_positive_int, nargs="+", metavar="N",
+                        help="--device cpu: the torch thread counts to tune for (default: the current one)")
     parser.add_argument("--force", action="store_true", help="time again the shape classes already in the cache")
 
 
@@ -119,38 +138,82 @@ def _report(decisions) -> str:
     return "\n".join(lines)
 
 
+def _forwards(model, work, device) -> None:
+    """The model's forwards at every batch: mixed lengths padding-free (varlen attention, the
+    default) and padded (key lengths)."""
+    backend = "triton" if device.type == "cuda" else "torch"
+    for i, (label, ids, mask) in enumerate(work, 1):
+        for unpad in ((True, False) if label.endswith("mixed") else (True,)):
+            what = f"{label}{'' if unpad else ' padded'}"
+            print(f"bertfast tune: [{i}/{len(work)}] forward {what}", file=sys.stderr, flush=True)
+            model.set_backend(backend, unpad=unpad, graphs=False)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+
 def run(args) -> int:
     """``bertfast tune`` with parsed ``args``; returns the exit status."""
+    from bertfast.cli import CLIError
     from bertfast.modeling import BertModel
     from bertfast.sentence import parse_dtype
     from bertfast.kernels import tuning
 
-    device = _device(args.device)
-    dtype = parse_dtype(args.dtype)
+    cpu = args.device == "cpu"
+    if args.thread_counts and not cpu:
+        raise CLIError("--threads is for --device cpu (the CPU linears' choices are per thread count)")
+    device = torch.device("cpu") if cpu else _device(args.device)
+    dtype = parse_dtype(args.dtype or ("float32" if cpu else "float16"))
+    if cpu and dtype == torch.float16:
+        raise CLIError("--device cpu tunes float32 or bfloat16 (the CPU path has no float16 GEMMs)")
     model = BertModel.from_pretrained(args.model, dtype=dtype, device=device).eval()
     max_len = int(getattr(model.config, "max_position_embeddings", 512))
-    shapes = args.shapes or [(b, s) for b in args.batch_sizes for s in args.seq_lens]
+    seq_lens = args.seq_lens or ([16, 128] if cpu else [128, 512])
+    shapes = args.shapes or [(b, s) for b in args.batch_sizes for s in seq_lens]
     shapes = [(b, min(s, max_len)) for b, s in shapes]
     vocab = int(getattr(model.config, "vocab_size", 30522))
     work = list(_batches(shapes, args.lengths, vocab, device))
+    if cpu:
+        return _run_cpu(args, model, work, device, dtype)
     with tuning.autotune("tune", force=args.force) as tuner:
         tuner.decisions.clear()
-        for i, (label, ids, mask) in enumerate(work, 1):
-            # mixed lengths run padding-free (varlen attention, the default) and padded (key lengths)
-            for unpad in ((True, False) if label.endswith("mixed") else (True,)):
-                what = f"{label}{'' if unpad else ' padded'}"
-                print(f"bertfast tune: [{i}/{len(work)}] forward {what}", file=sys.stderr, flush=True)
-                model.set_backend("triton", unpad=unpad, graphs=False)
-                with torch.no_grad():
-                    model(input_ids=ids, attention_mask=mask)
-                torch.cuda.synchronize(device)
+        _forwards(model, work, device)
         decisions = list(tuner.decisions.values())
         path = tuner.cache_file()
     name = torch.cuda.get_device_name(device)
-    print(f"bertfast tune: {args.model}, {args.dtype}, {name}: {len(decisions)} shape classes with more than one "
-          f"candidate")
+    print(f"bertfast tune: {args.model}, {str(dtype).replace('torch.', '')}, {name}: {len(decisions)} shape classes "
+          f"with more than one candidate")
     if decisions:
         print(_report(decisions))
     tuned = sum(d.source == "tuned" for d in decisions)
     print(f"\n{tuned} timed now, {len(decisions) - tuned} already in the cache: {path}")
+    return 0
+
+
+def _run_cpu(args, model, work, device, dtype) -> int:
+    """``--device cpu``: the CPU linears' choices, per thread count."""
+    from bertfast import cpu_linear
+    from bertfast.kernels import tuning
+
+    cpu_linear.warn_emulated_bf16(dtype)
+    before = torch.get_num_threads()
+    try:
+        for n in args.thread_counts or [before]:
+            torch.set_num_threads(n)
+            with tuning.autotune("tune", force=args.force):
+                tuner = cpu_linear.TUNER
+                tuner.forget()  # report every class of these forwards: stored ones are read again, as "cache"
+                _forwards(model, work, device)
+                decisions = list(tuner.decisions.values())
+                path = tuner.cache_file()
+            print(f"bertfast tune: {args.model}, {str(dtype).replace('torch.', '')}, "
+                  f"{cpu_linear.cpu_features().describe()}, torch {torch.__version__}, {n} thread(s): "
+                  f"{len(decisions)} linear shape classes")
+            if decisions:
+                print(_report(decisions))
+            tuned = sum(d.source == "tuned" for d in decisions)
+            print(f"\n{tuned} timed now, {len(decisions) - tuned} already in the cache: {path}\n")
+    finally:
+        torch.set_num_threads(before)
     return 0

@@ -13,10 +13,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bertfast import bench
+from bertfast import bench, cpu_linear
 from bertfast.bench import cpu, harness
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _own_cpu_tuner():
+    """The runs below tune the CPU linears (in tune mode, into the test's cache directory): with a
+    tuner of their own, so that no choice stays in the process-wide one for later tests."""
+    with cpu_linear.using(cpu_linear.CpuTuner()):
+        yield
+
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 HAS_OV = importlib.util.find_spec("openvino") is not None
@@ -244,8 +253,27 @@ def test_quick_run_without_optional_packages(tiny_checkpoint, tmp_path, monkeypa
     assert rows[("corpus", "ort")]["status"] == "unavailable"
     assert rows[("corpus", "bertfast")]["status"] == "ok"
     assert rows[("32-mixed", "bertfast")]["shape"]["padding"] > 0.6
+    # the CPU and its flags, in the header, the JSON and the file name (family / model included)
+    feats = doc["environment"]["machine"]["cpu_features"]
+    assert set(feats) == {"model", "AVX2", "AVX-512", "AVX512_BF16", "VNNI", "AMX"}
+    assert cpu_linear.cpu_features().describe() in captured.out
+    assert cpu._slug(feats["model"]) in os.listdir(tmp_path / "out")[0]
+    # every bertfast row says what its linears ran, by role
+    for w in ("1x16", "32-mixed", "corpus"):
+        lin = rows[(w, "bertfast")]["info"]["cpu_linears"]
+        assert {"qkv", "attn-out", "ffn1+gelu", "ffn2"} <= set(lin), lin
+        assert all(v.split(" ")[0] in {i.name for i in cpu_linear.IMPLS} for v in lin.values())
+    assert "linears: qkv " in captured.out
+    # the bf16 row: run and checked by cosine where the CPU has native bf16, a reason elsewhere
+    for w in ("1x16", "32-mixed", "corpus"):
+        b16 = rows[(w, "bertfast-bf16")]
+        if cpu_linear.cpu_features().native_bf16:
+            assert b16["status"] == "ok" and b16["check"]["ok"] and b16["check"]["min_cos"] > cpu.BF16_MIN_COS
+            assert "cpu_linears" in b16["info"]
+        else:
+            assert b16["status"] == "unavailable" and "AVX512_BF16" in b16["reason"]
     lines = [t for t in doc["targets"] if t["workload"] in ("1x16", "32-mixed", "corpus")]
-    assert {t["candidate"] for t in lines} == {"bertfast", "bertfast-int8"}
+    assert {t["candidate"] for t in lines} == {"bertfast", "bertfast-int8"}  # bf16's target is at 32x128
     assert all(t["status"] == "n/a" for t in lines if t["vs"] in ("openvino", "ort/openvino", "ort"))
     assert "| 1x16 | ort | unavailable: not installed (pip install" in captured.out
     assert "[opt-in]" in captured.out and "targets" in captured.out
@@ -296,3 +324,19 @@ def test_sentence_transformers_stack_built_for_a_directory_without_modules_json(
         got = st.encode(texts, batch_size=4, normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True)
     want = enc.encode(texts, batch_size=4, normalize=True, show_progress=False, convert_to_numpy=True)
     assert cpu.min_cosine(got, want) > cpu.FP32_MIN_COS
+
+
+def test_bf16_row_says_why_on_a_cpu_without_native_bf16(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    models = cpu.Models(tiny_checkpoint, [])
+    (case,) = cpu.forward_cases(models, "1x16", 1, ["bertfast-bf16"], 0, False, {})
+    assert case.unavailable == cpu.BF16_NOT_NATIVE and "no AVX512_BF16 or AMX" in case.unavailable
+    (case,) = cpu.corpus_cases(models, 1, ["bertfast-bf16"], ["a text"], {})
+    assert case.unavailable == cpu.BF16_NOT_NATIVE
+
+
+def test_bf16_target_is_against_fp32_bertfast_at_full_length():
+    s = {"median_ms": 100.0, "p10_ms": 95.0, "p90_ms": 105.0}
+    fast = {"median_ms": 50.0, "p10_ms": 48.0, "p90_ms": 52.0}
+    (t,) = cpu.evaluate_targets({("32x128", "bertfast"): s, ("32x128", "bertfast-bf16"): fast}, "bertfast-bf16")
+    assert t["vs"] == "bertfast" and t["target"] == 1.8 and t["status"] == "met"

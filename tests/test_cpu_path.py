@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertfast import BertModel, ops
+from bertfast import BertModel, cpu_linear, ops
 from bertfast.activations import NAMES, get_activation, get_activation_
 from bertfast.kernels.testing import tolerance
 
@@ -56,6 +56,8 @@ def test_inference_equals_the_recording_forward_and_transformers(ours, theirs, k
 
 
 def test_one_qkv_gemm_per_layer_in_inference(ours, monkeypatch):
+    """(With F.linear for every linear -- the default implementation -- so that it can be counted.)"""
+    monkeypatch.setattr(cpu_linear, "choice", lambda *a, **k: cpu_linear.DEFAULT)
     calls = []
     real_linear = F.linear
 
@@ -126,3 +128,39 @@ def test_in_place_activation_equals_the_function(name):
 def test_unknown_activation_is_refused_in_place_too():
     with pytest.raises(ValueError, match="hidden_act 'mish'"):
         get_activation_("mish")
+
+
+@pytest.mark.parametrize("impl", [i.name for i in cpu_linear.IMPLS if i.available()])
+@pytest.mark.parametrize("kind", ["full", "right"])
+def test_every_cpu_linear_implementation_matches_transformers(ours, theirs, tmp_path, impl, kind):
+    """Whichever implementation the CPU chooser picks (here: the one a fake timer says is
+    fastest), fp32 outputs equal transformers' within fp32 tolerance."""
+    t = cpu_linear.CpuTuner(timer=lambda name, fn: 1.0 if name == impl else 2.0, path=tmp_path / "t.json",
+                            mode="tune")
+    ids, mask = batches()[kind]
+    with cpu_linear.using(t), torch.inference_mode():
+        fast = ours(input_ids=ids, attention_mask=mask)
+        ref = theirs(input_ids=ids, attention_mask=mask)
+    assert impl in {d.choice for d in t.decisions.values()}
+    torch.testing.assert_close(real(fast.last_hidden_state, mask), real(ref.last_hidden_state, mask),
+                               atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(fast.pooler_output, ref.pooler_output, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["inference", "grad"])
+def test_linear_with_the_residual_then_layernorm_without_it(mode):
+    """``ops.linear(..., residual=r)`` (the residual add in the GEMM where the CPU chooser fuses
+    it) and ``ops.add_layernorm(y, None, ...)`` give LayerNorm(x W^T + b + r), with or without
+    autograd recording."""
+    g = torch.Generator().manual_seed(2)
+    x, w, b, r = (torch.randn(*s, generator=g) for s in ((2, 5, 48), (32, 48), (32,), (2, 5, 32)))
+    ln = torch.nn.LayerNorm(32)
+    expected = F.layer_norm(F.linear(x, w, b) + r, (32,), ln.weight, ln.bias, ln.eps)
+    if mode == "grad":
+        w.requires_grad_(True)
+        y = ops.add_layernorm(ops.linear(x, w, b, None, False, residual=r), None, ln, None, False)
+        assert y.requires_grad
+    else:
+        with torch.inference_mode():
+            y = ops.add_layernorm(ops.linear(x, w, b, None, False, residual=r), None, ln, None, False)
+    torch.testing.assert_close(y.detach(), expected.detach(), atol=1e-5, rtol=1e-5)

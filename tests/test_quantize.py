@@ -232,3 +232,30 @@ def test_missing_op_is_named(monkeypatch):
     monkeypatch.setattr(Q, "_OPS", ("linear_prepack", "no_such_int8_op"))
     with pytest.raises(RuntimeError, match="torch.ops.quantized.no_such_int8_op"):
         Q.quantize_int8(_tiny(), _ids())
+
+
+def test_to_moves_or_refuses_by_name_and_leaves_the_model_whole():
+    """``.to("cpu")`` / ``.cpu()`` / ``.float()`` of a quantized model keep it working; a dtype or a
+    device it cannot run (``.half()``, ``.to(torch.bfloat16)``, ``.double()``, ``.cuda()``, ``.to("meta")``,
+    also on a part of it) is refused by name, before any tensor changes: the outputs stay the same."""
+    model = Q.quantize_int8(_tiny(), _ids())
+    ids = torch.randint(5, 100, (2, 9))
+    with torch.inference_mode():
+        before = model(input_ids=ids).last_hidden_state
+    assert model.to("cpu") is model and model.cpu() is model and model.float() is model
+    state = {n: t.clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    for convert in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double(), lambda m: m.cuda(),
+                    lambda m: m.to("meta"), lambda m: m.embeddings.half(),
+                    lambda m: m.encoder.layer[0].to(torch.float16)):
+        with pytest.raises(ValueError, match="int8-quantized.*(cannot be converted to|cannot be moved off the CPU)"):
+            convert(model)
+    after = dict(list(model.named_parameters()) + list(model.named_buffers()))
+    assert after.keys() == state.keys()
+    for n, t in state.items():
+        assert after[n].dtype == t.dtype and after[n].device == t.device and torch.equal(after[n], t), n
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, before)
+    copied = copy.deepcopy(model)  # a copy is guarded too (its own modules, not the original's)
+    with pytest.raises(ValueError, match="int8-quantized"):
+        copied.half()
+    assert copied.cpu() is copied

@@ -116,6 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--dry-run", action="store_true",
                         help="evidence: run every step's plumbing on CPU with tiny shapes and the Triton interpreter")
+    parser.add_argument("--short", action="store_true",
+                        help="evidence: versions, host and encoder only, in about two minutes (same files)")
     parser.add_argument("--budget", type=_pos_int, default=None, metavar="S",
                         help="evidence: seconds for all steps together (default 480); a step gets at most what is "
                              "left")

@@ -14,11 +14,12 @@ of :data:`SENTENCES` joined, seeded) to L2-normalised mean-pooled embeddings, to
 included, each system with its usual pipeline and batches of 32.
 
 Systems (:data:`SYSTEMS`): ``bertfast`` (``BertModel.from_pretrained``, its default CPU path;
-``SentenceEncoder`` on the corpus), ``bertfast-int8`` (``bertfast.quantize.quantize_int8`` on a
-separate copy, opt-in), ``hf-eager`` / ``hf-sdpa`` (transformers), ``hf-compile``
-(``torch.compile`` of hf-sdpa; with ``--compile`` only), ``ort`` (ONNX Runtime on the BERT-fused
-graph of ``onnxruntime.transformers.optimizer``; on the corpus a tokenizers + ORT + numpy
-pipeline), ``openvino`` (OpenVINO on the plain exported ONNX graph) and
+``SentenceEncoder`` on the corpus), ``bertfast-bf16`` (the same in bfloat16, opt-in; only on a CPU
+with AVX512_BF16 or AMX, elsewhere a row saying why), ``bertfast-int8``
+(``bertfast.quantize.quantize_int8`` on a separate copy, opt-in), ``hf-eager`` / ``hf-sdpa``
+(transformers), ``hf-compile`` (``torch.compile`` of hf-sdpa; with ``--compile`` only), ``ort``
+(ONNX Runtime on the BERT-fused graph of ``onnxruntime.transformers.optimizer``; on the corpus a
+tokenizers + ORT + numpy pipeline), ``openvino`` (OpenVINO on the plain exported ONNX graph) and
 ``sentence-transformers`` (corpus only).  A system that cannot run here is a row saying why
 (``not installed (pip install "bertfast[cpu-bench]")``), never a crash.
 
@@ -33,9 +34,16 @@ one side of 1 ("within noise" otherwise; :func:`bertfast.bench.harness.compare`)
 
 Correctness, on each row's last timed output (no extra call): every forward row's
 last_hidden_state at real tokens against transformers eager (max |diff|, at most
-:data:`FP32_ATOL`); bertfast-int8 by the min cosine of mean-pooled, normalised embeddings
-against fp32 bertfast; on the corpus the min cosine of each system's vectors against
-bertfast's (above :data:`FP32_MIN_COS` for fp32 systems).
+:data:`FP32_ATOL`); bertfast-bf16 and bertfast-int8 by the min (and mean) cosine of mean-pooled,
+normalised embeddings against fp32 bertfast; on the corpus the min cosine of each system's
+vectors against bertfast's (above :data:`FP32_MIN_COS` for fp32 systems).
+
+The CPU linears (``bertfast.cpu_linear``): during the run the bertfast rows time every linear
+shape class on first use -- in their warm-up call -- and keep the fastest implementation
+(stored in the tuning cache, as ``bertfast tune --device cpu`` does; ``BERTFAST_AUTOTUNE=off``
+runs ``F.linear`` everywhere instead, for before / after comparisons).  Each bertfast row
+reports what its linears ran; the report's header names the CPU and its ISA flags (AVX2,
+AVX-512, AVX512_BF16, VNNI, AMX), and the file name carries the CPU model.
 
 Writes ``<date>_<cpu>_cpu.json`` (environment, settings, versions, every repetition),
 ``.md`` (the tables and the targets) and ``_speedup_<n>t.png`` per thread count into ``--out``.
@@ -63,10 +71,11 @@ WORKLOADS = ("1x16", "1x128", "32x128", "32-mixed", "128-mixed-256", "corpus")
 # --quick: a smoke run (under a minute on one thread of a small CPU): the batch-1 shapes and a short
 # corpus; the batched shapes cost seconds per call on one thread (pick them with --workloads)
 QUICK_WORKLOADS = ("1x16", "1x128", "corpus")
-SYSTEMS = ("bertfast", "bertfast-int8", "hf-eager", "hf-sdpa", "hf-compile", "ort", "openvino",
+SYSTEMS = ("bertfast", "bertfast-bf16", "bertfast-int8", "hf-eager", "hf-sdpa", "hf-compile", "ort", "openvino",
            "sentence-transformers")
 FORWARD_SYSTEMS = tuple(s for s in SYSTEMS if s != "sentence-transformers")
-CORPUS_SYSTEMS = ("bertfast", "bertfast-int8", "sentence-transformers", "ort")
+CORPUS_SYSTEMS = ("bertfast", "bertfast-bf16", "bertfast-int8", "sentence-transformers", "ort")
+OPT_IN = ("bertfast-bf16", "bertfast-int8")  # opt-in precisions: checked by cosine, not plotted
 DEFAULT_THREADS = (1, 2)
 DEFAULT_CORPUS_SIZE = 5000
 QUICK_CORPUS_SIZE = 64
@@ -75,10 +84,13 @@ CORPUS_BATCH = 32
 NOT_INSTALLED = 'not installed (pip install "bertfast[cpu-bench]")'
 INT8_MISSING = "not available in this build (bertfast.quantize.quantize_int8 is missing)"
 COMPILE_SKIPPED = "skipped: pass --compile (torch.compile on CPU takes minutes)"
+BF16_NOT_NATIVE = ("not run: this CPU has no AVX512_BF16 or AMX, so bf16 GEMMs are emulated (5.7x slower than fp32 "
+                   "measured on an AVX2 AMD EPYC)")
 
 FP32_ATOL = 1e-4  # max |diff| of last_hidden_state vs transformers eager, fp32 rows
 FP32_MIN_COS = 0.9999  # min cosine of corpus vectors vs bertfast's, fp32 systems
 INT8_MIN_COS = 0.99  # informational bar for the opt-in int8 row (not an fp32 system)
+BF16_MIN_COS = 0.999  # informational bar for the opt-in bf16 row (min over the batch; the mean is reported too)
 
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 SYNTH_IDS = (1000, 20000)  # synthetic token ids, inclusive
@@ -164,6 +176,8 @@ TARGETS = (
     ("corpus", ("sentence-transformers",), 1.5),
     ("corpus", ("ort",), 1.2),
 )
+# the opt-in rows' own targets: (workload, systems, speedup of the opt-in row over them)
+OPT_IN_TARGETS = {"bertfast-bf16": (("32x128", ("bertfast",), 1.8),), "bertfast-int8": TARGETS}
 
 
 # --------------------------------------------------------------------------- optional packages
@@ -335,15 +349,24 @@ class Models:
             return self.quantized(BertModel.from_pretrained(self.dir, dtype=torch.float32, device="cpu").eval())
         return self._get("bertfast-int8", make)
 
-    def sentence_encoder(self, int8: bool = False):
+    def bertfast_bf16(self):
+        def make():
+            import torch
+
+            from bertfast import BertModel
+
+            return BertModel.from_pretrained(self.dir, dtype=torch.bfloat16, device="cpu").eval()
+        return self._get("bertfast-bf16", make)
+
+    def sentence_encoder(self, int8: bool = False, dtype: str = "float32"):
         def make():
             from bertfast import SentenceEncoder
 
-            enc = SentenceEncoder(self.dir, device="cpu", dtype="float32")
+            enc = SentenceEncoder(self.dir, device="cpu", dtype=dtype)
             if int8:
                 enc.model = self.quantized(enc.model)
             return enc
-        return self._get(("sentence-encoder", int8), make)
+        return self._get(("sentence-encoder", int8, dtype), make)
 
     # ---- transformers
     def hf(self, attn: str):
@@ -547,12 +570,58 @@ def _prepared(fn: Callable, make_inputs: Callable[[], tuple], check: Callable, i
     return Prepared(fn=kept, make_inputs=make_inputs, rotate=False, info={**info, _KEPT: kept})
 
 
+def native_bf16() -> bool:
+    """This CPU runs bf16 GEMMs natively (AVX512_BF16 or AMX)."""
+    from bertfast.cpu_linear import cpu_features
+
+    return cpu_features().native_bf16
+
+
+class _Linears:
+    """What a bertfast row's CPU linears ran (``bertfast.cpu_linear.record`` during its calls),
+    named by role: qkv, attn-out, ffn1 (+ activation), ffn2."""
+
+    KEY = "_linears"  # its Result.info key until finish_checks (then ``cpu_linears``, a plain dict)
+
+    def __init__(self, config: Dict[str, Any]):
+        C = int(config.get("hidden_size", 0))
+        inter = int(config.get("intermediate_size", 4 * C))
+        self.roles = {(3 * C, C): "qkv", (C, C): "attn-out", (inter, C): "ffn1", (C, inter): "ffn2"}
+        self.seen: Dict[tuple, str] = {}
+
+    def wrap(self, fn: Callable) -> Callable:
+        from bertfast import cpu_linear
+
+        def recorded(*args):
+            with cpu_linear.record(self.seen):
+                return fn(*args)
+        return recorded
+
+    def summary(self) -> Dict[str, str]:
+        """{"qkv": "onednn-packed (M 4096)", ...}: the implementation per role and token bucket."""
+        out: Dict[str, List[str]] = {}
+        for (N, K, epi, M, _dtype), name in sorted(self.seen.items(), key=lambda kv: kv[0][3]):
+            role = self.roles.get((N, K), f"{N}x{K}") + ("" if epi == "none" else f"+{epi}")
+            out.setdefault(role, []).append(f"{name} (M {M})")
+        return {k: ", ".join(v) for k, v in out.items()}
+
+
+def linears_text(summary: Optional[Dict[str, str]]) -> str:
+    """"linears: qkv onednn-packed (M 4096); ffn1+gelu onednn-fused (M 4096); ..."."""
+    if not summary:
+        return ""
+    return "linears: " + "; ".join(f"{k} {v}" for k, v in summary.items())
+
+
 def finish_checks(results: Sequence) -> None:
     """Check every timed row on its last output (``Result.check``); a failing check is reported
-    on the row, not raised."""
+    on the row, not raised.  A bertfast row's linears become ``info["cpu_linears"]``."""
     from bertfast.bench.harness import STATUS_OK
 
     for r in results:
+        lin = r.info.pop(_Linears.KEY, None)
+        if lin is not None and lin.seen:
+            r.info["cpu_linears"] = lin.summary()
         kept = r.info.pop(_KEPT, None)
         if kept is None or r.status != STATUS_OK or kept.out is None:
             continue
@@ -607,9 +676,13 @@ def forward_cases(models: Models, workload: str, threads: int, systems: Sequence
         err = max_abs_at_real_tokens(out, ref, mask)
         return {"ok": bool(err <= FP32_ATOL), "max_abs_err": err, "vs": "hf-eager", "atol": FP32_ATOL}
 
-    def int8_check(out, args):
-        cos = min_cosine(pooled_normalized(out, mask), pooled_normalized(reference("bertfast"), mask))
-        return {"ok": bool(cos >= INT8_MIN_COS), "min_cos": cos, "vs": "bertfast", "min_cos_bar": INT8_MIN_COS}
+    def cosine_check(bar: float):
+        def check(out, args):
+            a, b = pooled_normalized(out.float(), mask), pooled_normalized(reference("bertfast"), mask)
+            cos = min_cosine(a, b)
+            mean = float((a * b).sum(1).mean())
+            return {"ok": bool(cos >= bar), "min_cos": cos, "mean_cos": mean, "vs": "bertfast", "min_cos_bar": bar}
+        return check
 
     def torch_fn(model):
         def fn(ids, m):
@@ -623,10 +696,15 @@ def forward_cases(models: Models, workload: str, threads: int, systems: Sequence
     def build_for(system: str) -> Callable[[], Any]:
         def build():
             info = {"torch_threads": torch.get_num_threads()}
-            if system == "bertfast":
-                return _prepared(torch_fn(models.bertfast()), torch_inputs, fp32_check, info)
+            if system in ("bertfast", "bertfast-bf16"):
+                lin = _Linears(models.config)
+                info[_Linears.KEY] = lin
+                if system == "bertfast":
+                    return _prepared(lin.wrap(torch_fn(models.bertfast())), torch_inputs, fp32_check, info)
+                return _prepared(lin.wrap(torch_fn(models.bertfast_bf16())), torch_inputs, cosine_check(BF16_MIN_COS),
+                                 info)
             if system == "bertfast-int8":
-                return _prepared(torch_fn(models.bertfast_int8()), torch_inputs, int8_check, info)
+                return _prepared(torch_fn(models.bertfast_int8()), torch_inputs, cosine_check(INT8_MIN_COS), info)
             if system in ("hf-eager", "hf-sdpa"):
                 return _prepared(torch_fn(models.hf(system[3:])), torch_inputs, fp32_check, info)
             if system == "hf-compile":
@@ -662,9 +740,14 @@ def forward_cases(models: Models, workload: str, threads: int, systems: Sequence
         if system == "hf-compile" and not do_compile:
             cases.append(_unavailable_case(workload, system, shape, COMPILE_SKIPPED))
             continue
-        notes = {"hf-compile": "torch.compile of hf-sdpa; compile time excluded (first call)",
+        if system == "bertfast-bf16" and not native_bf16():
+            cases.append(_unavailable_case(workload, system, shape, BF16_NOT_NATIVE))
+            continue
+        notes = {"bertfast-bf16": "bfloat16 weights and activations (opt-in); LayerNorm / softmax accumulate in fp32",
+                 "hf-compile": "torch.compile of hf-sdpa; compile time excluded (first call)",
                  "ort": "ONNX Runtime, BERT-fused graph", "openvino": "OpenVINO, plain ONNX graph"}.get(system, "")
-        cases.append(Case(suite="cpu", op=workload, impl=system, shape=dict(shape), dtype="float32",
+        cases.append(Case(suite="cpu", op=workload, impl=system, shape=dict(shape),
+                          dtype="bfloat16" if system == "bertfast-bf16" else "float32",
                           build=build_for(system), baseline="bertfast", end_to_end=True, notes=notes))
     return cases
 
@@ -733,15 +816,21 @@ def corpus_cases(models: Models, threads: int, systems: Sequence[str], texts: Li
     def build_for(system: str):
         def build():
             info = {"torch_threads": torch.get_num_threads()}
-            if system in ("bertfast", "bertfast-int8"):
-                enc = models.sentence_encoder(int8=system == "bertfast-int8")
+            if system in ("bertfast", "bertfast-bf16", "bertfast-int8"):
+                enc = models.sentence_encoder(int8=system == "bertfast-int8",
+                                              dtype="bfloat16" if system == "bertfast-bf16" else "float32")
                 info["max_length"] = enc.max_length
 
                 def fn(t):
                     return enc.encode(t, batch_size=CORPUS_BATCH, normalize=True, show_progress=False,
                                       convert_to_numpy=True)
-                return _prepared(fn, lambda: (texts,),
-                                 check_for(INT8_MIN_COS) if system == "bertfast-int8" else keep_reference, info)
+                check = {"bertfast": keep_reference, "bertfast-bf16": check_for(BF16_MIN_COS),
+                         "bertfast-int8": check_for(INT8_MIN_COS)}[system]
+                if system != "bertfast-int8":
+                    lin = _Linears(models.config)
+                    info[_Linears.KEY] = lin
+                    fn = lin.wrap(fn)
+                return _prepared(fn, lambda: (texts,), check, info)
             max_length = models.sentence_encoder().max_length  # the same truncation for every system
             info["max_length"] = max_length
             if system == "sentence-transformers":
@@ -761,11 +850,14 @@ def corpus_cases(models: Models, threads: int, systems: Sequence[str], texts: Li
         return build
 
     notes = {"bertfast": "bertfast.SentenceEncoder.encode (length-sorted batches of 32)",
+             "bertfast-bf16": "SentenceEncoder in bfloat16 (opt-in)",
              "bertfast-int8": "SentenceEncoder with quantize_int8 (opt-in)",
              "sentence-transformers": "SentenceTransformer.encode(batch_size=32, normalize_embeddings=True)",
              "ort": "ORT pipeline: tokenizers, length-sorted batches of 32, ORT, numpy mean pool + normalise"}
-    return [Case(suite="cpu", op="corpus", impl=s, shape=dict(shape), dtype="float32", build=build_for(s),
-                 baseline="bertfast", end_to_end=True, notes=notes[s])
+    return [_unavailable_case("corpus", s, shape, BF16_NOT_NATIVE) if s == "bertfast-bf16" and not native_bf16()
+            else Case(suite="cpu", op="corpus", impl=s, shape=dict(shape),
+                      dtype="bfloat16" if s == "bertfast-bf16" else "float32", build=build_for(s),
+                      baseline="bertfast", end_to_end=True, notes=notes[s])
             for s in systems if s in CORPUS_SYSTEMS]
 
 
@@ -804,11 +896,12 @@ def target_status(c: Dict[str, Any], target: float) -> str:
 
 def evaluate_targets(timings: Dict[Tuple[str, str], Dict[str, Any]], candidate: str = "bertfast",
                      reasons: Optional[Dict[Tuple[str, str], str]] = None) -> List[Dict[str, Any]]:
-    """The :data:`TARGETS` checked from measured timings: ``timings[(workload, system)]`` is a
-    harness.summarize dict; ``reasons[(workload, system)]`` why a row has none."""
+    """The targets of ``candidate`` (:data:`TARGETS`, :data:`OPT_IN_TARGETS` for the opt-in rows)
+    checked from measured timings: ``timings[(workload, system)]`` is a harness.summarize dict;
+    ``reasons[(workload, system)]`` why a row has none."""
     reasons = reasons or {}
     out = []
-    for workload, others, target in TARGETS:
+    for workload, others, target in OPT_IN_TARGETS.get(candidate, TARGETS):
         mine = timings.get((workload, candidate))
         row = {"candidate": candidate, "workload": workload, "vs": "/".join(others), "target": target}
         present = [(s, timings[(workload, s)]) for s in others if (workload, s) in timings]
@@ -849,7 +942,8 @@ def _check_cell(chk: Optional[Dict[str, Any]]) -> str:
     if "max_abs_err" in chk:
         return f"{word} (max diff {chk['max_abs_err']:.1e} vs {chk['vs']})"
     if "min_cos" in chk:
-        return f"{word} (min cos {chk['min_cos']:.6f} vs {chk['vs']})"
+        mean = f", mean {chk['mean_cos']:.6f}" if "mean_cos" in chk else ""
+        return f"{word} (min cos {chk['min_cos']:.6f}{mean} vs {chk['vs']})"
     return word
 
 
@@ -865,6 +959,8 @@ def _row_notes(r) -> str:
                      f", {r.info.get('INFERENCE_NUM_THREADS')} threads")
     if "intra_op_num_threads" in r.info:
         parts.append(f"intra-op {r.info['intra_op_num_threads']} threads")
+    if r.info.get("cpu_linears"):
+        parts.append(linears_text(r.info["cpu_linears"]))
     return "; ".join(parts)
 
 
@@ -895,7 +991,7 @@ def table(results: Sequence, threads: int) -> str:
 def targets_text(targets: Sequence[Dict[str, Any]]) -> str:
     lines = ["targets (from the numbers above; met / missed only outside the combined p10-p90 range):"]
     for t in targets:
-        mark = " [opt-in]" if t["candidate"] == "bertfast-int8" else ""
+        mark = " [opt-in]" if t["candidate"] in OPT_IN else ""
         lines.append(f"- {t['text']}{mark}")
     return "\n".join(lines)
 
@@ -909,10 +1005,14 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def file_stem(environment: Dict[str, Any], out_dir: str) -> str:
-    """``<date>_<cpu-slug>_cpu``, ``-2``, ``-3``, ... when taken (:func:`report.file_stem`)."""
+    """``<date>_<cpu-slug>_cpu`` (the CPU's model name with its family / model numbers where
+    /proc/cpuinfo has them: "AMD EPYC" alone names several generations), ``-2``, ``-3``, ... when
+    taken (:func:`report.file_stem`)."""
     from bertfast.bench.report import file_stem as stem_of
 
-    return stem_of(environment, ["cpu"], out_dir, device=_slug(environment.get("machine", {}).get("cpu") or "cpu"))
+    machine = environment.get("machine", {})
+    cpu = (machine.get("cpu_features") or {}).get("model") or machine.get("cpu") or "cpu"  # family / model included
+    return stem_of(environment, ["cpu"], out_dir, device=_slug(cpu))
 
 
 def cpu_bencher(rounds: int, extra_warmup: int = 1):
@@ -944,7 +1044,7 @@ def plot_speedups(results: Sequence, path: str, threads: int, cpu: str) -> bool:
     noisy = {r.op: r.noisy for r in results if r.impl == "bertfast" and r.timing}
     for r in results:
         c = r.info.get("bertfast_speedup")
-        if not c or c.get("speedup") is None or r.impl == "bertfast-int8":  # int8: in the table, not here
+        if not c or c.get("speedup") is None or r.impl in OPT_IN:  # opt-in rows: in the table, not here
             continue
         if r.op not in groups:
             groups.append(r.op)
@@ -988,6 +1088,7 @@ def measure(args, model_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]
     refs: Dict[str, Any] = {}
     out: Dict[str, Any] = {"results": {}, "targets": {}, "notes": notes, "corpus_size": corpus_size}
     before = torch.get_num_threads()
+    tuner, saved_mode = _tune_cpu_linears(notes)
     try:
         for n in args.threads or DEFAULT_THREADS:
             torch.set_num_threads(n)
@@ -1015,12 +1116,36 @@ def measure(args, model_dir: Path, log: Callable[[str], None]) -> Dict[str, Any]
             timings = {(r.op, r.impl): r.timing for r in rows if r.status == harness.STATUS_OK and r.timing}
             reasons = {(r.op, r.impl): r.reason or r.status for r in rows if r.status != harness.STATUS_OK}
             targets = evaluate_targets(timings, "bertfast", reasons)
-            if any(r.impl == "bertfast-int8" and r.status == harness.STATUS_OK for r in rows):
-                targets += evaluate_targets(timings, "bertfast-int8", reasons)
+            for opt in OPT_IN:
+                if any(r.impl == opt and r.status == harness.STATUS_OK for r in rows):
+                    targets += evaluate_targets(timings, opt, reasons)
             out["targets"][n] = [t for t in targets if t["workload"] in workloads]
     finally:
         torch.set_num_threads(before)
+        if tuner is not None:
+            tuner.set_mode(saved_mode)
     return out
+
+
+def _tune_cpu_linears(notes: List[str]):
+    """Puts the CPU linears' tuner in "tune" mode for the run (each linear shape class of the
+    bertfast rows timed on first use, i.e. in the row's warm-up call), unless
+    ``BERTFAST_AUTOTUNE=off``; returns (tuner, its mode to restore)."""
+    from bertfast import cpu_linear
+
+    tuner = cpu_linear.TUNER
+    if tuner is None:  # pragma: no cover - no tuner without bertfast.kernels
+        notes.append("CPU linears: F.linear everywhere (bertfast.kernels.tuning did not import)")
+        return None, None
+    saved = tuner._mode
+    if tuner.mode == "off":
+        notes.append("CPU linears: F.linear everywhere (BERTFAST_AUTOTUNE=off)")
+        return tuner, saved
+    tuner.set_mode("tune")
+    notes.append(f"CPU linears (bertfast rows): every shape class timed on first use, in the row's warm-up call, "
+                 f"unless already stored, and the fastest implementation kept (bertfast.cpu_linear; cache "
+                 f"{tuner.cache_file()}); each row says what its linears ran (M: token-count bucket)")
+    return tuner, saved
 
 
 def run(args) -> int:
@@ -1040,7 +1165,7 @@ def run(args) -> int:
         return refuse(f"{', '.join(unused)}: not used by bench cpu (its shapes and systems are --workloads and "
                       f"--systems)")
     if getattr(args, "dtype", "auto") not in ("auto", "fp32"):
-        return refuse("bench cpu runs fp32 only (bertfast-int8 is its opt-in int8 row)")
+        return refuse("bench cpu runs fp32 only (bertfast-bf16 and bertfast-int8 are its opt-in rows)")
     names = args.model or ["minilm"]
     if len(names) != 1:
         return refuse("bench cpu takes one --model (a name or a checkpoint directory)")
@@ -1056,7 +1181,11 @@ def run(args) -> int:
             print(f"bertfast bench cpu: {msg}", file=sys.stderr, flush=True)
 
     threads = list(args.threads or DEFAULT_THREADS)
+    from bertfast.cpu_linear import cpu_features
+
     env = harness.environment(torch.device("cpu"), command=getattr(args, "_command", None))
+    features = cpu_features()
+    env["machine"]["cpu_features"] = {"model": features.model, **features.flags()}
     env["versions"].update({k: v for k, v in package_versions().items() if k not in env["versions"]})
     m = measure(args, model_dir, log)
     notes = list(dict.fromkeys(m["notes"]))
@@ -1074,7 +1203,8 @@ def run(args) -> int:
 
     label = model_dir.name if os.path.isdir(os.path.expanduser(names[0])) else names[0]
     md = [f"# bertfast bench cpu: {label}", "",
-          f"- model: {model_dir} (fp32)", f"- date: {env['created']}", f"- cpu: {env['machine']['cpu']} ({env['machine']['cpu_count']} logical cores)",
+          f"- model: {model_dir} (fp32)", f"- date: {env['created']}",
+          f"- cpu: {features.describe()} ({env['machine']['cpu_count']} logical cores)",
           "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
           f"- command: `{env['command']}`"] + [f"- note: {n}" for n in notes] + [""]
     for n in threads:
@@ -1110,7 +1240,7 @@ def run(args) -> int:
     bad = [r for r in rows if r.status == harness.STATUS_ERROR]
     for r in bad:
         log(f"error in {r.op} {r.impl} ({r.shape.get('threads')} threads): {r.reason}")
-    failed = [r for r in rows if r.check and r.check.get("ok") is False and r.impl != "bertfast-int8"]
+    failed = [r for r in rows if r.check and r.check.get("ok") is False and r.impl not in OPT_IN]
     for r in failed:
         log(f"check failed: {r.op} {r.impl} ({r.shape.get('threads')} threads): {_check_cell(r.check)}")
     return 1 if bad or failed else 0
