@@ -189,6 +189,14 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _model_inputs(enc, net) -> dict:
+    """A tokenizer batch's model inputs on ``net``'s device, checked and the mask read on the
+    host first (``bertfast.plan.to_device``): the forward then makes no device read."""
+    from bertfast.plan import to_device
+
+    return to_device({k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}, net)
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -211,9 +219,7 @@ def fill_mask(model: ModelArg, text: Union[str, Sequence[str]], top: int = 5, *,
         where = (enc["input_ids"][0] == tok.mask_token_id).nonzero()[:, 0].tolist()
         if not where:
             raise ValueError(f"fill_mask: no {tok.mask_token} token in {t!r}")
-        enc = enc.to(_device_of(net))
-        logits = net(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                     token_type_ids=enc["token_type_ids"]).logits[0]  # (S, V)
+        logits = net(**_model_inputs(enc, net)).logits[0]  # (S, V)
         probs = torch.softmax(logits[where].float(), dim=-1)  # (M, V)
         scores, ids = probs.topk(top, dim=-1)
         per_mask = []
@@ -261,8 +267,8 @@ def classify(model: ModelArg, texts: Union[str, Sequence[str]], pairs=None, *, t
     out = []
     for s in range(0, len(items), BATCH):
         chunk = items[s:s + BATCH]
-        enc = tok(chunk, pair_items[s:s + BATCH] if pairs is not None else None).to(_device_of(net))
-        logits = net(**enc).logits.float()  # (b, num_labels)
+        enc = tok(chunk, pair_items[s:s + BATCH] if pairs is not None else None)
+        logits = net(**_model_inputs(enc, net)).logits.float()  # (b, num_labels)
         if regression:
             out += [{"label": names[0], "score": float(v), "scores": {names[0]: float(v)}} for v in logits[:, 0]]
             continue
@@ -291,12 +297,10 @@ def tag(model: ModelArg, text: Union[str, Sequence[str]], *, tokenizer=None, str
     net, tok = _resolve("tag", model, tokenizer, **load_kw)
     names = _labels(net.config)
     overlap = stride if stride is not None else tok.model_max_length // 4
-    dev = _device_of(net)
     results = []
     for t in texts:
         enc = tok(t, stride=overlap, return_overflowing_tokens=True, return_offsets_mapping=True)
-        logits = net(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
-                     token_type_ids=enc["token_type_ids"].to(dev)).logits.float()  # (W, S, L)
+        logits = net(**_model_inputs(enc, net)).logits.float()  # (W, S, L)
         probs = torch.softmax(logits, -1).cpu()
         best: Dict[int, Tuple[int, int, int]] = {}  # word -> (distance to the window's edge, window, token)
         for w in range(probs.shape[0]):
@@ -347,9 +351,7 @@ def answer(question: str, context: str, model: ModelArg, *, tokenizer=None, max_
     window = min(max_length, tok.model_max_length)
     overlap = stride if stride is not None else min(128, window // 3)
     feats = qa_features(tok, [question], [context], max_length=window, stride=overlap)
-    dev = _device_of(net)
-    out = net(input_ids=feats["input_ids"].to(dev), attention_mask=feats["attention_mask"].to(dev),
-              token_type_ids=feats["token_type_ids"].to(dev))
+    out = net(**_model_inputs(feats, net))
     best = None
     for w, offsets in enumerate(feats["offset_mapping"]):
         in_context = torch.tensor([o is not None for o in offsets])
