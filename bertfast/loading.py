@@ -38,6 +38,7 @@ or unexpected key, shape or dtype mismatch, non-finite weights, bad shard index)
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import warnings
@@ -441,10 +442,75 @@ def _resolve_dtype(dtype, sd):
     raise ValueError(f"dtype must be a torch.dtype, its name, 'auto' or None; got {dtype!r}")
 
 
+def check_device(device, where: str = "from_pretrained"):
+    """``device`` (None, a str, an int or a torch.device) as a torch.device, or None; a device this
+    torch cannot use (CUDA on a CPU-only build or with no GPU visible, an index past the GPUs, MPS
+    off a Mac) is refused here with a ValueError naming it, instead of torch's raw error at the
+    first tensor moved."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: device={device!r} is not a device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build (torch.version.cuda is None)" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (torch.cuda.is_available() is False)")
+            raise ValueError(f"{where}: device={device!r}, but {why}; load with device='cpu' (or leave device "
+                             "out), or install a CUDA build of torch on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{where}: device={device!r}, but only {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"{where}: device={device!r}, but MPS is not available in this torch / on this machine")
+    return dev
+
+
+def _transformers_keywords(cls, dtype, kwargs: dict):
+    """Take transformers' ``from_pretrained`` keywords out of ``kwargs`` -> (dtype, the model's
+    constructor keywords).
+
+    * ``torch_dtype``: transformers' older name of ``dtype`` (both given: they must agree).
+    * ``attn_implementation``: accepted and ignored: bertfast always runs its own attention
+      (the fused Triton kernel on CUDA, PyTorch's SDPA / eager math elsewhere), equal to
+      transformers' eager and SDPA within the dtype's tolerance; ``output_attentions=True``
+      works whatever was asked.  It must be a string or None, as in transformers.
+    * ``add_pooling_layer``: ``BertModel`` only (transformers' heads do not take it either);
+      False builds the model without a pooler (``pooler_output`` is None) and a checkpoint's
+      pooler weights are ignored."""
+    if "torch_dtype" in kwargs:
+        torch_dtype = kwargs.pop("torch_dtype")
+        if dtype is not None and torch_dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"from_pretrained: dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree "
+                             "(torch_dtype is transformers' older name of dtype: pass one)")
+        dtype = dtype if dtype is not None else torch_dtype
+    if "attn_implementation" in kwargs:
+        impl = kwargs.pop("attn_implementation")
+        if impl is not None and not isinstance(impl, str):
+            raise ValueError(f"from_pretrained: attn_implementation must be a string or None, got {impl!r}")
+    model_kwargs = {}
+    if "add_pooling_layer" in kwargs:
+        value = kwargs.pop("add_pooling_layer")
+        if "add_pooling_layer" not in inspect.signature(cls.__init__).parameters:
+            raise TypeError(f"{cls.__name__}.from_pretrained: add_pooling_layer is a BertModel argument; "
+                            f"{cls.__name__} has no such option")
+        if not isinstance(value, bool):
+            raise ValueError(f"from_pretrained: add_pooling_layer must be True or False, got {value!r}")
+        model_kwargs["add_pooling_layer"] = value
+    return dtype, model_kwargs
+
+
 def load_pretrained(cls, path_or_name, dtype=None, device=None, strict: bool = True, config=None, **config_overrides):
     """``cls.from_pretrained``: build ``cls`` from the checkpoint's config (fields overridden by
     ``config_overrides``, or a whole ``config``), load the weights, cast to ``dtype`` (None: float32;
-    "auto": the checkpoint's) and move to ``device``.  Returns the model in eval mode."""
+    "auto": the checkpoint's) and move to ``device`` (checked first: ``check_device``).
+    transformers' ``torch_dtype``, ``attn_implementation`` and (``BertModel``)
+    ``add_pooling_layer`` are accepted (``_transformers_keywords``).  Returns the model in eval mode."""
+    check_device(device)
+    dtype, model_kwargs = _transformers_keywords(cls, dtype, config_overrides)
     directory = resolve_model_path(path_or_name)
     if config is None:
         config = load_config(directory, **config_overrides)
@@ -456,7 +522,7 @@ def load_pretrained(cls, path_or_name, dtype=None, device=None, strict: bool = T
     # the model the config asks for (a meta-device skeleton would be cheaper, but building one
     # imports torch._dynamo, seconds); its keys / shapes / dtypes are checked against the header
     # before a single checkpoint tensor is read or copied
-    model = cls(config)
+    model = cls(config, **model_kwargs)
     to_load = map_state_dict(model, header, strict=strict, source=str(weights))
     to_load = materialize(to_load)
     check_finite(to_load, str(weights), strict=strict)

@@ -70,6 +70,12 @@ runs when:
   are ignored (as if -100), and the QA loss softmaxes over the real tokens only.
 * ``False``: always the padded batch.
 
+A 4-D mask is taken as complete, as transformers takes it: a decoder adds no causal part of its
+own to it (``causal_attention``), so prefix-LM and other custom masks apply exactly as given.
+
+Gradient checkpointing (``gradient_checkpointing_enable``, transformers' API, which its Trainer
+calls) recomputes the flagged layers in the backward on either backend (``run_layer``).
+
 Fully padded rows follow transformers in the padded batch: their queries see only padding keys,
 each at the dtype's most negative finite score, so the softmax is uniform (no NaN).  Token ids,
 token types and positions of any integer dtype (int8, uint8, int16, ...) are accepted (widened
@@ -89,6 +95,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from bertfast import backend, ops
 from bertfast.activations import get_activation
@@ -106,7 +113,7 @@ from bertfast.outputs import (  # noqa: F401  (re-exported: the output classes)
     TokenClassifierOutput,
 )
 from bertfast.plan import ForwardPlan, plan_forward, plan_override  # noqa: F401
-from bertfast.qa import as_tokenizer, best_span, span_text  # noqa: F401
+from bertfast.qa import as_tokenizer, best_span, qa_loss, span_text  # noqa: F401
 from bertfast.validation import _wide, check_ignored_kwargs, validate_inputs  # noqa: F401
 from bertfast.kernels._common import trusted_inputs
 from bertfast.kernels.padding import Packing  # noqa: F401  (the padding-free layout; torch index ops, no triton)
@@ -152,6 +159,16 @@ def is_causal(attn_self) -> bool:
         if hasattr(attn_self, name):
             return bool(getattr(attn_self, name))
     return False
+
+
+def causal_attention(layers, attention_mask) -> bool:
+    """Whether a forward masks the future: a decoder's layers (``is_causal``), unless the caller's
+    mask is 4-D.  transformers takes a 4-D mask as complete (``create_causal_mask`` returns it as
+    given and its attention functions then add no causal part), so a prefix-LM or any custom
+    mask is applied exactly as given, on both of bertfast's paths."""
+    if torch.is_tensor(attention_mask) and attention_mask.dim() == 4:
+        return False
+    return bool(len(layers)) and is_causal(layers[0].attention.self)
 
 
 def attention_dropout_p(attn_self) -> float:
@@ -249,25 +266,39 @@ def layer_forward(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     return output_block(mods["output"], h, x, fwd)
 
 
-def _run_layer(layer, x, fwd):
-    # bertfast's layers through their module call (forward hooks run); other trees functionally
-    return layer(x, fwd) if isinstance(layer, BertLayer) else layer_forward(layer, x, fwd)
+def run_layer(layer, x, fwd):
+    """One layer of a forward: bertfast's layers through their module call (forward hooks run),
+    other trees (transformers' layers under ``bertfast.optimize``) functionally.  A layer whose
+    ``gradient_checkpointing`` flag is set (``gradient_checkpointing_enable``, bertfast's or
+    transformers') is recomputed in the backward when it trains with gradients enabled, as
+    transformers' GradientCheckpointingLayer does: through the layer's
+    ``_gradient_checkpointing_func`` (``torch.utils.checkpoint.checkpoint`` with the model's
+    checkpointing kwargs; the RNG state is preserved, so dropout replays the same masks)."""
+    call = layer if isinstance(layer, BertLayer) else functools.partial(layer_forward, layer)
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        ckpt = getattr(layer, "_gradient_checkpointing_func", None)
+        if ckpt is None:
+            ckpt = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        return ckpt(functools.partial(call, fwd=fwd), x)
+    return call(x, fwd)
 
 
 def encoder_forward(bert, plan: ForwardPlan, input_ids, token_type_ids, position_ids, inputs_embeds, *,
                     kernels: bool, output_hidden_states: bool = False, output_attentions: bool = False,
-                    layer_fn=None):
+                    layer_fn=None, causal: Optional[bool] = None, embed_fn=None):
     """Embeddings + every layer of ``bert`` (a module with transformers' names: ``.config``,
     ``.embeddings``, ``.encoder.layer``), as ``plan`` says (bertfast/plan.py).  Inputs are assumed
     validated (the plan did it): on the kernels nothing is read on the host here.
 
-    ``layer_fn(layer, x, fwd)``: runs one layer (default: the layer's module call for bertfast's
-    layers, ``layer_forward`` otherwise; e.g. a gradient-checkpointed wrapper).
+    ``layer_fn(layer, x, fwd)``: runs one layer (default: ``run_layer``); ``embed_fn(input_ids,
+    token_type_ids, position_ids, inputs_embeds, fwd)``: the embeddings (default: bertfast's
+    through their module call, other trees functionally).  ``causal``: whether the future is
+    masked (``causal_attention``; None: as the layers say).
 
     Returns (last_hidden_state (B, S, C), hidden_states or None, attentions or None, the last
     layer's output as the layers produced it ((T, C) packed, or (B, S, C)))."""
     args = (bert, plan, input_ids, token_type_ids, position_ids, inputs_embeds, kernels, output_hidden_states,
-            output_attentions, layer_fn)
+            output_attentions, layer_fn, causal, embed_fn)
     if not kernels or torch.compiler.is_compiling():  # value checks are off while tracing anyway
         return _encoder_forward(*args)
     with trusted_inputs():
@@ -275,9 +306,10 @@ def encoder_forward(bert, plan: ForwardPlan, input_ids, token_type_ids, position
 
 
 def _encoder_forward(bert, plan, input_ids, token_type_ids, position_ids, inputs_embeds, kernels,
-                     output_hidden_states, output_attentions, layer_fn):
+                     output_hidden_states, output_attentions, layer_fn, causal, embed_fn):
     layers = bert.encoder.layer
-    causal = is_causal(layers[0].attention.self) if len(layers) else False
+    if causal is None:
+        causal = causal_attention(layers, None)
     packing = plan.packing
     mask = None
     if packing is None:
@@ -287,11 +319,11 @@ def _encoder_forward(bert, plan, input_ids, token_type_ids, position_ids, inputs
     fwd = Forward(kernels, bert.training, bert.config.hidden_act, causal, packing, mask,
                   need_weights=output_attentions, attentions=[] if output_attentions else None)
     emb = bert.embeddings  # bertfast's through its module call (forward hooks run); other trees functionally
-    emb_fn = emb if isinstance(emb, BertEmbeddings) else functools.partial(embed, emb)
+    emb_fn = embed_fn or (emb if isinstance(emb, BertEmbeddings) else functools.partial(embed, emb))
     x = emb_fn(input_ids, token_type_ids, position_ids, inputs_embeds, fwd)  # (B, S, C) / (T, C)
     restore = packing.pad if packing is not None else (lambda h: h)  # -> (B, S, C), zeros at padding
     hidden = [restore(x)] if output_hidden_states else None
-    run = layer_fn if layer_fn is not None else _run_layer
+    run = layer_fn if layer_fn is not None else run_layer
     for layer in layers:
         x = run(layer, x, fwd)
         if hidden is not None:
@@ -415,6 +447,7 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
+        self.gradient_checkpointing = False  # recomputed in the backward (run_layer); gradient_checkpointing_enable
 
     def forward(self, x, fwd: Forward):
         """x: (B, S, C), or (T, C) packed real tokens when ``fwd.packing``; same shape out."""
@@ -487,6 +520,52 @@ class BertPreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         pass
 
+    # --- gradient (activation) checkpointing, transformers' API (its Trainer calls it)
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                      offload: bool = False) -> None:
+        """Recompute every ``every_n_layers``-th layer (layers 0, n, 2n, ...) in the backward
+        instead of keeping its activations, as transformers' ``gradient_checkpointing_enable``:
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint`` (default
+        ``{"use_reentrant": False}``); ``offload=True`` keeps what the recompute needs in host
+        memory (``torch.autograd.graph.save_on_cpu``).  Applies in training with gradients
+        enabled, on both backends (``run_layer``); gradients equal those without it."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"gradient_checkpointing_enable: every_n_layers must be an int >= 1, "
+                             f"got {every_n_layers!r}")
+        kwargs = dict(gradient_checkpointing_kwargs) if gradient_checkpointing_kwargs is not None else {
+            "use_reentrant": False}
+
+        def offloaded(function, *args, **kw):
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return torch.utils.checkpoint.checkpoint(function, *args, **kw)
+
+        func = functools.partial(offloaded if offload else torch.utils.checkpoint.checkpoint, **kwargs)
+        for i, layer in enumerate(self._layers()):
+            layer.gradient_checkpointing = i % every_n_layers == 0
+            layer._gradient_checkpointing_func = func
+
+    def gradient_checkpointing_disable(self) -> None:
+        for layer in self._layers():
+            layer.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(layer.gradient_checkpointing for layer in self._layers())
+
+    # transformers >= 5.2x names them activation checkpointing (the old names are its deprecated aliases)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+    is_activation_checkpointing = is_gradient_checkpointing
+
+    def _layers(self):
+        base = self if isinstance(self, BertModel) else getattr(self, self.base_model_prefix)
+        return list(base.encoder.layer)
+
     def __call__(self, *args, **kwargs):
         # inference on CUDA replays a CUDA graph of the whole call where it can (bertfast/cuda_graphs.py;
         # ``set_backend(..., graphs=False)`` turns it off); everything else runs the forward
@@ -544,7 +623,11 @@ class BertPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_name, dtype=None, device=None, strict: bool = True, **config_overrides):
         """Load a checkpoint directory (config.json + model.safetensors / pytorch_model.bin, sharded
-        too) or a known name (``"minilm"``).  See ``bertfast.loading.load_pretrained``."""
+        too) or a known name (``"minilm"``).  Keywords: config fields to override, and
+        transformers' ``torch_dtype`` (= ``dtype``), ``attn_implementation`` (accepted, ignored:
+        bertfast runs its own attention) and, for ``BertModel``, ``add_pooling_layer``.  A
+        ``device`` this torch cannot use is refused first, by name.  See
+        ``bertfast.loading.load_pretrained``."""
         from bertfast.loading import load_pretrained
 
         return load_pretrained(cls, path_or_name, dtype=dtype, device=device, strict=strict, **config_overrides)
@@ -618,16 +701,17 @@ class BertModel(BertPreTrainedModel):
         dtype = self.embeddings.LayerNorm.weight.dtype
         kernels = self.uses_triton(input_ids, output_attentions)
         cfg = self.config
+        causal = causal_attention(self.encoder.layer, attention_mask)
         plan = plan_forward(
             cfg, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dtype,
             triton=kernels, output_attentions=output_attentions,
             attention_dropout=self.training and cfg.attention_probs_dropout_prob > 0,
-            causal=bool(cfg.is_decoder), reads_first_token=self.pooler is not None,
+            causal=causal, reads_first_token=self.pooler is not None,
             reads_all_positions=reads_all_positions, labels=labels, unpad=self.runtime.unpad,
         )
         x, hidden_states, attentions, packed = encoder_forward(
             self, plan, input_ids, token_type_ids, position_ids, inputs_embeds, kernels=kernels,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, causal=causal)
         pooled = self.pooler(x) if self.pooler is not None else None  # (B, C)
         out = BaseModelOutputWithPooling(
             last_hidden_state=x, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
@@ -838,7 +922,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         """start_positions/end_positions: (B,) token indices; positions outside the sequence are
         clamped to S and ignored in the loss (as transformers).  The loss softmaxes over every
         position, padding included (as transformers): with both given the forward runs the padded
-        batch, unless ``unpad="always"`` (then the softmax is over the real tokens only).
+        batch, unless ``unpad="always"`` (then the softmax is over the real tokens only and a
+        position on a padded token is ignored like one outside the sequence: ``qa_loss``).
         Padding-free, the logits at padded positions are 0."""
         with_loss = start_positions is not None and end_positions is not None
         o, packed, packing = _head_forward_bert(self, input_ids, attention_mask, token_type_ids, position_ids,
@@ -848,17 +933,9 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         start_logits = logits[..., 0].contiguous()  # (B, S)
         end_logits = logits[..., 1].contiguous()  # (B, S)
         loss = None
-        if with_loss:
-            S = start_logits.shape[1]
-            start_positions = start_positions.reshape(-1).clamp(0, S)
-            end_positions = end_positions.reshape(-1).clamp(0, S)
-            sl, el = start_logits, end_logits
-            if packing is not None:  # unpad="always": masked semantics, real tokens only
-                pad = (attention_mask == 0).reshape(sl.shape)
-                sl = sl.masked_fill(pad, torch.finfo(sl.dtype).min)
-                el = el.masked_fill(pad, torch.finfo(el.dtype).min)
-            loss = (F.cross_entropy(sl, start_positions, ignore_index=S)
-                    + F.cross_entropy(el, end_positions, ignore_index=S)) / 2
+        if with_loss:  # packed although the loss reads every position: unpad="always", real tokens only
+            padding = (attention_mask == 0) if packing is not None else None
+            loss = qa_loss(start_logits, end_logits, start_positions, end_positions, padding)
         out = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
                                            hidden_states=o.hidden_states, attentions=o.attentions)
         return out if return_dict is None or return_dict else out.to_tuple()

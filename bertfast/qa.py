@@ -6,6 +6,38 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+
+def qa_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions: torch.Tensor,
+            end_positions: torch.Tensor, padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Extractive QA loss, transformers' rule: the mean of the start and end cross-entropies over
+    the S positions of each row, positions clamped to [0, S] and S ignored (a position outside
+    the sequence plays no part).
+
+    ``padding`` (bool (B, S), True at padded tokens; ``unpad="always"``'s masked semantics): the
+    softmax covers the real tokens only, and a start / end position on a padded token is ignored,
+    as a position outside the sequence is (as per-token labels on padding are ignored by the
+    token heads).  A row whose position is ignored adds nothing to that term; when every row's
+    is, the term is NaN, as transformers' is for positions all outside the sequence."""
+    S = start_logits.shape[1]
+    starts = start_positions.reshape(-1).clamp(0, S)
+    ends = end_positions.reshape(-1).clamp(0, S)
+    if padding is not None:
+        pad = padding.reshape(start_logits.shape)
+        start_logits = start_logits.masked_fill(pad, torch.finfo(start_logits.dtype).min)
+        end_logits = end_logits.masked_fill(pad, torch.finfo(end_logits.dtype).min)
+        starts, ends = _ignore_padded(starts, pad, S), _ignore_padded(ends, pad, S)
+    return (F.cross_entropy(start_logits, starts, ignore_index=S)
+            + F.cross_entropy(end_logits, ends, ignore_index=S)) / 2
+
+
+def _ignore_padded(positions: torch.Tensor, pad: torch.Tensor, S: int) -> torch.Tensor:
+    """(B,) positions in [0, S] -> S (ignored) where the position is a padded token of its row."""
+    if positions.shape[0] != pad.shape[0]:
+        return positions  # transformers' cross_entropy names the mismatch
+    on_pad = pad.gather(1, positions.clamp(max=S - 1).to(pad.device)[:, None])[:, 0] & (positions < S)
+    return positions.masked_fill(on_pad.to(positions.device), S)
 
 
 def best_span(start_logits: torch.Tensor, end_logits: torch.Tensor, max_answer_len: int = 30,

@@ -86,12 +86,52 @@ def test_unsupported_requests_use_the_original_forward():
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=0, atol=0)
 
 
-def test_auto_backend_on_cpu_keeps_transformers_forward():
-    model = transformers.BertModel(hf_config()).eval()
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cpu_runs_bertfasts_pytorch_path(backend, monkeypatch):
+    """On CPU, optimize runs bertfast's padding-free PyTorch path (before: auto silently kept
+    transformers' forward): outputs and gradients equal transformers' within rounding; restore
+    gives transformers' forward back."""
+    from bertfast import modeling
+
+    runs = []
+    orig = modeling.encoder_forward
+
+    def spy(bert, plan, *a, **k):
+        runs.append((k["kernels"], plan.packing is not None))
+        return orig(bert, plan, *a, **k)
+
+    monkeypatch.setattr(modeling, "encoder_forward", spy)
+    torch.manual_seed(0)
+    ref = transformers.BertForSequenceClassification(hf_config(num_attention_heads=4))  # head size 16: any size
+    model = transformers.BertForSequenceClassification(hf_config(num_attention_heads=4))
+    model.load_state_dict(ref.state_dict())
     ids, tt, mask = inputs()
-    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    bertfast.optimize(model)  # auto: CPU tensors -> transformers' own forward (the interpreter is not for speed)
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref, rtol=0, atol=0)
+    bertfast.optimize(model, backend=backend)
+    with torch.no_grad():
+        want = ref.eval()(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+        got = model.eval()(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+    assert runs == [(False, True)]  # the PyTorch path, packed
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    m = mask[..., None]
+    for g, w in zip(got.hidden_states, want.hidden_states):
+        torch.testing.assert_close(g * m, w * m, **TOL)
+    labels = torch.tensor([0, 1, 1])
+
+    def grads(mdl):
+        mdl.train().zero_grad(set_to_none=True)
+        mdl(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels).loss.backward()
+        return {n: p.grad for n, p in mdl.named_parameters() if p.grad is not None}
+
+    want_g, got_g = grads(ref), grads(model)
+    assert set(got_g) == set(want_g)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], **tolerance(torch.float32, 10 * GRAD_FACTOR), msg=n)
+    bertfast.restore(model)
+    runs.clear()
+    with torch.no_grad():
+        out = model.eval()(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    assert not runs
+    torch.testing.assert_close(out.logits, want.logits, rtol=0, atol=0)
 
 
 def test_optimize_rejects_what_it_cannot_run():
@@ -99,7 +139,7 @@ def test_optimize_rejects_what_it_cannot_run():
         bertfast.optimize(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="head size"):  # head size 16: the kernels cannot run it
         bertfast.optimize(transformers.BertModel(hf_config(num_attention_heads=4)), backend="triton")
-    bertfast.optimize(transformers.BertModel(hf_config(num_attention_heads=4)))  # auto: transformers' forward runs it
+    bertfast.optimize(transformers.BertModel(hf_config(num_attention_heads=4)))  # auto: accepted (CPU: any head size)
 
 
 def test_optimized_model_validates_inputs():

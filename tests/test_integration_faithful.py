@@ -157,7 +157,9 @@ def test_use_cache_of_a_decoder_is_honoured():
     ids, mask = ids_mask()
     want, got = ref(input_ids=ids, attention_mask=mask), model(input_ids=ids, attention_mask=mask)
     assert_same_structure(got, want)
-    assert got.cache is not None and got.cache.get_seq_length() == ids.shape[1]
+    # the cache field is ``cache`` in transformers >= 5.2x, ``past_key_values`` before: as the installed one names it
+    field = "cache" if "cache" in type(want).__dataclass_fields__ else "past_key_values"
+    assert want[field] is not None and got[field] is not None and got[field].get_seq_length() == ids.shape[1]
     ref.config.use_cache = model.config.use_cache = False
     assert_same_structure(model(input_ids=ids, attention_mask=mask), ref(input_ids=ids, attention_mask=mask))
 
@@ -177,8 +179,8 @@ def test_head_outputs_follow_the_config(kernel_calls):
 
 
 def _count_layer_calls(model, monkeypatch):
-    """Calls of the per-layer function: modeling.layer_forward on the kernels, the layer's
-    intermediate module in transformers' layers (the recompute calls forward, not __call__)."""
+    """Calls of the per-layer function on the kernels (modeling.layer_forward).  (A hook on the
+    model's modules would make those layers run as transformers' modules instead.)"""
     calls = []
     orig = modeling.layer_forward
 
@@ -187,8 +189,6 @@ def _count_layer_calls(model, monkeypatch):
         return orig(*a, **k)
 
     monkeypatch.setattr(modeling, "layer_forward", spy)
-    for layer in integration.find_bert(model).encoder.layer:
-        layer.intermediate.register_forward_hook(lambda *a: calls.append(1))
     return calls
 
 
@@ -236,11 +236,14 @@ def test_gradient_checkpointing_runs_on_the_kernels(monkeypatch, kernel_calls, u
         return orig(*a, **k)
 
     monkeypatch.setattr(modeling, "layer_forward", spy)
+    # gradient_checkpointing_enable hooks the input embeddings (enable_input_require_grads): they then
+    # run as transformers' module, drawing their dropout mask on the padded batch; the same in both runs
+    model.enable_input_require_grads()
     plain, _ = _grads(model, calls, ids, mask, labels)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     calls.clear()
     ckpt, n_forward = _grads(model, calls, ids, mask, labels)
-    assert len(kernel_calls) == 2 and n_forward == 2 and len(calls) == 4
+    assert kernel_calls == [True, True] and n_forward == 2 and len(calls) == 4  # packed, layers on the kernels
     assert set(ckpt) == set(plain)
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], **GTOL, msg=n)
@@ -484,3 +487,143 @@ def test_one_host_read_per_optimized_forward(cls, left, loss, kernel_calls):
     assert kernel_calls == [packed]
     if loss is not None:
         assert out.loss is not None and torch.isfinite(out.loss)
+
+
+# ----------------------------------------------------------------------------- 8. hooks and wrapped modules
+
+
+@pytest.fixture
+def layer_forward_calls(monkeypatch):
+    """Layers run on the kernels (modeling.layer_forward), in order."""
+    calls = []
+    orig = modeling.layer_forward
+
+    def spy(layer, *a, **k):
+        calls.append(layer)
+        return orig(layer, *a, **k)
+
+    monkeypatch.setattr(modeling, "layer_forward", spy)
+    return calls
+
+
+def test_module_hooks_fire_once_as_in_transformers(kernel_calls, layer_forward_calls):
+    """A forward pre-hook and a forward hook (one that changes the output) on a BertLayer, and a
+    hook on the word embeddings: each fires once per forward, as in transformers, and the hooked
+    parts run through transformers' modules (before: the kernel path skipped them, 0 calls);
+    the other layer stays on the kernels, padding-free."""
+    ref, model = pair("BertModel", hf_config(), backend="triton")
+    ref.eval(), model.eval()
+    ids, mask = ids_mask(left=True, holes=True)
+    fired = {}
+
+    def hook_up(m, tag):
+        bert = integration.find_bert(m)
+        bert.encoder.layer[1].register_forward_pre_hook(lambda *a: fired.setdefault((tag, "pre"), []).append(1))
+        bert.encoder.layer[1].register_forward_hook(lambda mod, args, out: out * 1.5)
+        bert.embeddings.word_embeddings.register_forward_hook(
+            lambda *a: fired.setdefault((tag, "emb"), []).append(1))
+
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # a plain forward first: hooks registered after it are seen
+    kernel_calls.clear(), layer_forward_calls.clear()
+    hook_up(ref, "ref"), hook_up(model, "ours")
+    want = ref(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    got = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    assert fired == {("ref", "pre"): [1], ("ref", "emb"): [1], ("ours", "pre"): [1], ("ours", "emb"): [1]}
+    m = mask[..., None]
+    torch.testing.assert_close(got.last_hidden_state * m, want.last_hidden_state * m, **TOL)
+    torch.testing.assert_close(got.pooler_output[1:], want.pooler_output[1:], **TOL)  # row 0: left padding
+    layers = integration.find_bert(model).encoder.layer
+    assert kernel_calls == [False] and layer_forward_calls == [layers[0]]  # (the pooler reads row 0's padding)
+    kernel_calls.clear(), layer_forward_calls.clear()
+    ids, mask = ids_mask()  # right padding: packed; the hooked layer's input padded and its output packed again
+    want = ref(input_ids=ids, attention_mask=mask)
+    got = model(input_ids=ids, attention_mask=mask)
+    m = mask[..., None]
+    torch.testing.assert_close(got.last_hidden_state * m, want.last_hidden_state * m, **TOL)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, **TOL)
+    assert kernel_calls == [True] and layer_forward_calls == [layers[0]]
+    assert len(fired[("ours", "pre")]) == len(fired[("ref", "pre")]) == 2
+
+
+class LoraLinear(torch.nn.Module):
+    """A LoRA wrapper in place of an nn.Linear, as PEFT builds one: the original linear in
+    ``base_layer``, a low-rank update beside it (no ``weight`` of its own)."""
+
+    def __init__(self, base, r=4, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(torch.randn(self.lora_A.weight.shape, generator=g) * 0.1)
+            self.lora_B.weight.copy_(torch.randn(self.lora_B.weight.shape, generator=g) * 0.1)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * 2.0
+
+
+def _add_lora(model):
+    for i, layer in enumerate(integration.find_bert(model).encoder.layer):
+        attn = layer.attention.self
+        attn.query, attn.value = LoraLinear(attn.query, seed=2 * i), LoraLinear(attn.value, seed=2 * i + 1)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n or n.startswith("classifier"))
+
+
+def test_lora_wrapped_linears_train_like_transformers(kernel_calls, layer_forward_calls):
+    """LoRA wrappers in place of the attention projections: those layers run through their
+    modules (before: KeyError: 'weight'), same loss and adapter gradients as transformers; the
+    embeddings stay on the kernels."""
+    ref, model = pair("BertForSequenceClassification", hf_config(), backend="triton")
+    ids, mask = ids_mask()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # a forward first: wrappers injected after it are seen
+    kernel_calls.clear(), layer_forward_calls.clear()
+    _add_lora(ref), _add_lora(model)
+    _assert_same_training(ref, model, input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1]))
+    assert kernel_calls == [True] and layer_forward_calls == []
+    with torch.no_grad():  # and inference under backend="triton" / "auto" alike
+        got = model.eval()(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, ref.eval()(input_ids=ids, attention_mask=mask).logits, **TOL)
+
+
+def test_hooks_the_kernels_cannot_honour_are_refused_or_run_by_transformers(monkeypatch, kernel_calls):
+    """A hook on the encoder module itself (the kernel path never calls it): backend="triton"
+    refuses by name, at optimize and at the forward; "auto" runs transformers' own forward."""
+    ids, mask = ids_mask()
+    hooked = transformers.BertModel(hf_config()).eval()
+    hooked.encoder.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="encoder has a forward hook"):
+        bertfast.optimize(hooked, backend="triton")
+    ref, model = pair("BertModel", hf_config(), backend="triton")
+    ref.eval(), model.eval()
+    fired = []
+    handle = model.encoder.register_forward_hook(lambda *a: fired.append(1))
+    with pytest.raises(ValueError, match="encoder has a forward hook"):
+        model(input_ids=ids, attention_mask=mask)
+    bertfast.optimize(model, backend="auto")
+    monkeypatch.setattr(integration._backend, "resolve", lambda name, device: "triton")  # as on CUDA
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               ref(input_ids=ids, attention_mask=mask).last_hidden_state, rtol=0, atol=0)
+    assert fired == [1] and not kernel_calls
+    handle.remove()
+    model(input_ids=ids, attention_mask=mask)
+    assert kernel_calls == [True]
+
+
+def test_transformers_output_capturing_hooks_keep_the_kernels(kernel_calls, layer_forward_calls):
+    """transformers installs its own output-capturing hooks the first time an output is asked
+    of its forward; they are inactive outside it, so the layers stay on the kernels after."""
+    ref, model = pair("BertModel", hf_config(), backend="triton")
+    ref.eval(), model.eval()
+    ids, mask = ids_mask()
+    model(input_ids=ids, attention_mask=mask, output_attentions=True)  # transformers' forward: hooks installed
+    assert any(layer._forward_hooks for layer in model.encoder.layer)
+    assert not kernel_calls
+    got = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    want = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert kernel_calls == [True] and len(layer_forward_calls) == 2
+    for g, w in zip(got.hidden_states, want.hidden_states):
+        torch.testing.assert_close(g * mask[..., None], w * mask[..., None], **TOL)

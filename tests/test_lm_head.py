@@ -175,6 +175,34 @@ def test_causal_future_tokens_do_not_change_the_past(pair):
     assert (a[:, 6:] - b[:, 6:]).abs().amax() > 1e-4
 
 
+def prefix_lm_mask(S, prefix, dtype=torch.float32):
+    """(1, 1, S, S) additive prefix-LM mask: the first ``prefix`` tokens see each other both ways,
+    the rest are causal."""
+    keep = torch.ones(S, S, dtype=torch.bool).tril_()
+    keep[:prefix, :prefix] = True
+    return torch.zeros(S, S, dtype=dtype).masked_fill_(~keep, torch.finfo(dtype).min)[None, None]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_a_4d_mask_is_complete_as_in_transformers(tmp_path, backend):
+    """A decoder given a 4-D mask applies it as given, as transformers does (its create_causal_mask
+    returns a 4-D mask unchanged): a prefix-LM mask lets the prefix see itself both ways.  (Before:
+    causal masking was added on top, and the prefix's logits differed.)"""
+    torch.manual_seed(0)
+    ours = perturb(BertLMHeadModel(BertConfig(**{**CFG, "num_attention_heads": 2}))).eval()  # head size 32
+    ours.save_pretrained(tmp_path)
+    ref = transformers.BertLMHeadModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids, _ = batch("none")
+    mask = prefix_lm_mask(ids.shape[1], prefix=5)
+    want = ref(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
+    ours.set_backend(backend)
+    got = ours(input_ids=ids, attention_mask=mask, labels=ids)
+    plain = ours(input_ids=ids, labels=ids)  # no mask: causal
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+    assert (got.logits[:, :4] - plain.logits[:, :4]).abs().amax() > 1e-3  # the prefix did see ahead
+
+
 def test_transformers_checkpoint_loads_and_ties(tmp_path):
     torch.manual_seed(0)
     ref = perturb(transformers.BertLMHeadModel(hf_config(BertConfig(**CFG)))).eval()

@@ -451,3 +451,63 @@ def test_malformed_shard_index(saved, text, expect):
     (d / "model.safetensors.index.json").write_text(text)
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*" + expect):
         BertModel.from_pretrained(d)
+
+
+# ----------------------------------------------------------------------------- transformers' keywords, devices
+
+
+def test_transformers_from_pretrained_keywords(saved):
+    """torch_dtype, attn_implementation and add_pooling_layer are accepted as transformers
+    accepts them (before: 'unknown config override(s)')."""
+    _, saved = saved
+    ref = BertModel.from_pretrained(saved)
+    assert BertModel.from_pretrained(saved, torch_dtype=torch.float16).dtype == torch.float16
+    assert BertModel.from_pretrained(saved, torch_dtype="float64").dtype == torch.float64
+    assert BertModel.from_pretrained(saved, dtype=torch.float16, torch_dtype=torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match="torch_dtype"):
+        BertModel.from_pretrained(saved, dtype=torch.float16, torch_dtype=torch.float32)
+    x = ids()
+    with torch.no_grad():
+        want = ref(x)
+        for impl in ("eager", "sdpa", None):  # accepted; bertfast runs its own attention (equal to both)
+            got = BertModel.from_pretrained(saved, attn_implementation=impl)(x)
+            torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="attn_implementation"):
+            BertModel.from_pretrained(saved, attn_implementation=3)
+        bare = BertModel.from_pretrained(saved, add_pooling_layer=False)  # the checkpoint's pooler: ignored
+        out = bare(x)
+    assert bare.pooler is None and out.pooler_output is None
+    torch.testing.assert_close(out.last_hidden_state, want.last_hidden_state, rtol=0, atol=0)
+    assert "pooler.dense.weight" not in bare.state_dict()
+    with pytest.raises(TypeError, match="add_pooling_layer"):
+        bertfast.BertForSequenceClassification.from_pretrained(saved, add_pooling_layer=False)
+    with pytest.raises(ValueError, match="add_pooling_layer"):
+        BertModel.from_pretrained(saved, add_pooling_layer="no")
+    with pytest.raises(TypeError, match="unknown config override"):  # anything else is still refused
+        BertModel.from_pretrained(saved, attention_implementation="eager")
+
+
+def test_add_pooling_layer_false_matches_transformers(saved):
+    transformers = pytest.importorskip("transformers")
+    _, saved = saved
+    ours = BertModel.from_pretrained(saved, add_pooling_layer=False)
+    ref = transformers.BertModel.from_pretrained(saved, add_pooling_layer=False, attn_implementation="eager").eval()
+    assert ref.pooler is None
+    x = ids()
+    with torch.no_grad():
+        got, want = ours(x), ref(x)
+    assert got.pooler_output is None and want.pooler_output is None
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_a_device_torch_cannot_use_is_one_clear_error(saved, monkeypatch):
+    """device="cuda" without CUDA: one ValueError naming the device and the way out, before
+    anything is read (before: torch's raw AssertionError 'Torch not compiled with CUDA enabled')."""
+    _, saved = saved
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(ValueError, match=r"device=.*cuda.*device='cpu'"):
+            BertModel.from_pretrained(saved, device=device)
+    with pytest.raises(ValueError, match="not a device"):
+        BertModel.from_pretrained(saved, device="gpu0")
+    assert BertModel.from_pretrained(saved, device="cpu").device == torch.device("cpu")

@@ -44,8 +44,21 @@ def dataset(head, n=64):
     return rows
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_head_trains_under_transformers_trainer(head, tmp_path, monkeypatch):
+def checkpointing_args():
+    """TrainingArguments' gradient checkpointing switch, by the name the installed transformers
+    uses (transformers >= 5.2x: activation_checkpointing, gradient_checkpointing its deprecated alias)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: True}
+
+
+@pytest.mark.parametrize("head,checkpointing", [(h, False) for h in HEADS] + [("BertForTokenClassification", True)])
+def test_head_trains_under_transformers_trainer(head, checkpointing, tmp_path, monkeypatch):
+    """checkpointing: Trainer(gradient_checkpointing=True) calls the model's
+    gradient_checkpointing_enable (before: AttributeError inside Trainer), and every layer is
+    recomputed in the backward."""
     for k in [k for k in os.environ if k.startswith("ACCELERATE_")]:
         monkeypatch.delenv(k)
     torch.manual_seed(0)
@@ -57,8 +70,11 @@ def test_head_trains_under_transformers_trainer(head, tmp_path, monkeypatch):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=32, per_device_train_batch_size=8, learning_rate=3e-3,
         warmup_steps=0, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
-        seed=0, dataloader_num_workers=0)
+        seed=0, dataloader_num_workers=0, **(checkpointing_args() if checkpointing else {}))
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(head), data_collator=collator)
+    layer_calls = []
+    for layer in model.bert.encoder.layer:
+        layer.register_forward_pre_hook(lambda *a: layer_calls.append(torch.is_grad_enabled()))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is fastest, and CI gives each worker one core
     try:
@@ -69,3 +85,6 @@ def test_head_trains_under_transformers_trainer(head, tmp_path, monkeypatch):
     assert len(losses) == 32 and all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.85 * first, losses
+    assert model.is_gradient_checkpointing == checkpointing
+    # each step runs both layers once, and again in the backward when checkpointed
+    assert len(layer_calls) == 32 * 2 * (2 if checkpointing else 1)
