@@ -16,6 +16,27 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed triton; (99, 0) without triton (the newest tables apply)."""
+    try:
+        import triton
+    except ImportError:
+        return (99, 0)
+    try:
+        major, minor = triton.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
+# The one version rule of the configuration tables.  Each triton wheel bundles its own ptxas;
+# the tables are chosen (and compile without spills) for triton 3.9's.  Triton older than 3.9
+# -- 3.6.0 is what the GPU machines run -- spills in a few configurations, which the op's config
+# function then replaces by a measured spill-free one (``_gemm._table``, ``attention._table_config``,
+# ``add_layernorm._config``, ``embeddings_layernorm._config``; each cites its measurement).
+OLD_PTXAS = triton_version() < (3, 9)
+
 # Opt-in shared memory per block (bytes): sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 

@@ -91,8 +91,8 @@ C = GemmConfig
 # big tile; 64x128 with one warpgroup keeps the SMs busy for small M.  A 128x256 tile (128 fp32
 # accumulators a thread) compiles without spills under triton 3.9 but spills 0.1 - 1.7 KB under
 # triton 3.6, whose ptxas the GPU machines run, even with only a bias in the epilogue, so it is
-# not offered.  Under triton 3.6 the 128x128 tile still spills ~150 B in one rare variant: the
-# erf-GELU + pre-activation store (training) when N or K is not a multiple of 16.
+# not offered.  Under triton 3.6 the 128x128 tile also spills ~150 B in the erf-GELU + pre-activation
+# store (training) epilogue when N is not a multiple of 16: see ``_OLD_PTXAS_STORE_PRE``.
 _SM90_HALF = (
     C(128, 128, 64, num_warps=8, num_stages=4, efficiency=1.00),
     C(64, 128, 64, num_warps=4, num_stages=4, efficiency=0.75),
@@ -161,15 +161,16 @@ def precision_of(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 else "ieee"
 
 
-def gemm_configs(dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool) -> tuple[GemmConfig, ...]:
-    """Every configuration ``pick_config`` may return for this dtype on this architecture."""
+def gemm_configs(dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool, *,
+                 store_pre: bool = False) -> tuple[GemmConfig, ...]:
+    """Every configuration ``pick_config`` may return for this dtype, architecture and epilogue (``_table``)."""
     prec = precision_of(dtype, allow_tf32)
     fam = _family(capability)
     if fam != "small":
-        return _TABLES[fam][prec]
+        return _table(fam, prec, store_pre)
     elsize = 2 if prec == "half" else 4
     out = []
-    for c in _TABLES["sm80"][prec]:  # drop stages until the ring fits ~99 KiB
+    for c in _table("sm80", prec, store_pre):  # drop stages until the ring fits ~99 KiB
         while c.num_stages > 2 and c.shared_bytes(elsize) > 96 * 1024:
             c = replace(c, num_stages=c.num_stages - 1)
         out.append(c)
@@ -177,14 +178,14 @@ def gemm_configs(dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bo
 
 
 def gemm_candidates(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool, *,
-                    plain: bool) -> tuple[GemmConfig, ...]:
+                    plain: bool, store_pre: bool = False) -> tuple[GemmConfig, ...]:
     """What the tuner may time for one GEMM, the default (``pick_config``) first: every entry of
     the table, and for a ``plain`` GEMM (no bias, no activation, no pre-activation store,
     row-major output: the output projections whose bias goes into the LayerNorm kernel) cuBLAS
     via ``torch.mm`` plus, for fp16 / bf16, split-K at small M (fewer tiles than SMs) and the
-    persistent TMA kernel on sm_90."""
-    default = pick_config(M, N, K, dtype, capability, allow_tf32)
-    out = [default] + [c for c in gemm_configs(dtype, capability, allow_tf32) if c != default]
+    persistent TMA kernel on sm_90.  ``store_pre``: see ``gemm_configs``."""
+    default = pick_config(M, N, K, dtype, capability, allow_tf32, store_pre=store_pre)
+    out = [default] + [c for c in gemm_configs(dtype, capability, allow_tf32, store_pre=store_pre) if c != default]
     if not plain:
         return tuple(out)
     fam = _family(capability)
@@ -201,16 +202,17 @@ def gemm_candidates(M: int, N: int, K: int, dtype: torch.dtype, capability: tupl
     return tuple(out)
 
 
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool) -> GemmConfig:
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool, *,
+                store_pre: bool = False) -> GemmConfig:
     """The one deterministic block-size rule.
 
     Estimated time of a configuration = (number of waves of tiles over the SMs) x (tile area /
     tile efficiency); ties go to the earlier (bigger) tile.  Big GEMMs therefore take the
     largest tile unless its last wave would leave most SMs idle; small M takes the small tile.
     K does not change the choice (every tile walks the whole K), it is accepted so the rule
-    can grow split-K later without changing callers.
+    can grow split-K later without changing callers.  ``store_pre``: see ``gemm_configs``.
     """
-    configs = gemm_configs(dtype, capability, allow_tf32)
+    configs = gemm_configs(dtype, capability, allow_tf32, store_pre=store_pre)
     sms = _SM_COUNT.get(capability[0], 108)
     best, best_cost = configs[0], math.inf
     for c in configs:
@@ -222,11 +224,9 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[in
     return best
 
 
-# M (rows = tokens, arbitrary with padding-free packing) and SEQ (sequence length) are never
-# specialised on divisibility by 16 (nor on == 1): the kernel the JIT builds does not depend on
-# them, so the two variants gemm_specs lists (fully generic, and 16-divisible sizes and strides
-# apart from M and SEQ) are the ones that run.  Under triton 3.6 the fully generic variant of
-# the erf-GELU + pre-activation epilogue spills; the other one does not.
+# M (rows = tokens, arbitrary with padding-free packing) and SEQ (sequence length) are never specialised
+# on divisibility by 16 (nor on == 1): the kernel the JIT builds does not depend on them, so the two variants
+# gemm_specs lists (fully generic, and 16-divisible sizes and strides apart from M and SEQ) are the ones that run.
 _NOT_SPECIALIZED = ("M", "SEQ")
 
 
@@ -393,6 +393,58 @@ if HAS_TRITON:
             out_desc.store([m0, n0], acc.to(out_desc.dtype))
 
 
+# The tables above are the triton 3.9 choice (its bundled ptxas: no spill anywhere).  Under an
+# older triton (``_compile.OLD_PTXAS``: 3.6.0 is what the GPU machines run) its ptxas spills in
+# a few of them, and the lists below replace those (``_table``).  Measured with
+# ``python -m bertfast.kernels.compile_check --op linear qkv_projection`` under triton 3.6.0
+# (registers / spill-store bytes, generic kernel / 16-divisible twin).
+C = GemmConfig
+# Pre-activation store (STORE_PRE: the GELU layers of training), fp16 / bf16 / tf32.  Under 3.6:
+# sm_90 128x128x64 w8: 255 regs, 136 - 160 B spilled (generic) -> 16 warps (four warpgroups of
+#   64x64, half the accumulators a thread): 128 / 79 regs, no spill, wgmma kept;
+# sm_90 tf32 128x128x32 w8: 16 B (w16 still 12 B) -> only the one-warpgroup 64x128 tile (clean);
+# sm_80 128x128x32 w8: 255 regs, 156 - 172 B (tf32 40 - 68 B) -> w16: 128 / 84 - 88 regs, no
+#   spill (tf32 w16 still 16 - 32 B: tf32 takes only the 64x128 tile);
+# sm_80 64x128x32 w4: 8 B (fp16 bias, 16-divisible), tf32 24 - 52 B -> w8: <= 177 regs, no spill.
+# The tiles (hence the interpreter's results) are the default table's; only warps change.
+_OLD_PTXAS_STORE_PRE = {
+    "sm90": {
+        "half": (
+            C(128, 128, 64, num_warps=16, num_stages=4, efficiency=1.00),
+            C(64, 128, 64, num_warps=4, num_stages=4, efficiency=0.75),
+        ),
+        "tf32": (C(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.75),),
+        "ieee": (C(64, 64, 32, num_warps=4, num_stages=2, efficiency=0.85),),
+    },
+    "sm80": {
+        "half": (
+            C(128, 128, 32, num_warps=16, num_stages=4, efficiency=1.00),
+            C(64, 128, 32, num_warps=8, num_stages=4, efficiency=0.75),
+        ),
+        "tf32": (C(64, 128, 32, num_warps=8, num_stages=4, efficiency=0.75),),
+        "ieee": (C(64, 64, 32, num_warps=4, num_stages=2, efficiency=0.85),),
+    },
+}
+# IEEE fp32 (every epilogue), both architectures.  Under 3.6, with 3 stages ptxas settles on 128
+# registers and spills 8 - 28 B (128x64 w8: plain, tanh, bias, erf + pre-activation; 64x64 w4:
+# tanh on sm_80, the head-split store on sm_90) -> 2 stages: 128 regs, no spill.
+_OLD_PTXAS_FP32 = tuple(replace(c, num_stages=2) for c in _SM90_FP32)
+del C
+
+
+def _table(fam: str, prec: str, store_pre: bool) -> tuple[GemmConfig, ...]:
+    """The list of one (architecture family, precision, epilogue); the triton-version rule."""
+    from bertfast.kernels._compile import OLD_PTXAS
+
+    if OLD_PTXAS:
+        if store_pre and prec in _OLD_PTXAS_STORE_PRE[fam]:
+            return _OLD_PTXAS_STORE_PRE[fam][prec]
+        if prec == "ieee":
+            return _OLD_PTXAS_FP32
+    return _TABLES[fam][prec]
+
+
+
 _TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -453,7 +505,7 @@ def plan_gemm(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, 
     from bertfast.kernels import tuning
     from bertfast.kernels._common import INTERPRET, cuda_capability, tf32_allowed
 
-    allow_tf32 = tf32_allowed()
+    allow_tf32 = tf32_allowed(dtype)
     plain = activation == ACT_NONE and not has_bias and not has_pre and head_split is None
     if config is None:
         config = tuning.gemm_choice(M, N, K, dtype, device, cuda_capability(device), allow_tf32,
@@ -513,7 +565,7 @@ def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optio
         M, N, K, stride_x, stride_w = plan.ints[:5]
         from bertfast.kernels._common import cuda_capability, tf32_allowed
 
-        cfg = pick_config(M, N, K, x2.dtype, cuda_capability(x2.device), tf32_allowed())
+        cfg = pick_config(M, N, K, x2.dtype, cuda_capability(x2.device), tf32_allowed(x2.dtype))
         plan = plan_gemm(M, N, K, x2.dtype, x2.device, stride_x, stride_w, has_bias=False, has_pre=False,
                          config=cfg)
     if plan.tma:  # plain GEMM only
@@ -605,9 +657,11 @@ def gemm_specs(op: str, arch: int, flag_sets: list[dict]) -> list:
     for dtype, allow_tf32 in (
         (torch.float16, False), (torch.bfloat16, False), (torch.float32, True), (torch.float32, False),
     ):
-        for cfg in gemm_configs(dtype, cap, allow_tf32):
-            for flags in flag_sets:
-                specs += _spec_pair(op, dtype, allow_tf32, cfg, flags)
+        lists = [gemm_configs(dtype, cap, allow_tf32, store_pre=bool(f.get("STORE_PRE"))) for f in flag_sets]
+        for cfg in dict.fromkeys(c for configs in lists for c in configs):  # every listed config, in order
+            for flags, configs in zip(flag_sets, lists):
+                if cfg in configs:
+                    specs += _spec_pair(op, dtype, allow_tf32, cfg, flags)
     return specs
 
 

@@ -30,7 +30,7 @@ from bertfast.kernels._common import (
     mode_key,
     use_triton,
 )
-from bertfast.kernels._compile import KernelSpec
+from bertfast.kernels._compile import OLD_PTXAS, KernelSpec
 from bertfast.kernels._layernorm import (
     all_ln_configs,
     bwd_num_programs,
@@ -133,6 +133,27 @@ def _add_layernorm_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+# Backward warps by BLOCK_N under triton < 3.9 (``_compile.OLD_PTXAS``: 3.6.0 is what the GPU
+# machines run), measured with triton 3.6.0 (``python -m bertfast.kernels.compile_check --op add_layernorm``;
+# registers, spill-store bytes), with ``ln_config``'s 8 warps on sm_80:
+# * BN=2048 R=1: 4 - 8 B (fp32 with x_bias, 80 regs; bf16 16-divisible, 64 regs) -> 16 warps:
+#   51 - 64 regs, no spill (every dtype / variant, sm_90 and sm_80);
+# * BN=4096 R=1: 4 - 12 B (fp32 / fp16 / bf16 generic, 128 regs; 16 warps still 4 B, bf16
+#   16-divisible, 64 regs) -> 32 warps: 44 - 59 regs, no spill.
+# Rows and BLOCK_N (hence every result) stay; triton 3.9 keeps 8 warps (no spill there).
+_OLD_PTXAS_BWD_WARPS = {2048: 16, 4096: 32}
+
+
+def _config(n: int):
+    """``ln_config`` for this op, with the triton-version rule above."""
+    from dataclasses import replace
+
+    cfg = ln_config(n, OP)
+    if OLD_PTXAS and cfg.block_n in _OLD_PTXAS_BWD_WARPS:
+        cfg = replace(cfg, bwd_num_warps=_OLD_PTXAS_BWD_WARPS[cfg.block_n])
+    return cfg
+
+
 def _rows2d(t: torch.Tensor, n: int) -> torch.Tensor:
     """(M, N) view with unit column stride (copies only when the last dim is not contiguous)."""
     t2 = t.reshape(-1, n)
@@ -193,7 +214,7 @@ def _forward(x, residual, weight, bias, eps, x_bias, out):
 def _backward(dy, x, residual, weight, x_bias, mean, rstd):
     """Launch the backward kernel; returns (dx, dweight, dbias, dx_bias or None)."""
     n = x.shape[-1]
-    cfg = ln_config(n, OP)
+    cfg = _config(n)
     m = x.numel() // n
     has_xb = x_bias is not None
     sum_dxb = has_xb and cfg.bwd_sums_dxb
@@ -331,7 +352,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         p = triton_ptr_type(dtype)
-        for cfg in all_ln_configs():
+        for cfg in (_config(c.block_n) for c in all_ln_configs()):
             for has_xb in (False, True):
                 label = f"{short_dtype(dtype)} {cfg.label}{' x_bias' if has_xb else ''}"
                 fwd_sig = {

@@ -472,8 +472,8 @@ class Config(NamedTuple):
 # (D, dtype group) -> {kernel: Config}; dtype group "16" = fp16/bf16 (tensor cores), "32" = fp32.
 # Chosen for H100 (sm_90, wgmma: 8 warps = 2 warpgroups of 64 query rows) first, A100 (sm_80,
 # mma.sync) second; every entry compiles for its arch without spills under triton 3.9 (python -m
-# bertfast.kernels.compile_check --op attention).  Under triton 3.6 a few rare variants (additive 4-D mask
-# with causal at D = 128, fp32 with TF32) spill 4 - 36 bytes: see the committed resource tables.
+# bertfast.kernels.compile_check --op attention).  Under triton 3.6 a few variants spill with these; where a
+# measured spill-free choice exists, ``_OLD_PTXAS_CONFIGS`` (below) replaces the entry there.
 _CONFIGS_SM90 = {
     (32, "16"): dict(fwd=Config(128, 128, 8, 3), dkdv=Config(64, 128, 8, 2), dq=Config(128, 64, 8, 2)),
     (64, "16"): dict(fwd=Config(128, 128, 8, 3), dkdv=Config(64, 128, 8, 2), dq=Config(128, 64, 8, 2)),
@@ -493,6 +493,40 @@ _CONFIGS_SM80 = {
     (32, "32"): dict(fwd=Config(64, 32, 8, 2), dkdv=Config(32, 32, 4, 2), dq=Config(32, 32, 4, 2)),
     (64, "32"): dict(fwd=Config(64, 32, 8, 2), dkdv=Config(32, 32, 4, 2), dq=Config(64, 32, 8, 2)),
     (128, "32"): dict(fwd=Config(16, 32, 8, 2), dkdv=Config(16, 32, 4, 2), dq=Config(16, 32, 4, 2)),
+}
+# Under triton < 3.9 (``bertfast.kernels._compile.OLD_PTXAS``: 3.6.0 is what the GPU machines run) its
+# ptxas spills in a few entries above; these replace them there (triton 3.9 keeps the table: no spill).
+# Key: (arch family, D, dtype group, kernel, additive mask: True = only with the 4-D additive mask,
+# False = only without it, None = every mask kind).  Measured with triton 3.6.0 (``python -m
+# bertfast.kernels.compile_check --op attention``; registers, spill-store bytes, every mask kind / causal
+# the key covers):
+# * sm_90 D=128 fp16/bf16 dK/dV, additive mask: 64x64 spills 36 B (255 regs, causal) -> 32 query
+#   rows a step: 202 - 224 regs, no spill, wgmma kept;
+# * sm_90 D=32 fp32 dK/dV, additive mask: 32x32 spills 36 B (TF32, causal; 4 warps still 4 - 8 B)
+#   -> 16 query rows a step: 80 - 255 regs, no spill;
+# * sm_90 D=32 fp32 dQ: 8 warps spill 4 - 8 B (TF32, key mask) -> 4 warps: 80 - 199 regs;
+# * sm_90 D=128 fp32 forward without additive mask: 2 stages spill 4 B (TF32, causal, 80 regs)
+#   -> 1 stage: 60 - 126 regs, no spill (with the additive mask 1 stage spills 24 B; 2 do not);
+# * sm_80 D=64 fp16/bf16 dK/dV, additive mask: 32x128 spills 8 B (255 regs, causal; 32x64 too)
+#   -> 16 query rows a step: 186 - 195 regs, no spill;
+# * sm_80 D=64 fp32 dK/dV: 32x32 with 4 warps spills 1148 - 1452 B (IEEE, causal) -> 8 warps:
+#   80 - 180 regs (IEEE and TF32), no spill;
+# * sm_80 D=32 fp16/bf16 forward: 128x64 spills 20 B (128 regs, key mask) -> 128x32 (32 keys a step):
+#   98 - 128 regs, no spill (every mask kind);
+# * sm_80 D=32 / 64 fp32 forward, additive mask: 64x32 spills 8 B (IEEE, causal) / 28 B (TF32)
+#   -> 32 query rows: 64 - 128 regs, no spill;
+# * sm_80 D=32 fp32 dQ, additive mask: 4 warps spill 8 B (TF32, causal) -> 8 warps: 80 - 170 regs.
+_OLD_PTXAS_CONFIGS = {
+    (9, 128, "16", "dkdv", True): Config(32, 64, 8, 2),
+    (9, 32, "32", "dkdv", True): Config(16, 32, 8, 2),
+    (9, 32, "32", "dq", None): Config(32, 32, 4, 2),
+    (9, 128, "32", "fwd", False): Config(16, 32, 8, 1),
+    (8, 32, "16", "fwd", None): Config(128, 32, 8, 2),
+    (8, 64, "16", "dkdv", True): Config(16, 128, 8, 2),
+    (8, 32, "32", "fwd", True): Config(32, 32, 8, 2),
+    (8, 64, "32", "fwd", True): Config(32, 32, 8, 2),
+    (8, 32, "32", "dq", True): Config(32, 32, 8, 2),
+    (8, 64, "32", "dkdv", None): Config(32, 32, 8, 2),
 }
 # Under the interpreter: small tiles (fast on CPU) that still leave partial tiles at S = 7, 77,
 # 200, cover BLOCK_M != BLOCK_N (so causal diagonals span several tiles) and run the same code.
@@ -580,11 +614,18 @@ def attention_config(head_dim: int, dtype: torch.dtype, seqlen: int, capability:
 
 def _table_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int], additive_mask: bool) -> dict:
     """The default tables' block sizes for a GPU (see ``attention_config``)."""
+    from bertfast.kernels._compile import OLD_PTXAS
+
     group = "32" if dtype == torch.float32 else "16"
-    table = _CONFIGS_SM90 if capability[0] >= 9 else _CONFIGS_SM80
+    family = 9 if capability[0] >= 9 else 8
+    table = _CONFIGS_SM90 if family == 9 else _CONFIGS_SM80
     cfg = dict(table[(head_dim, group)])
     if additive_mask:
         cfg = {k: c._replace(num_stages=min(c.num_stages, 2)) for k, c in cfg.items()}
+    if OLD_PTXAS:
+        for kernel in cfg:
+            for key in ((family, head_dim, group, kernel, None), (family, head_dim, group, kernel, additive_mask)):
+                cfg[kernel] = _OLD_PTXAS_CONFIGS.get(key, cfg[kernel])
     cfg["pre"] = Config(_PRE_ROWS // head_dim, head_dim, 4, 1)
     return cfg
 

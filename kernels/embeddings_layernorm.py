@@ -24,6 +24,7 @@ hidden size 1..8192.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -41,7 +42,7 @@ from bertfast.kernels._common import (
     mode_key,
     use_triton,
 )
-from bertfast.kernels._compile import KernelSpec
+from bertfast.kernels._compile import OLD_PTXAS, KernelSpec
 from bertfast.kernels._layernorm import (
     all_ln_configs,
     bwd_num_programs,
@@ -59,7 +60,6 @@ from bertfast.kernels._layernorm import (
 
 OP = "embeddings_layernorm"
 ID_DTYPES = (torch.int32, torch.int64)
-
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
@@ -262,11 +262,37 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# Warps under triton < 3.9 (``_compile.OLD_PTXAS``: 3.6.0 is what the GPU machines run) where
+# ``ln_config``'s spill, measured with triton 3.6.0 (``python -m bertfast.kernels.compile_check --op
+# embeddings_layernorm``; registers, spill-store bytes):
+# * backward BN=512 R=4, 4 warps: 128 regs, 4 - 8 B (fp16 / bf16, 16-divisible N; sm_90 and
+#   sm_80); BN=1024 R=2, 4 warps: 96 regs, 4 B (fp16, sm_90; fp32 generic on sm_80: 128, 4 B)
+#   -> 8 warps: 76 - 101 regs, no spill (every dtype, both architectures);
+# * forward fp32 BN=128 R=16, 4 warps: 80 regs, 8 B (int32 ids, generic, sm_90) -> 8 warps:
+#   36 - 64 regs, no spill.
+# Rows and BLOCK_N (hence every result) stay; triton 3.9 keeps ``ln_config``'s warps (no spill).
+# Not fixed by warps: the backward at BN=8192 R=1 (hidden > 4096) spills under 3.6 with 32 warps
+# (64 regs: fp32 48 / 8 B on sm_90, 36 B generic on sm_80; fp16 / bf16 56 B generic on sm_90) and
+# with 16 warps (128 regs: fp32 clean on sm_90 but 96 B generic on sm_80; fp16 / bf16 88 B
+# generic on sm_90); that needs a kernel that does not hold a whole 8192-wide row in registers.
+_OLD_PTXAS_BWD_WARPS = {512: 8, 1024: 8}  # BLOCK_N -> backward warps
+_OLD_PTXAS_FWD_WARPS = {(128, torch.float32): 8}  # (BLOCK_N, dtype) -> forward warps
+
+
+def _config(n: int, dtype: torch.dtype):
+    """``ln_config`` for this op and table dtype, with the triton-version rule above."""
+    cfg = ln_config(n, OP)
+    if OLD_PTXAS:
+        cfg = replace(cfg, num_warps=_OLD_PTXAS_FWD_WARPS.get((cfg.block_n, dtype), cfg.num_warps),
+                      bwd_num_warps=_OLD_PTXAS_BWD_WARPS.get(cfg.block_n, cfg.bwd_num_warps))
+    return cfg
+
+
 def _forward(ids, tt, pos, we, pe, te, lw, lb, eps, out):
     bsz, seq = ids.shape
     n = we.shape[1]
     m = bsz * seq
-    cfg = ln_config(n, OP)
+    cfg = _config(n, we.dtype)
     dev = we.device
     if out is None:
         out = torch.empty((bsz, seq, n), dtype=we.dtype, device=dev)
@@ -293,7 +319,7 @@ def _backward_ln(dy, ids, tt, pos, we, pe, te, lw, mean, rstd):
     bsz, seq = ids.shape
     n = we.shape[1]
     m = bsz * seq
-    cfg = ln_config(n, OP)
+    cfg = _config(n, we.dtype)
     dev = we.device
     dz = torch.empty((m, n), dtype=torch.float32, device=dev)
     if m == 0:
@@ -465,7 +491,7 @@ def compile_specs(arch: int) -> list[KernelSpec]:
         p = triton_ptr_type(dtype)
         for idt in ID_DTYPES:
             ip = triton_ptr_type(idt)
-            for cfg in all_ln_configs():
+            for cfg in (_config(c.block_n, dtype) for c in all_ln_configs()):
                 const = {"ROWS": cfg.rows, "BLOCK_N": cfg.block_n}
                 label = f"{short_dtype(dtype)} ids {short_dtype(idt)} {cfg.label}"
                 fwd_sig = {"IDS": ip, "TT": ip, "POS": ip, "WE": p, "PE": p, "TE": p, "W": p, "B": p, "Y": p,

@@ -481,7 +481,7 @@ def gemm_choice(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     from bertfast.kernels import _gemm
 
     if device.type != "cuda" or _common.INTERPRET:  # nothing to tune: the table's rule
-        return _gemm.pick_config(M, N, K, dtype, capability, allow_tf32)
+        return _gemm.pick_config(M, N, K, dtype, capability, allow_tf32, store_pre=has_pre)
     args = ("gemm", M, N, K, dtype, device, capability, allow_tf32, activation, has_bias, has_pre, head_split)
 
     def decide():
@@ -500,7 +500,7 @@ def gemm_problem(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     from bertfast.kernels import _gemm
 
     plain = activation == _gemm.ACT_NONE and not has_bias and not has_pre and head_split is None
-    cands = _gemm.gemm_candidates(M, N, K, dtype, capability, allow_tf32, plain=plain)
+    cands = _gemm.gemm_candidates(M, N, K, dtype, capability, allow_tf32, plain=plain, store_pre=has_pre)
     prec = _gemm.precision_of(dtype, allow_tf32)
     act = {v: k for k, v in _gemm.ACTIVATIONS.items()}[activation] or "none"
     flags = f"bias={int(has_bias)} act={act} pre={int(has_pre)}"
