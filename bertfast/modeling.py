@@ -243,6 +243,9 @@ def output_block(out, h: torch.Tensor, residual: torch.Tensor, fwd: Forward) -> 
     if fwd.kernels and p == 0.0:
         y = ops.linear(h, dense["weight"], None, None, True)
         return ops.add_layernorm(y, residual, ln, dense["bias"], True)
+    if not fwd.kernels and p == 0.0 and ops.inference():  # PyTorch inference: the residual add in the
+        y = ops.linear(h, dense["weight"], dense["bias"], None, False, residual=residual)  # GEMM where the
+        return ops.add_layernorm(y, None, ln, None, False)  # CPU chooser fuses it (bertfast/cpu_linear.py)
     y = ops.linear(h, dense["weight"], dense["bias"], None, fwd.kernels)
     return ops.add_layernorm(_dropout(y, drop, fwd.training), residual, ln, None, fwd.kernels, owned=True)
 
