@@ -281,7 +281,8 @@ def to_device(batch: Mapping[str, Any], model: torch.nn.Module) -> Dict[str, Any
     docstring): a copy written to afterwards, or combined with inputs from elsewhere, is planned
     from the device as usual.  Labels are copied but not read here (a forward with labels reads
     the device).  Returns a new dict; the copies are ordinary tensors even under
-    ``torch.inference_mode``."""
+    ``torch.inference_mode`` (on a plain CPU model, where nothing is remembered, the host tensors
+    themselves: a copy would gain nothing)."""
     param = next(model.parameters())
     device, config = param.device, model.config
     host = {role: batch.get(role) for role in _ROLES}
@@ -294,13 +295,15 @@ def to_device(batch: Mapping[str, Any], model: torch.nn.Module) -> Dict[str, Any
         _, _, stats = _validate_inputs(config, ids, mask, host["token_type_ids"], host["position_ids"], None,
                                        param.dtype, extra=extra)
         read = HostRead(config, tuple(stats) if stats is not None else None)
+    remember = read is not None and _stands_for_a_device(device)
     out = {}
     with torch.inference_mode(False):  # ordinary tensors: their version counters tell a later write
         for key, v in batch.items():
-            if torch.is_tensor(v):
-                v = copy_to_device(v, device) if v.device.type == "cpu" else v.to(device)
+            if torch.is_tensor(v):  # a plain CPU model takes the host tensors as they are: no copy
+                v = copy_to_device(v, device) if v.device.type == "cpu" and (remember or device.type != "cpu") \
+                    else v.to(device)
             out[key] = v
-    if read is not None and _stands_for_a_device(device):
+    if remember:
         for role in _ROLES:
             if host[role] is not None:
                 _remember(out[role], read, role)
