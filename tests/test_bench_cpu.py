@@ -261,7 +261,7 @@ def test_quick_run_without_optional_packages(tiny_checkpoint, tmp_path, monkeypa
     # every bertfast row says what its linears ran, by role
     for w in ("1x16", "32-mixed", "corpus"):
         lin = rows[(w, "bertfast")]["info"]["cpu_linears"]
-        assert {"qkv", "attn-out", "ffn1+gelu", "ffn2"} <= set(lin), lin
+        assert {"qkv", "attn-out+add", "ffn1+gelu", "ffn2+add"} <= set(lin), lin
         assert all(v.split(" ")[0] in {i.name for i in cpu_linear.IMPLS} for v in lin.values())
     assert "linears: qkv " in captured.out
     # the bf16 row: run and checked by cosine where the CPU has native bf16, a reason elsewhere

@@ -38,9 +38,9 @@ def test_tune_cpu_stores_every_linear_class_per_thread_count(cache, capsys):
     assert {k.rsplit("|", 1)[1] for k in keys} == {"threads 1", "threads 2"}
     for k in keys:
         classes = devices[k]
-        # MiniLM at 16 tokens: fused QKV, attention output, FFN1 + GELU, FFN2
-        assert {c.split("|", 3)[3] for c in classes} == {"N1152|K384|none", "N384|K384|none", "N1536|K384|gelu",
-                                                          "N384|K1536|none"}
+        # MiniLM at 16 tokens: fused QKV, attention output + residual, FFN1 + GELU, FFN2 + residual
+        assert {c.split("|", 3)[3] for c in classes} == {"N1152|K384|none", "N384|K384|add", "N1536|K384|gelu",
+                                                          "N384|K1536|add"}
         for entry in classes.values():
             assert entry["choice"] in entry["times_ms"] and len(entry["times_ms"]) >= 3
     # a second run times nothing: every class comes from the cache
