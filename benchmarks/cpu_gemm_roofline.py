@@ -1,0 +1,99 @@
+"""Where the CPU's GEMM ceiling is: the encoder's linears at each token count, through every
+implementation ``bertfast.cpu_linear`` can choose, against a square 2048^3 GEMM (the best this
+core reaches), in GFLOP/s per thread count.  Used to judge ``bertfast bench cpu``'s targets: a
+model whose GEMMs already run at the ceiling cannot gain more than its non-GEMM share.
+
+    python benchmarks/cpu_gemm_roofline.py [--model minilm] [--threads 1] [--tokens 128 4096] [--out DIR]
+
+Prints a Markdown table (median of 7 timed calls after one warm-up, p10-p90 in brackets) and,
+with ``--out``, writes ``<date>_<cpu-slug>_gemm-roofline.{md,json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+
+def _time(fn, n: int = 7):
+    fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return statistics.median(ts), ts[max(0, int(0.1 * n))], ts[min(n - 1, int(0.9 * n))]
+
+
+def measure(model: str, threads: int, tokens, dtypes) -> dict:
+    from bertfast import cpu_linear
+    from bertfast.bench.suites import PRESET_OF  # noqa: F401  (the presets' shapes)
+    from bertfast.config import BertConfig
+
+    cfg = BertConfig.preset(PRESET_OF[model])
+    C, I = cfg.hidden_size, cfg.intermediate_size
+    linears = {"qkv": (3 * C, C), "attn-out": (C, C), "ffn1": (I, C), "ffn2": (C, I)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for dtype in dtypes:
+            cases = [(name, M, N, K) for M in tokens for name, (N, K) in linears.items()] + [("square", 2048, 2048, 2048)]
+            for name, M, N, K in cases:
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(M, K, generator=g).to(dtype)
+                w = torch.randn(N, K, generator=g).to(dtype)
+                b = torch.randn(N, generator=g).to(dtype)
+                for impl in cpu_linear.IMPLS:
+                    if impl.fused_only or not impl.available() or dtype not in impl.dtypes:
+                        continue
+                    med, p10, p90 = _time(lambda: impl.fn(x, w, b, None, None))
+                    rows.append({"dtype": str(dtype).replace("torch.", ""), "linear": name, "M": M, "N": N, "K": K,
+                                 "impl": impl.name, "ms": med * 1e3, "p10_ms": p10 * 1e3, "p90_ms": p90 * 1e3,
+                                 "gflops": 2 * M * N * K / med / 1e9})
+    finally:
+        torch.set_num_threads(before)
+    return {"model": model, "threads": threads, "cpu": cpu_linear.cpu_features().describe(),
+            "torch": torch.__version__, "rows": rows}
+
+
+def table(doc: dict) -> str:
+    lines = [f"GEMM ceiling, {doc['cpu']}, {doc['threads']} thread(s), torch {doc['torch']} ({doc['model']} linears)", "",
+             "| dtype | linear | M x N x K | impl | ms [p10, p90] | GFLOP/s |", "|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['dtype']} | {r['linear']} | {r['M']} x {r['N']} x {r['K']} | {r['impl']} | "
+                     f"{r['ms']:.2f} [{r['p10_ms']:.2f}, {r['p90_ms']:.2f}] | {r['gflops']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    doc = measure(a.model, a.threads, a.tokens, [getattr(torch, d) for d in a.dtypes])
+    text = table(doc)
+    print(text)
+    if a.out:
+        from bertfast.bench.cpu import _slug
+
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"{date.today().isoformat()}_{_slug(doc['cpu'].split(':')[0])}_gemm-roofline"
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(text + "\n")
+        print(f"wrote {stem}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
