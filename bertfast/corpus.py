@@ -20,20 +20,30 @@ too) is encoded like any other: it gets the model's embedding of the empty seque
 and the ``id`` column of .parquet/.jsonl outputs keeps each vector's input row.
 
 **Files.**  While it runs, the work lives in ``OUTPUT.parts/``: ``manifest.json`` (model,
-settings, input path + size + mtime + sha256, chunk size, rows done) and one ``chunk-J.npz`` per
-``chunk_size`` input rows (ids + vectors), each written to a temporary name and renamed into
-place, so a chunk file is whole or absent.  When every chunk is there, the output is assembled
-(chunk by chunk, so memory stays bounded by one chunk whatever the corpus size) into a temporary
-file, renamed to OUTPUT with ``os.replace``, and ``OUTPUT.manifest.json`` is written with
-``"complete": true``; then the parts directory is removed.  A run that stops (a kill, a crash,
-Ctrl-C) leaves the parts directory; running the same command again resumes from the chunks
-already written (``resume=True`` / ``--resume`` insists on it).  A parts directory from a
-different run (another model, input, setting) is refused with a one-line error.
+settings, input path + size + mtime + sha256, chunk size, rows done in whole chunks) and one
+``chunk-J.npz`` per ``chunk_size`` input rows (ids + vectors), each written to a temporary name
+and renamed into place, so a chunk file is whole or absent.  A chunk is encoded in slices of
+``PROGRESS_ROWS`` (256) rows; while it is, the slices encoded since the last save are saved as
+``slice-J-POS.npz`` (its rows from position POS: ids + fp32 vectors, written the same way) once
+``SLICE_SAVE_SECONDS`` have passed since the chunk began or the last save, and removed when the
+chunk file is written.  So a kill loses at most about that long plus one slice of work, not a
+chunk: a resumed run starts each unfinished chunk after its saved slices (a slice file that does
+not continue them, e.g. with other ids, is ignored and removed).  Older bertfast versions,
+which ignore slice files, resume such a directory from its chunk files.
+
+When every chunk is there, the output is assembled (chunk by chunk, so memory stays bounded by
+one chunk whatever the corpus size) into a temporary file, renamed to OUTPUT with
+``os.replace``, and ``OUTPUT.manifest.json`` is written with ``"complete": true``; then the
+parts directory is removed.  A run that stops (a kill, a crash, Ctrl-C) leaves the parts
+directory; running the same command again resumes from the chunks and slices already written
+(``resume=True`` / ``--resume`` insists on it).  A parts directory from a different run (another
+model, input, setting) is refused with a one-line error.
 
 One run writes an output at a time: a run holds ``.OUTPUT.lock`` (``flock``, released with its
 process however it ends), and a second run on the same output stops at once with "another run
-is writing OUTPUT".  Progress goes to stderr every 256 rows: redrawn in place on a terminal, a
-plain line every 30 s in a log.
+is writing OUTPUT".  Progress (:class:`bertfast.progress.Progress`) goes to stderr every 256
+rows: redrawn in place on a terminal; in a log, a plain line every tenth of the work and at least
+every 30 s.
 
 Chunks, not processes, are the unit of work: under torchrun each rank encodes a contiguous range
 of chunks (so the merged output keeps the input order) and rank 0 assembles after a barrier; with
@@ -51,12 +61,14 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from bertfast.data import DEFAULT_COLUMN, FORMATS, DataFile, need_pyarrow, pick_column
+from bertfast.progress import Progress
 
 __all__ = [
     "INPUT_FORMATS", "OUTPUT_FORMATS", "OUTPUT_DTYPES", "CorpusReader", "EncodeJob", "encode_file",
@@ -68,8 +80,10 @@ OUTPUT_FORMATS = ("npy", "parquet", "jsonl")
 OUTPUT_DTYPES = ("float32", "float16")
 MANIFEST_VERSION = 1
 DEFAULT_CHUNK_SIZE = 2048
-PROGRESS_INTERVAL = 30.0  # seconds between the progress lines written to a log (not a terminal)
 PROGRESS_ROWS = 256  # rows encoded between two progress updates (a chunk is encoded in such slices)
+# a chunk's slices are saved (slice-J-POS.npz) once this many seconds have passed since the chunk
+# began or since the last save: a kill loses at most about this long plus one slice of work
+SLICE_SAVE_SECONDS = 1.0
 EMBEDDING_COLUMN = "embedding"
 # the settings that must be equal for a run to resume another one (the rest, e.g. batch size,
 # device or backend, may change between the two)
@@ -349,50 +363,18 @@ def _chunk_name(j: int) -> str:
     return f"chunk-{j:08d}.npz"
 
 
-class _RunProgress:
-    """Progress of the rows of this run on stderr (rows/s counts only what this run encodes).
+def _slice_name(j: int, pos: int) -> str:
+    """The file of chunk ``j``'s rows from position ``pos`` (after blank rows are left out)."""
+    return f"slice-{j:08d}-{pos:08d}.npz"
 
-    On a terminal: one line redrawn in place (at most 10 times a second).  Otherwise (a log file,
-    a pipe): a plain line every ``interval`` seconds, and a last one at the end when any was
-    written, so a long run shows it is alive in its log.  ``show``: None shows it when more than
-    PROGRESS_THRESHOLD rows are to be encoded, False never, True always."""
 
-    def __init__(self, total: int, done: int, desc: str, show: Optional[bool], stream=None,
-                 interval: Optional[float] = None):
-        from bertfast.sentence import PROGRESS_THRESHOLD
-
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.todo, self.desc = total - done, desc
-        self.interval = PROGRESS_INTERVAL if interval is None else interval
-        if show is None:
-            show = self.todo > PROGRESS_THRESHOLD
-        self.show = bool(show) and self.todo > 0
-        self.done, self.lines = 0, 0
-        self.start = self.last = time.perf_counter()
-
-    def _line(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        pct = 100.0 * self.done / self.todo if self.todo else 100.0
-        return f"{self.desc}: {self.done:,}/{self.todo:,} rows ({pct:3.0f}%), {rate:,.1f} rows/s, {elapsed:,.0f}s"
-
-    def _write(self, end: str) -> None:
-        self.stream.write(("\r" if self.tty else "") + self._line() + end)
-        self.stream.flush()
-        self.lines += 1
-        self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.show:
-            return
-        if time.perf_counter() - self.last >= (0.1 if self.tty else self.interval):
-            self._write("" if self.tty else "\n")
-
-    def close(self) -> None:
-        if self.show and (self.tty or self.lines):
-            self._write("\n")
+def _read_slice(path: Path) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) of a slice file, None when it cannot be read."""
+    try:
+        with np.load(path) as z:
+            return z["ids"], z["emb"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 # ---------------------------------------------------------------------------- the job
@@ -567,33 +549,90 @@ class EncodeJob:
         if self._done is not None:
             self._done.add(j)
 
+    def write_slice(self, j: int, pos: int, ids: np.ndarray, emb: np.ndarray) -> Path:
+        """Save rows ``pos``.. of chunk ``j`` (ids (n,), fp32 vectors (n, D)) atomically."""
+        path = self.parts / _slice_name(j, pos)
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        _atomic_write(path, lambda f: np.savez(f, ids=ids, emb=emb))
+        return path
+
+    def saved_slices(self, chunks: Sequence[int]) -> Dict[int, Tuple[np.ndarray, List[str], int, List[np.ndarray],
+                                                                      List[Path]]]:
+        """What a stopped run saved of the unfinished chunks ``chunks``: {j: (ids, texts, rows
+        covered, [fp32 vectors of those rows], [their slice files])} for each chunk with slice
+        files.  The slices count from the chunk's first row on, each where the last one ended,
+        with the ids of those rows; a slice file that does not continue them is removed."""
+        found: Dict[int, List[Tuple[int, Path]]] = {}
+        wanted = set(chunks)
+        for p in self.parts.glob("slice-*.npz"):
+            try:
+                j, pos = map(int, p.name[len("slice-"):-len(".npz")].split("-"))
+            except ValueError:
+                continue
+            if j in wanted:
+                found.setdefault(j, []).append((pos, p))
+        out = {}
+        dim = self.manifest.get("embedding_dim")
+        for j, files in sorted(found.items()):
+            ids, texts = self.chunk_texts(j)
+            covered, parts, paths = 0, [], []
+            for pos, p in sorted(files):
+                got = _read_slice(p) if pos == covered else None
+                if got is not None:
+                    sid, emb = got
+                    n = len(sid)
+                    if (n == 0 or emb.dtype != np.float32 or emb.shape != (n, dim)
+                            or not np.array_equal(sid, ids[covered:covered + n])):
+                        got = None
+                if got is None:
+                    p.unlink(missing_ok=True)
+                    continue
+                covered += n
+                parts.append(emb)
+                paths.append(p)
+            out[j] = (ids, texts, covered, parts, paths)
+        return out
+
     def encode_chunks(self, encoder, chunks: Sequence[int], *, batch_size: int = 32, progress: Optional[bool] = None,
                       desc: Optional[str] = None, after_chunk: Optional[Callable[[], None]] = None,
                       kill_after: Optional[int] = None) -> int:
         """Encode the chunks of ``chunks`` not yet on disk with ``encoder`` (a SentenceEncoder);
-        returns the number of input rows encoded.  Progress (rows/s) on stderr.  ``after_chunk``
-        runs after each chunk file is written; ``kill_after`` (tests only) SIGKILLs this process
-        after that many chunks, a real interruption between two chunks."""
+        returns the number of input rows in the chunks it wrote.  Each chunk is encoded in slices of
+        PROGRESS_ROWS rows, starting after the slices a stopped run saved of it; the slices are
+        saved every SLICE_SAVE_SECONDS.  Progress (rows/s) on stderr.  ``after_chunk`` runs after
+        each chunk file is written; ``kill_after`` (tests only) SIGKILLs this process after that
+        many chunks, a real interruption between two chunks."""
         self._note_encoder(encoder)
+        dim = self.manifest["embedding_dim"]
         todo = self.chunks_left(chunks)
+        saved = self.saved_slices(todo)
         total = self.chunk_rows(chunks)
-        done = total - self.chunk_rows(todo)
-        if todo and len(todo) < len(chunks) and progress is not False:
+        done = total - self.chunk_rows(todo) + sum(covered for _, _, covered, _, _ in saved.values())
+        if done and todo and progress is not False:
             print(f"resuming: {done} of {total} rows already encoded", file=sys.stderr)
-        bar = _RunProgress(total, done, desc or f"encoding {self.reader.path.name}", progress)
+        bar = Progress(total, desc or f"encoding {self.reader.path.name}", unit="rows", done=done, show=progress)
         encoded = 0
         try:
             for k, j in enumerate(todo):
-                ids, texts = self.chunk_texts(j)
-                # in slices, for the progress line: each text's vector does not depend on the
-                # others in its call (padding-free path), so slices give the vectors of one call
-                parts = [np.zeros((0, self.manifest["embedding_dim"]), dtype=np.float32)]
-                for a in range(0, len(texts), PROGRESS_ROWS):
-                    parts.append(encoder.encode(texts[a:a + PROGRESS_ROWS], batch_size=batch_size,
+                ids, texts, covered, parts, paths = saved.pop(j, None) or (*self.chunk_texts(j), 0, [], [])
+                # in slices, for the progress line and the saved work: each text's vector does not
+                # depend on the others in its call (padding-free path), so slices give the vectors of one call
+                fresh: List[np.ndarray] = []  # vectors of the rows from ``covered`` on, not saved yet
+                last_save = time.perf_counter()
+                for a in range(covered, len(texts), PROGRESS_ROWS):
+                    fresh.append(encoder.encode(texts[a:a + PROGRESS_ROWS], batch_size=batch_size,
                                                 normalize=self.manifest["normalize"], show_progress=False,
                                                 convert_to_numpy=True))  # (n, D) float32
-                    bar.update(len(parts[-1]))
-                self.write_chunk(j, ids, np.concatenate(parts))
+                    bar.update(len(fresh[-1]))
+                    end = a + len(fresh[-1])
+                    if end < len(texts) and time.perf_counter() - last_save >= SLICE_SAVE_SECONDS:
+                        block = np.concatenate(fresh)
+                        paths.append(self.write_slice(j, covered, ids[covered:end], block))
+                        parts.append(block)
+                        covered, fresh, last_save = end, [], time.perf_counter()
+                self.write_chunk(j, ids, np.concatenate([np.zeros((0, dim), dtype=np.float32)] + parts + fresh))
+                for p in paths:  # the chunk file holds them now (a stop before this: ignored, j is done)
+                    p.unlink(missing_ok=True)
                 rows = self.chunk_rows([j])
                 encoded += rows
                 bar.update(rows - len(texts))  # the blank rows skipped

@@ -275,7 +275,7 @@ def encode_file_ray(input, output, *, model="minilm", num_workers: Optional[int]
 
 def _encode_file_ray(job: EncodeJob, ray, *, model, num_workers, batch_size, progress, resume, overwrite,
                      **common) -> dict:
-    from bertfast.corpus import _RunProgress
+    from bertfast.progress import Progress
 
     manifest = job.prepare(resume=resume, overwrite=overwrite)
     if manifest.get("complete"):
@@ -288,7 +288,8 @@ def _encode_file_ray(job: EncodeJob, ray, *, model, num_workers, batch_size, pro
     saved_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # rows come back in chunk order
     total = manifest["input_rows"]
-    bar = _RunProgress(total, total - job.chunk_rows(todo), f"ray encoding {job.reader.path.name}", progress)
+    bar = Progress(total, f"ray encoding {job.reader.path.name}", unit="rows", done=total - job.chunk_rows(todo),
+                   show=progress)
     try:
         chunks = ray.data.from_items([{"chunk": j} for j in todo])
         rows = chunks.map_batches(_read_chunk_rows, fn_kwargs={"job": job}, batch_size=1, batch_format="pyarrow",

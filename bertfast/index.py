@@ -38,7 +38,7 @@ import numpy as np
 from bertfast.corpus import (EMBEDDING_COLUMN, CorpusReader, _replacing, file_fingerprint, manifest_path,
                              model_fingerprint, read_manifest)
 
-__all__ = ["Index", "Hit", "ANN_BACKENDS", "add_arguments", "run"]
+__all__ = ["Index", "Hit", "ANN_BACKENDS", "run"]
 
 DEFAULT_BLOCK_ROWS = 65536
 ANN_BACKENDS = ("faiss",)
@@ -340,24 +340,8 @@ def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> Tuple[np.ndarray, np.
 
 
 # ---------------------------------------------------------------------------- CLI
-def add_arguments(p) -> None:
-    from bertfast.cli import _text_arg, positive_int
-
-    p.add_argument("--index", required=True, metavar="FILE",
-                   help="an embedding file written by `bertfast encode --input ... --output FILE`")
-    p.add_argument("--query", "-q", action="append", required=True, type=_text_arg, metavar="TEXT",
-                   help="the text to search for; repeatable")
-    p.add_argument("--top", "-k", type=positive_int, default=10, metavar="K", help="results per query (default 10)")
-    p.add_argument("--model", default=None, metavar="PATH|NAME",
-                   help="refuse to search unless this is the model the index was encoded with (default: that model)")
-    p.add_argument("--device", default=None, metavar="cpu|cuda", help="device for encoding the query")
-    p.add_argument("--json", action="store_true", help='print [{"query", "hits": [{"id", "score", "text"}]}]')
-    p.add_argument("--ann", choices=ANN_BACKENDS, default=None,
-                   help="approximate search with faiss HNSW (bertfast[ann]; graph cached as FILE.faiss); "
-                        "default: exact")
-
-
 def run(args) -> int:
+    """``bertfast search`` with the arguments bertfast/cli/index.py parsed."""
     import sys
 
     from bertfast.sentence import parse_device

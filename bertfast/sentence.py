@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -25,12 +24,10 @@ import torch
 
 from bertfast.plan import copy_to_device, to_device
 from bertfast.pooling import ScalarMix, mean_pool
+from bertfast.progress import THRESHOLD as PROGRESS_THRESHOLD, Progress
 from bertfast.kernels._common import dtype_name
 
 __all__ = ["SentenceEncoder", "TokenVectors", "parse_dtype", "parse_device"]
-
-# encode() shows a progress line by default above this many texts (when stderr is a terminal)
-PROGRESS_THRESHOLD = 256
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -93,47 +90,6 @@ def parse_device(device: Union[None, str, torch.device]) -> torch.device:
     if not _device_type_available(dev.type):
         raise ValueError(f"device {name!r} is not supported or not available on this machine; use cpu, cuda or cuda:N")
     return dev
-
-
-class _Progress:
-    """A dependency-free progress line on stderr: redrawn in place on a terminal, a few plain
-    lines (every ~10 %) otherwise."""
-
-    def __init__(self, total: int, desc: str = "encoding", stream=None) -> None:
-        self.total = total
-        self.desc = desc
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = time.perf_counter()
-        self.done = 0
-        self._last_draw = 0.0
-        self._last_decile = -1
-
-    def _line(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"{self.desc}: {self.done}/{self.total} texts ({pct:3.0f}%) {rate:,.1f} texts/s, {elapsed:.1f}s"
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.tty:
-            if now - self._last_draw >= 0.1 or self.done >= self.total:
-                self.stream.write("\r" + self._line())
-                self.stream.flush()
-                self._last_draw = now
-        else:
-            decile = int(10 * self.done / self.total) if self.total else 10
-            if decile != self._last_decile and (decile > self._last_decile):
-                self._last_decile = decile
-                self.stream.write(self._line() + "\n")
-                self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\r" + self._line() + "\n")
-            self.stream.flush()
 
 
 @dataclass(eq=False)
@@ -358,7 +314,7 @@ class SentenceEncoder:
         n = len(texts)
         if show_progress is None:
             show_progress = n > PROGRESS_THRESHOLD and bool(getattr(sys.stderr, "isatty", lambda: False)())
-        progress = _Progress(n) if show_progress else None
+        progress = Progress(n, "encoding", unit="texts", show=bool(show_progress))
 
         enc = self._tokenize(texts, return_offsets_mapping=tokens, return_special_tokens_mask=tokens)
         lengths = [len(ids) for ids in enc["input_ids"]]
@@ -381,11 +337,9 @@ class SentenceEncoder:
                         if normalize:
                             pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=-1)
                         out[copy_to_device(torch.tensor(idx), self.device)] = pooled
-                    if progress is not None:
-                        progress.update(len(idx))
+                    progress.update(len(idx))
         finally:
-            if progress is not None:
-                progress.close()
+            progress.close()
         if tokens:
             if convert_to_numpy:
                 for tv in out:

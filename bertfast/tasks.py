@@ -22,7 +22,7 @@ finetune`` first.  ``classify`` warns when a checkpoint fine-tuned on single tex
 checkpoint whose ``config.architectures`` names another BERT head (e.g. a sequence classifier
 given to ``tag``, whose ``classifier.*`` weights have the same names) is refused too.
 
-CLI (``bertfast <command> --help``)::
+CLI (``bertfast <command> --help``; parsed and printed by bertfast/cli/tasks.py)::
 
     bertfast fill-mask "Paris is the [MASK] of France." --top 5 --model DIR
     bertfast classify TEXT... [--pair TEXT]... --model DIR
@@ -35,19 +35,14 @@ Each takes ``--json`` (machine-readable output) and the model options of ``bertf
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["fill_mask", "classify", "tag", "answer", "generate", "load", "check_head",
-           "FILL_MASK", "CLASSIFY", "TAG", "ANSWER", "GENERATE"]
+__all__ = ["fill_mask", "classify", "tag", "answer", "generate", "load", "check_head"]
 
 ModelArg = Union[str, os.PathLike, torch.nn.Module]
 BATCH = 32  # texts per forward (classify)
@@ -395,168 +390,3 @@ def generate(model: ModelArg, prompt: str, max_new_tokens: int = 20, *, top_k: O
     new = out[0, ids.shape[1]:].tolist()
     return {"text": tok.decode(out[0].tolist(), skip_special_tokens=True),
             "generated": tok.decode(new, skip_special_tokens=True), "token_ids": new}
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-@dataclass(frozen=True)
-class Command:
-    """A ``bertfast`` subcommand: what bertfast/cli.py's LAZY_COMMANDS calls."""
-
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[Any], int]
-
-
-def _common(p: argparse.ArgumentParser, finetune_task: str) -> None:
-    from bertfast.cli import _add_model_args
-
-    # required: the bundled minilm is a sentence encoder without any task head
-    _add_model_args(p, model_required=True,
-                    model_help=f"a checkpoint with this task's trained head, e.g. from bertfast finetune --task "
-                               f"{finetune_task}")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _load_kw(args) -> dict:
-    return dict(device=args.device, dtype=args.dtype, backend=args.backend, max_length=args.max_length)
-
-
-def _emit(args, result, lines: Callable[[], List[str]]) -> int:
-    if args.json:
-        json.dump(result, sys.stdout, ensure_ascii=False)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write("".join(line + "\n" for line in lines()))
-    return 0
-
-
-def _fill_mask_args(p):
-    from bertfast.cli import _positive_int, _text_arg
-
-    p.add_argument("text", type=_text_arg, metavar="TEXT", help="a text with one or more [MASK] tokens")
-    p.add_argument("--top", type=_positive_int, default=5, metavar="K", help="predictions per mask (default 5)")
-    _common(p, "mlm")
-
-
-def _fill_mask_run(args) -> int:
-    res = fill_mask(args.model, args.text, top=args.top, **_load_kw(args))
-    per_mask = res if res and isinstance(res[0], list) else [res]
-
-    def lines():
-        out = []
-        for m, options in enumerate(per_mask):
-            if len(per_mask) > 1:
-                out.append(f"[MASK] {m + 1} of {len(per_mask)}:")
-            for k, o in enumerate(options):
-                out.append(f"{k + 1:3d}. {o['token']:<15s} {o['score']:.4f}  {o['sequence']}")
-        return out
-
-    return _emit(args, res, lines)
-
-
-def _classify_args(p):
-    from bertfast.cli import _text_arg
-
-    p.add_argument("texts", nargs="+", type=_text_arg, metavar="TEXT", help="texts to classify")
-    p.add_argument("--pair", action="append", type=_text_arg, metavar="TEXT",
-                   help="second text of a pair (NLI, paraphrase): once for every TEXT, or once per TEXT")
-    _common(p, "classify")
-
-
-def _classify_run(args) -> int:
-    from bertfast.cli import CLIError
-
-    pairs = args.pair
-    if pairs is not None and len(pairs) not in (1, len(args.texts)):
-        raise CLIError(f"{len(args.texts)} TEXT(s) but {len(pairs)} --pair: give one --pair for all, or one per TEXT")
-    pairs = pairs[0] if pairs is not None and len(pairs) == 1 else pairs
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        res = classify(args.model, args.texts, pairs, **_load_kw(args))
-    for w in caught:  # one line each, as the errors
-        print(f"bertfast: warning: {w.message}", file=sys.stderr)
-
-    def lines():
-        return [f"{r['label']}\t{r['score']:.4f}\t{t}" for r, t in zip(res, args.texts)]
-
-    return _emit(args, res, lines)
-
-
-def _tag_args(p):
-    from bertfast.cli import _text_arg
-
-    p.add_argument("text", type=_text_arg, metavar="TEXT", help="the text whose words are labelled")
-    _common(p, "tokens")
-
-
-def _tag_run(args) -> int:
-    res = tag(args.model, args.text, **_load_kw(args))
-    return _emit(args, res, lambda: [f"{w['word']}\t{w['label']}\t{w['score']:.4f}" for w in res])
-
-
-def _answer_args(p):
-    from bertfast.cli import _positive_int, _text_arg
-
-    p.add_argument("--question", "-q", required=True, type=_text_arg, metavar="Q", help="the question")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--context", "-c", type=_text_arg, metavar="C", help="the text holding the answer")
-    g.add_argument("--context-file", metavar="FILE", help="read the context from FILE ('-' for stdin)")
-    p.add_argument("--max-answer-len", type=_positive_int, default=30, metavar="N",
-                   help="longest answer in tokens (default 30)")
-    p.add_argument("--stride", type=_positive_int, default=None, metavar="N",
-                   help="token overlap of the windows of a long context (default min(128, a third of a window))")
-    _common(p, "qa")
-
-
-def _answer_run(args) -> int:
-    from bertfast.cli import CLIError, _read_stdin
-
-    context = args.context
-    if context is None:
-        if args.context_file == "-":
-            context = _read_stdin()
-        else:
-            try:
-                context = Path(args.context_file).read_text(encoding="utf-8-sig")
-            except FileNotFoundError:
-                raise CLIError(f"file not found: {args.context_file}") from None
-            except (OSError, UnicodeDecodeError) as e:
-                raise CLIError(f"cannot read {args.context_file}: {e}") from None
-    kw = _load_kw(args)
-    max_length = kw.pop("max_length") or 384
-    res = answer(args.question, context, args.model, max_answer_len=args.max_answer_len, max_length=max_length,
-                 stride=args.stride, **kw)
-    return _emit(args, res, lambda: [res["answer"], f"(score {res['score']:.3f}, characters {res['start']}-"
-                                                    f"{res['end']})"])
-
-
-def _generate_args(p):
-    from bertfast.cli import _nonnegative_int, _text_arg
-
-    p.add_argument("prompt", type=_text_arg, metavar="PROMPT", help="the text to continue")
-    p.add_argument("--max-new-tokens", type=_nonnegative_int, default=20, metavar="N",
-                   help="tokens to add at most (default 20)")
-    p.add_argument("--top-k", type=_nonnegative_int, default=None, metavar="K",
-                   help="sample among the K most likely tokens (0: all) instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (with --top-k)")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampling (with --top-k)")
-    p.add_argument("--no-stop", action="store_true", help="do not stop at [SEP]")
-    _common(p, "causal-lm")
-
-
-def _generate_run(args) -> int:
-    from bertfast.cli import CLIError
-
-    if args.top_k is None and (args.seed is not None or args.temperature != 1.0):
-        raise CLIError("--seed and --temperature apply to sampling: add --top-k K (greedy decoding is deterministic)")
-    res = generate(args.model, args.prompt, args.max_new_tokens, top_k=args.top_k, temperature=args.temperature,
-                   seed=args.seed, stop_at_sep=not args.no_stop, **_load_kw(args))
-    return _emit(args, res, lambda: [res["text"]])
-
-
-FILL_MASK = Command(_fill_mask_args, _fill_mask_run)
-CLASSIFY = Command(_classify_args, _classify_run)
-TAG = Command(_tag_args, _tag_run)
-ANSWER = Command(_answer_args, _answer_run)
-GENERATE = Command(_generate_args, _generate_run)

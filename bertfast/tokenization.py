@@ -81,6 +81,28 @@ def _normalizer_flags(tok_config: dict, where: Path) -> dict:
     return flags
 
 
+def _config_clean_up(tok_config: dict, where: Path) -> bool:
+    """tokenizer_config.json's ``clean_up_tokenization_spaces``: transformers (5.x) cleans up
+    decoded text when it is true, not when it is false, null or missing."""
+    value = tok_config.get("clean_up_tokenization_spaces")
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{where}: clean_up_tokenization_spaces must be true or false, got {value!r}")
+    return bool(value)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' ``clean_up_tokenization``: no space before ``.`` ``?`` ``!`` ``,`` and
+    English contractions (``" 's"`` -> ``"'s"``, ``" n't"`` -> ``"n't"``, ``" ' "`` -> ``"'"``),
+    the same replacements in the same order."""
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
+
+
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
 def _config_side(tok_config: dict, key: str, where: Path) -> str:
     side = tok_config.get(key, "right")
     if side not in SIDES:
@@ -188,8 +210,9 @@ class Tokenizer:
     ``unk_token_id`` (and the ``*_token`` strings), ``vocab_size``, ``model_max_length`` (the
     default truncation / padding length), ``all_special_ids``, ``all_special_tokens``,
     ``do_lower_case`` / ``strip_accents`` / ``tokenize_chinese_chars`` (the normalizer's),
-    ``backend_tokenizer`` (the ``tokenizers.Tokenizer``, never left truncating or padding),
-    ``name_or_path``.
+    ``clean_up_tokenization_spaces`` (decode's default, from tokenizer_config.json: False when it
+    says nothing, as in transformers 5), ``backend_tokenizer`` (the ``tokenizers.Tokenizer``,
+    never left truncating or padding), ``name_or_path``.
     """
 
     padding_side = "right"
@@ -198,7 +221,7 @@ class Tokenizer:
     model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
 
     def __init__(self, backend, *, model_max_length: int = 512, special_tokens: Optional[dict] = None,
-                 name_or_path: str = "") -> None:
+                 name_or_path: str = "", clean_up_tokenization_spaces: bool = False) -> None:
         from tokenizers import Tokenizer as _RustTokenizer
 
         if not isinstance(backend, _RustTokenizer):
@@ -213,6 +236,7 @@ class Tokenizer:
         self._tokenizer.no_padding()
         self.model_max_length = int(model_max_length)
         self.name_or_path = str(name_or_path)
+        self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
         specials = {**_DEFAULT_SPECIALS, **{k: v for k, v in (special_tokens or {}).items() if v is not None}}
         for attr, token in specials.items():
             tid = self._tokenizer.token_to_id(token)
@@ -230,6 +254,7 @@ class Tokenizer:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("clean_up_tokenization_spaces", False)  # pickled by a bertfast without it
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
@@ -267,7 +292,8 @@ class Tokenizer:
                 raise ValueError(f"max_length={max_length} exceeds the model's max_position_embeddings={max_positions} "
                                  f"({path / 'config.json'})")
             limit = max_length
-        tok = cls(backend, model_max_length=limit or 512, special_tokens=specials, name_or_path=str(path))
+        tok = cls(backend, model_max_length=limit or 512, special_tokens=specials, name_or_path=str(path),
+                  clean_up_tokenization_spaces=_config_clean_up(tok_config, config_file))
         tok.padding_side = _config_side(tok_config, "padding_side", config_file)
         tok.truncation_side = _config_side(tok_config, "truncation_side", config_file)
         return tok
@@ -300,7 +326,8 @@ class Tokenizer:
         """Write tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json.
         transformers' ``AutoTokenizer.from_pretrained`` and :meth:`from_pretrained` read them back
         to the same ids: the config carries the normalizer's flags (transformers rebuilds the
-        normalizer from them), the length, the sides and the special tokens."""
+        normalizer from them), the length, the sides, the special tokens and decode's
+        ``clean_up_tokenization_spaces``."""
         from tokenizers import Tokenizer as _RustTokenizer
 
         d = Path(save_directory)
@@ -317,8 +344,7 @@ class Tokenizer:
                "strip_accents": self.strip_accents, "tokenize_chinese_chars": self.tokenize_chinese_chars,
                "model_max_length": self.model_max_length, "padding_side": self.padding_side,
                "truncation_side": self.truncation_side,
-               # decode() is the Rust decoder's text: no second clean-up pass in transformers either
-               "clean_up_tokenization_spaces": False, **specials}
+               "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces, **specials}
         with open(d / "tokenizer_config.json", "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
         with open(d / "special_tokens_map.json", "w", encoding="utf-8") as f:
@@ -394,7 +420,7 @@ class Tokenizer:
             ids = [ids]
         out = []
         for i in ids:
-            if isinstance(i, torch.Tensor):
+            if isinstance(i, torch.Tensor) or (hasattr(i, "dtype") and hasattr(i, "item")):  # a numpy int too
                 i = i.item()
             if isinstance(i, bool) or not isinstance(i, int):
                 raise TypeError(f"token ids must be ints, got {type(i).__name__}")
@@ -413,13 +439,44 @@ class Tokenizer:
         (enc,) = self._encode(items, None, split=False, add_special_tokens=add_special_tokens)
         return list(enc.tokens)
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of a sequence of ids (a list, a 1-D tensor or one int); ``##`` pieces are joined.
-        Special tokens are kept unless ``skip_special_tokens`` (transformers' default too)."""
-        return self._tokenizer.decode(self._id_list(ids), skip_special_tokens=skip_special_tokens)
+    @staticmethod
+    def _rows(ids) -> Optional[list]:
+        """The sequences of a batch of id sequences (a list of lists / 1-D tensors, a 2-D tensor or
+        array), None when ``ids`` is one sequence: how transformers' decode tells them apart."""
+        if hasattr(ids, "ndim") and hasattr(ids, "tolist"):  # a tensor / numpy array
+            return list(ids) if ids.ndim > 1 else None
+        if isinstance(ids, (list, tuple)) and ids and (isinstance(ids[0], (list, tuple))
+                                                       or getattr(ids[0], "ndim", 0) >= 1):
+            return list(ids)
+        return None
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> List[str]:
-        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+    def decode(self, ids, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: Optional[bool] = None) -> Union[str, List[str]]:
+        """Text of a sequence of ids (a list, a 1-D tensor or array, or one int); ``##`` pieces
+        are joined.  Special tokens are kept unless ``skip_special_tokens`` (transformers' default
+        too).  ``clean_up_tokenization_spaces`` (default: the tokenizer's, from
+        tokenizer_config.json) removes the spaces before punctuation and contractions as
+        transformers does (:func:`clean_up_tokenization`).  A batch of sequences (a list of
+        lists, a 2-D tensor) gives a list of texts, as in transformers."""
+        rows = self._rows(ids)
+        if rows is not None:
+            return [self.decode(r, skip_special_tokens, clean_up_tokenization_spaces) for r in rows]
+        text = self._tokenizer.decode(self._id_list(ids), skip_special_tokens=skip_special_tokens)
+        if self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces:
+            text = clean_up_tokenization(text)
+        return text
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: Optional[bool] = None) -> List[str]:
+        """:meth:`decode` of each sequence; one sequence (a flat list of ids) gives a list of its
+        one text, an empty batch an empty list (as in transformers)."""
+        if not hasattr(sequences, "ndim"):
+            sequences = list(sequences)
+        if len(sequences) == 0:
+            return []
+        rows = self._rows(sequences)
+        return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces)
+                for s in ([sequences] if rows is None else rows)]
 
     # ------------------------------------------------------------------ encoding
     @staticmethod

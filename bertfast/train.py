@@ -49,7 +49,6 @@ Under torchrun (WORLD_SIZE > 1) ``bertfast finetune`` refuses to start.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -75,9 +74,9 @@ import torch
 from bertfast.collators import (
     IGNORE_INDEX, CausalLMCollator, LengthGroupedBatches, MLMCollator, align_labels, pad_batch, qa_features,
 )
-from bertfast.sentence import _Progress
+from bertfast.progress import Progress
 
-__all__ = ["train", "TrainResult", "TASKS", "read_records", "add_arguments", "run"]
+__all__ = ["train", "TrainResult", "TASKS", "read_records", "run"]
 
 TASKS = ("classify", "tokens", "pair", "qa", "mlm", "causal-lm")
 CHECKPOINT_DIR = "checkpoint"
@@ -589,37 +588,6 @@ _TASK_CLASSES = {"classify": _Classify, "pair": _Pair, "tokens": _Tokens, "qa": 
                  "causal-lm": _CausalLM}
 
 
-# ============================================================================ progress
-class _StepProgress(_Progress):
-    """The progress line of one epoch: steps, running loss, examples/s and tokens/s."""
-
-    def __init__(self, total: int, desc: str, stream=None):
-        super().__init__(total, desc=desc, stream=stream)
-        self.loss = float("nan")
-        self.examples = 0
-        self.tokens = 0
-
-    def _line(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        ex = self.examples / elapsed if elapsed > 0 else 0.0
-        tk = self.tokens / elapsed if elapsed > 0 else 0.0
-        loss = f" loss {self.loss:.4f}," if math.isfinite(self.loss) else ""  # nothing before the first loss
-        return (f"{self.desc}: {self.done}/{self.total} batches ({pct:3.0f}%){loss} "
-                f"{ex:,.1f} examples/s, {tk:,.0f} tokens/s, {elapsed:.1f}s")
-
-
-class _Quiet:
-    def __init__(self, *a, **k):
-        self.loss, self.examples, self.tokens = float("nan"), 0, 0
-
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 # ============================================================================ state
 @dataclasses.dataclass(eq=False)
 class _Boundary:
@@ -916,11 +884,11 @@ class _Trainer:
         so a resumed run masks exactly as an uninterrupted one."""
         return torch.Generator().manual_seed((self.opts.seed * 1_000_003 + epoch) * 1_000_003 + pos)
 
-    def _progress(self, epoch: int):
-        show = self.opts.progress
-        if show is False:
-            return _Quiet()
-        return _StepProgress(self.batches_per_epoch, f"epoch {epoch + 1}/{self.opts.epochs}", stream=self.err)
+    def _progress(self, epoch: int, done: int) -> Progress:
+        """The progress line of one epoch (``done`` batches of it already done): batches, running
+        loss, examples/s and tokens/s; shown unless ``progress=False``."""
+        return Progress(self.batches_per_epoch, f"epoch {epoch + 1}/{self.opts.epochs}", unit="batches", done=done,
+                        show=self.opts.progress is not False, stream=self.err, rates=("examples", "tokens"))
 
     def run(self) -> TrainResult:
         opts = self.opts
@@ -960,8 +928,7 @@ class _Trainer:
                 pos0 = start_pos if epoch == start_epoch else 0
                 if epoch != start_epoch:
                     loss_sum, loss_count, skipped = 0.0, 0, 0
-                bar = self._progress(epoch)
-                bar.update(pos0)
+                bar = self._progress(epoch, pos0)
                 self.optimizer.zero_grad(set_to_none=True)
                 for pos in range(pos0, len(batches)):
                     idx = batches[pos]
@@ -1043,57 +1010,8 @@ class _Trainer:
 
 
 # ============================================================================ CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from bertfast.cli import _device_arg, _model_arg, add_threads_argument, nonnegative_int, out_dir_arg, positive_int
-
-    p.add_argument("--task", required=True, choices=TASKS, help="what to fine-tune (the head and the metric)")
-    p.add_argument("--train", required=True, metavar="FILE", help="training data (.jsonl, .csv or .tsv)")
-    p.add_argument("--eval", metavar="FILE", default=None, help="evaluation data, scored after every epoch")
-    p.add_argument("--model", default="minilm", type=_model_arg, metavar="PATH|minilm",
-                   help="checkpoint to start from (default: minilm)")
-    p.add_argument("--out", required=True, type=out_dir_arg, metavar="DIR",
-                   help="output directory: the fine-tuned model, metrics.json, checkpoint/")
-    p.add_argument("--epochs", type=positive_int, default=3, metavar="N", help="default 3")
-    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="examples per micro-batch (16)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=64, metavar="N", help="default 64")
-    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
-                   help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, metavar="X", default=5e-5, help="peak learning rate of AdamW (default 5e-5)")
-    p.add_argument("--weight-decay", type=float, metavar="X", default=0.01, help="default 0.01 (not on biases / LayerNorm)")
-    p.add_argument("--warmup-ratio", type=float, metavar="X", default=0.1, help="share of the steps for linear warm-up (0.1)")
-    p.add_argument("--max-grad-norm", type=float, metavar="X", default=1.0, help="gradient clipping (0: none; default 1)")
-    p.add_argument("--max-length", type=positive_int, default=128, metavar="N", help="tokens per example (128)")
-    p.add_argument("--stride", type=nonnegative_int, default=32, metavar="N",
-                   help="qa: tokens shared by consecutive windows of a long context (default 32)")
-    p.add_argument("--mlm-probability", type=float, metavar="X", default=0.15, help="mlm: share of tokens masked (0.15)")
-    p.add_argument("--whole-word", action="store_true", help="mlm: mask whole words")
-    p.add_argument("--label-all-subwords", action="store_true",
-                   help="tokens: label every sub-word of a word (default: the first only)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32, or bf16 autocast (weights stay fp32)")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the head init, data order, dropout, masking")
-    p.add_argument("--device", type=_device_arg, default=None, metavar="cpu|cuda",
-                   help="default: cuda when available")
-    p.add_argument("--save-steps", type=nonnegative_int, default=0, metavar="N",
-                   help="also checkpoint every N optimizer steps (default: at the end of each epoch)")
-    p.add_argument("--stop-after-steps", type=positive_int, default=None, metavar="N",
-                   help="stop after N optimizer steps with a checkpoint, as an interruption would")
-    p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
-                   help="write no checkpoint/ (the training state: weights plus AdamW's two moments, 3x the "
-                        "model's size); the run cannot be resumed")
-    add_threads_argument(p)
-    p.add_argument("--overwrite", action="store_true", help="start over although --out holds a run")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None,
-                   help="always show the progress line")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line")
-    for key, default in DEFAULT_FIELDS.items():
-        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, metavar="NAME",
-                       help=f"field name (default {default!r})")
-
-
 def run(args) -> int:
+    """``bertfast finetune`` with the arguments bertfast/cli/train.py parsed; prints a JSON summary."""
     fields = {k: getattr(args, k) for k in DEFAULT_FIELDS if getattr(args, k, None) is not None}
     unused = sorted(set(fields) - set(_FIELDS_OF_TASK[args.task]))
     if unused:

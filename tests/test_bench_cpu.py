@@ -15,6 +15,7 @@ import torch
 
 from bertfast import bench, cpu_linear
 from bertfast.bench import cpu, harness
+from bertfast.cli.bench import add_bench_arguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +34,7 @@ HAS_OV = importlib.util.find_spec("openvino") is not None
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="bertfast bench")
-    bench.add_arguments(p)
+    add_bench_arguments(p)
     return p.parse_args(argv)
 
 

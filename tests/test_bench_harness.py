@@ -14,6 +14,7 @@ import torch
 from bertfast import bench
 from bertfast.bench import harness, report, suites
 from bertfast.bench.harness import Bencher, BenchSettings, Case, Prepared, Unavailable
+from bertfast.cli.bench import add_bench_arguments
 
 
 @pytest.fixture(autouse=True)
@@ -430,7 +431,7 @@ def test_validate_document_reports_missing_keys():
 # ----------------------------------------------------------------------------- CLI
 def _parse(argv):
     p = argparse.ArgumentParser(prog="bertfast bench")
-    bench.add_arguments(p)
+    add_bench_arguments(p)
     return p.parse_args(argv)
 
 

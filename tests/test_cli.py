@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bertfast import cli
+from bertfast.cli import encode as cli_encode
 from bertfast.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +175,7 @@ def test_unexpected_error_keeps_traceback(monkeypatch):
     def boom(args):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli, "cmd_info", boom)
+    monkeypatch.setattr(cli_encode, "cmd_info", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["info"])
 
@@ -303,3 +304,50 @@ def test_process_bad_arguments_are_one_line(tmp_path):
         proc = _run_module(*args)
         _assert_one_line_error(proc.returncode, proc.stderr, expect)
         assert proc.returncode == 2
+
+
+# ---------------------------------------------------------------------------- the command line in one place
+def test_argparse_only_in_the_cli_package():
+    """Every parser and argument type lives in bertfast/cli/: no other module of the package
+    imports argparse (the library modules take plain arguments)."""
+    import ast
+
+    cli_dir = os.path.join(ROOT, "bertfast", "cli") + os.sep
+    offenders = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "bertfast")):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not name.endswith(".py") or path.startswith(cli_dir):
+                continue
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+            if "argparse" in imported:
+                offenders.append(os.path.relpath(path, ROOT))
+    assert offenders == []
+
+
+def test_every_command_is_parsed_in_the_cli_package():
+    """Each lazy command's target is in bertfast.cli and has add_arguments() and run(); the library
+    modules it runs define no parser."""
+    import importlib
+
+    for name, (target, _) in cli.LAZY_COMMANDS.items():
+        assert target.startswith("bertfast.cli."), (name, target)
+        obj = cli.lazy_target(target)
+        assert callable(obj.add_arguments) and callable(obj.run), name
+    for module in ("bertfast.train", "bertfast.tasks", "bertfast.index", "bertfast.tune", "bertfast.bench",
+                   "bertfast.bench.profile", "bertfast.bench.evidence"):
+        mod = importlib.import_module(module)
+        assert not hasattr(mod, "add_arguments") and not hasattr(mod, "build_parser"), module
+
+
+def test_python_m_evidence_parses_in_the_cli_package():
+    proc = subprocess.run([sys.executable, "-m", "bertfast.bench.evidence", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: python -m bertfast.bench.evidence") and "--step" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "bertfast.bench.evidence", "--step", "nope"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr

@@ -244,6 +244,67 @@ def test_resume_after_a_real_kill(tmp_path, reference, corpus, tiny, encoder):
         encode_file(corpus, out, model=tiny, encoder=encoder, output_dtype="float16")
 
 
+_KILL_MID_CHUNK = """
+import os, signal, sys
+from bertfast import corpus
+from bertfast.sentence import SentenceEncoder
+
+src, out, model, chunk, kill_at, count = sys.argv[1:]
+corpus.SLICE_SAVE_SECONDS = 0.0  # save every slice (the default saves about one a second)
+enc = SentenceEncoder(model, device="cpu")
+real, calls = enc.encode, []
+
+
+def encode(texts, **kw):
+    calls.append(len(texts))
+    with open(count, "w") as f:
+        f.write(str(sum(calls)))  # rows handed to the encoder so far, the one in flight included
+    if len(calls) == int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)  # while this slice is encoded
+    return real(texts, **kw)
+
+
+enc.encode = encode
+corpus.encode_file(src, out, model=model, chunk_size=int(chunk), encoder=enc, progress=False)
+"""
+
+
+def test_a_kill_mid_chunk_redoes_at_most_one_slice(tmp_path, reference, corpus, tiny, encoder):
+    """kill -9 in the middle of a chunk (700 rows = slices of 256 + 256 + 188): the slices of the
+    chunk encoded before the kill are on disk, the resumed run re-encodes only the slice that was
+    in flight (at most PROGRESS_ROWS rows, not the chunk), and the output is bit-identical to
+    the uninterrupted run.  A slice file that does not continue the saved ones is ignored."""
+    from bertfast.corpus import PROGRESS_ROWS
+
+    out, count = tmp_path / "emb.npy", tmp_path / "count"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # chunk 0: calls 1-3; chunk 1: slices 1 and 2 saved, killed during its 3rd (call 6)
+    proc = subprocess.run([sys.executable, "-c", _KILL_MID_CHUNK, str(corpus), str(out), str(tiny), str(CHUNK), "6",
+                           str(count)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == -9, proc.stderr
+    before_kill = int(count.read_text())
+    assert before_kill == 2 * CHUNK  # the slice in flight: rows 512..699 of chunk 1
+    parts = parts_dir(out)
+    assert sorted(p.name for p in parts.glob("*.npz")) == [
+        "chunk-00000000.npz", "slice-00000001-00000000.npz", f"slice-00000001-{PROGRESS_ROWS:08d}.npz"]
+    np.savez(parts / "slice-00000003-00000256.npz", ids=np.arange(3 * CHUNK + 256, 3 * CHUNK + 300),
+             emb=np.ones((44, 32), np.float32))  # not after a saved slice: ignored
+    rows = []
+
+    class Counting:
+        embedding_dim, max_length = encoder.embedding_dim, encoder.max_length
+
+        def encode(self, texts, **kw):
+            rows.append(len(texts))
+            return encoder.encode(texts, **kw)
+
+    m = encode_file(corpus, out, model=tiny, chunk_size=CHUNK, encoder=Counting(), resume=True, progress=False)
+    assert m["complete"] and not parts.exists()
+    np.testing.assert_array_equal(np.load(out), np.load(reference[0]))  # no row lost, duplicated or changed
+    redone = before_kill + sum(rows) - N_LINES
+    assert 0 < redone <= PROGRESS_ROWS, (before_kill, sum(rows))
+
+
 def test_small_outputs_jsonl_float16_and_errors(tmp_path, tiny, encoder, capsys):
     src = tmp_path / "in.jsonl"
     texts = ["a cat", None, "a dog", "a bird"]

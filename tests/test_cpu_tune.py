@@ -8,6 +8,7 @@ import torch
 
 from bertfast import cpu_linear, tune
 from bertfast.cli import CLIError
+from bertfast.cli import tune as tune_cli
 from bertfast.kernels import tuning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _args(*argv):
     p = argparse.ArgumentParser()
-    tune.add_arguments(p)
+    tune_cli.add_arguments(p)
     return p.parse_args(list(argv))
 
 

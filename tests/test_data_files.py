@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertfast import corpus
+from bertfast import corpus, progress
 from bertfast.cli import main
 from bertfast.corpus import CorpusReader, encode_file
 from bertfast.train import read_records
@@ -211,12 +211,12 @@ def test_second_run_on_one_output_is_refused_in_one_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- progress in a log
 def test_progress_lines_in_a_log_finer_than_a_chunk(tmp_path, monkeypatch):
-    """stderr redirected to a file: periodic plain lines (every PROGRESS_INTERVAL seconds; 0 here),
+    """stderr redirected to a file: periodic plain lines (every progress.INTERVAL seconds; 0 here),
     updated every PROGRESS_ROWS rows, not once per chunk."""
     src = tmp_path / "in.txt"
     src.write_text("".join(f"line {i}\n" for i in range(1000)), encoding="utf-8")
     log = io.StringIO()  # not a terminal
-    monkeypatch.setattr(corpus, "PROGRESS_INTERVAL", 0.0)
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)
     monkeypatch.setattr(corpus.sys, "stderr", log)
 
     class Encoder:
@@ -237,11 +237,11 @@ def _any_model(tmp_path):
 
 def test_run_progress_is_quiet_below_the_threshold_and_when_off():
     log = io.StringIO()
-    bar = corpus._RunProgress(100, 0, "x", None, stream=log, interval=0.0)
+    bar = progress.Progress(100, "x", show=None, stream=log, interval=0.0)
     bar.update(100)
     bar.close()
     assert log.getvalue() == ""  # 100 rows: too few to report
-    bar = corpus._RunProgress(10_000, 0, "x", False, stream=log, interval=0.0)
+    bar = progress.Progress(10_000, "x", show=False, stream=log, interval=0.0)
     bar.update(10_000)
     bar.close()
     assert log.getvalue() == ""

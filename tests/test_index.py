@@ -189,6 +189,7 @@ def test_search_without_model_checks_the_checkpoint_at_the_manifest_path(setup, 
     assert index.search(np.load(out)[7], top=1)[0].id == 7
     with pytest.raises(ValueError, match=r"the checkpoint at .*model changed after .*emb.npy was encoded"):
         index.search(LINES[7], top=1)
+    capsys.readouterr()  # the encode's progress lines above: only the search command's output below
     rc = main(["search", "--index", str(out), "--query", LINES[7]])
     _one_line_error(rc, capsys.readouterr().err, "changed after")
     assert main(["search", "--index", str(outs["npy"]), "--query", LINES[7], "--model", str(tiny)]) == 0  # original

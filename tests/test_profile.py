@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bertfast.bench import profile as profiling
+from bertfast.cli.bench import add_profile_arguments
 from bertfast.config import BertConfig
 from bertfast.modeling import BertModel
 
@@ -123,7 +124,7 @@ def test_instrument_without_cuda_has_no_nvtx():
 
 def test_bertfast_profile_end_to_end(tmp_path, capsys):
     p = argparse.ArgumentParser()
-    profiling.add_arguments(p)
+    add_profile_arguments(p)
     args = p.parse_args(["--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1", "--threads", "1",
                          "--out", str(tmp_path), "--lengths", "mixed"])
     assert args.model == "minilm"

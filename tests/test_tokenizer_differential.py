@@ -225,8 +225,10 @@ def test_random_call_sequences_equal_a_fresh_transformers_tokenizer(pair, monkey
                         ids = plain(got["input_ids"])
                         ids = ids[0] if ids and isinstance(ids[0], list) else ids
                         skip = rng.random() < 0.5
-                        assert ours.decode(ids, skip_special_tokens=skip) == \
-                            ref.decode(ids, skip_special_tokens=skip), f"{where}: decode({ids})"
+                        clean = (None, True, False)[seq % 3]  # (no draw from rng: the calls stay the same)
+                        assert ours.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=clean) == \
+                            ref.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=clean), \
+                            f"{where}: decode({ids}, clean_up_tokenization_spaces={clean})"
                         seen["decode"] += 1
     for tok, (truncation_side, padding_side) in zip((ours, ref), sides):
         tok.truncation_side, tok.padding_side = truncation_side, padding_side
@@ -321,6 +323,57 @@ def test_sides_are_carried_both_ways(tmp_path):
     assert _ids(ours, texts) == _ids(ref, texts) and _ids(ours, texts)[1][0] == ours.pad_token_id
     back = transformers.BertTokenizerFast.from_pretrained(str(ours.save_pretrained(tmp_path / "b")))
     assert _ids(back, texts) == _ids(ours, texts)
+
+
+# text that transformers' clean_up_tokenization changes: spaces before . ? ! , and contractions
+CLEAN_UP_TEXTS = ["Hello , world . How are you ?", "it 's fine , isn 't it ? i 'm sure we 've seen they 're here !",
+                  "don't stop! They're here, aren't they?", "a ' b ' c", "l ' homme . . . ok !!", "x.y , z ! ?",
+                  "can't won't shouldn't I'm you've we're it's", "the [MASK] is here .", "no punctuation at all"]
+
+
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_decode_clean_up_as_transformers(tmp_path, setting):
+    """decode / batch_decode clean up spaces as transformers' BertTokenizerFast does: by
+    tokenizer_config.json's clean_up_tokenization_spaces (None: the key is missing, as in
+    all-MiniLM-L6-v2's: no clean-up in transformers 5), or by the keyword of the call; with and
+    without the special tokens.  The flag is saved and read back both ways."""
+    d = _flagged_dir(tmp_path, "cfg", **({} if setting is None else {"clean_up_tokenization_spaces": setting}))
+    ours = Tokenizer.from_pretrained(d)
+    ref = transformers.BertTokenizerFast.from_pretrained(str(d))
+    assert ours.clean_up_tokenization_spaces == ref.clean_up_tokenization_spaces == bool(setting)
+    batch = _ids(ours, CLEAN_UP_TEXTS)  # padded: [PAD] is a special token too
+    pairs = plain(ours(CLEAN_UP_TEXTS[:4], CLEAN_UP_TEXTS[4:8], truncation=True, padding=True)["input_ids"])
+    cleaned = 0
+    for ids in batch + pairs + [[ours.cls_token_id, ours.mask_token_id, ours.sep_token_id]]:
+        for skip in (False, True):
+            for clean in (None, True, False):
+                want = ref.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=clean)
+                assert ours.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=clean) == want, \
+                    (ids, skip, clean)
+                cleaned += want != ref.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        assert ours.decode(ids) == ref.decode(ids)
+    assert cleaned > 0  # the clean-up changed text: the comparison can fail
+    for kw in (dict(), dict(skip_special_tokens=True), dict(clean_up_tokenization_spaces=not setting)):
+        assert ours.batch_decode(batch, **kw) == ref.batch_decode(batch, **kw)
+        assert ours.batch_decode(torch.tensor(batch), **kw) == ref.batch_decode(torch.tensor(batch), **kw)
+        assert ours.decode(torch.tensor(batch), **kw) == ref.decode(torch.tensor(batch), **kw)  # a batch: a list
+        assert ours.decode(batch, **kw) == ref.decode(batch, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert ours.batch_decode(batch[0], **kw) == ref.batch_decode(batch[0], **kw)  # one sequence: [its text]
+    assert ours.batch_decode([]) == ref.batch_decode([]) == []
+    # saved and read back, by transformers and by bertfast; and transformers' saved files read by bertfast
+    saved = ours.save_pretrained(tmp_path / "ours")
+    assert transformers.BertTokenizerFast.from_pretrained(str(saved)).clean_up_tokenization_spaces == bool(setting)
+    assert Tokenizer.from_pretrained(saved).clean_up_tokenization_spaces == bool(setting)
+    ref.save_pretrained(str(tmp_path / "ref"))
+    assert Tokenizer.from_pretrained(tmp_path / "ref").clean_up_tokenization_spaces == bool(setting)
+
+
+def test_bad_clean_up_flag_is_refused_by_name(tmp_path):
+    d = _flagged_dir(tmp_path, "bad", clean_up_tokenization_spaces="yes")
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: clean_up_tokenization_spaces must be true or false"):
+        Tokenizer.from_pretrained(d)
 
 
 def test_pickled_tokenizer_works(pair):

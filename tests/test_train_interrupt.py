@@ -5,6 +5,7 @@ weights and metrics bit for bit; a batch with no labelled token is skipped and c
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,8 +166,14 @@ def test_sigint_at_random_moments_resumes_bit_identical(tmp_path, capsys, data, 
     interrupted = 0
     for trial in range(24):
         out = tmp_path / f"t{trial}"
-        rc = _interrupt_at(rng.uniform(0.02, 1.0) * seconds, args(data, word_model, out))
-        capsys.readouterr()
+        delay = rng.uniform(0.02, 1.0) * seconds
+        for _ in range(6):  # a run faster than the timed one (a quieter machine) finished first: earlier
+            rc = _interrupt_at(delay, args(data, word_model, out))
+            capsys.readouterr()
+            if rc is not None:
+                break
+            shutil.rmtree(out, ignore_errors=True)
+            delay /= 2
         if rc == 130:
             interrupted += 1
             resume = ["--resume"] if (out / "checkpoint" / bt.STATE_FILE).is_file() else []
@@ -174,7 +181,7 @@ def test_sigint_at_random_moments_resumes_bit_identical(tmp_path, capsys, data, 
             assert rc == 0, (trial, err)
         assert rc in (0, None), trial
         assert_same_run(result(out), ref)
-    assert interrupted >= 18  # the signal landed inside nearly every run
+    assert interrupted == 24  # the signal landed inside every run (after at most a few earlier tries)
 
 
 def _finetune_argv(data, model, out, *extra):
@@ -334,7 +341,9 @@ def test_threads_flag_sets_and_restores(tmp_path, capsys, data, word_model, monk
 
 
 def test_progress_shows_no_loss_before_the_first(capsys):
-    bar = bt._StepProgress(10, "epoch 1/1", stream=sys.stderr)
+    from bertfast.progress import Progress
+
+    bar = Progress(10, "epoch 1/1", unit="batches", stream=sys.stderr, rates=("examples", "tokens"))
     assert "nan" not in bar._line() and "loss" not in bar._line()
     bar.loss = 0.5
     assert "loss 0.5000" in bar._line()

@@ -35,7 +35,6 @@ into ``--out`` and prints the table.  The harness is :mod:`bertfast.bench.harnes
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from typing import List, Optional, Sequence
@@ -50,77 +49,6 @@ DEFAULT_OUT = "bench-results"
 IMPLS = ("triton", "triton-varlen", "eager", "sdpa", "sdpa-mask", "compile",
          "hf-eager", "hf-sdpa", "hf-compile", "bertfast-torch", "bertfast-triton", "bertfast-triton-unpad",
          "bertfast-triton-graphs", "bertfast-triton-unpad-graphs")
-
-
-def model_arg(value: str) -> str:
-    """``--model``: a preset name (:data:`MODELS`), or (``bench cpu`` only) a checkpoint directory."""
-    import os
-
-    if value in MODELS or os.path.isdir(os.path.expanduser(value)):
-        return value
-    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(MODELS)}, or a checkpoint "
-                                     f"directory for bench cpu)")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``bertfast bench`` arguments to ``parser`` (used by bertfast.cli and :func:`main`).
-    Bad values (an --out that is a file, --device cuda without CUDA, an unknown --impl, counts
-    < 1, an unknown --workloads / --systems name) are refused while parsing, before anything runs."""
-    from bertfast.bench import cpu
-    from bertfast.cli import bench_device_arg, out_dir_arg, positive_int as _pos_int
-    parser.description = ((parser.description + ". ") if parser.description else "") + (
-        "Suites: kernels (ops + attention), attention, encoder, host (host work per forward, any machine), "
-        "cpu (bertfast vs ONNX Runtime / OpenVINO / transformers / sentence-transformers on a CPU), "
-        "all, evidence (the ~8-minute GPU evidence run; --dry-run: its plumbing on CPU) (give the suite first). "
-        "Without a CUDA GPU the "
-        "CPU comparisons run and Triton rows are marked unavailable.")
-    parser.add_argument("suite", nargs="?", default="all", choices=SUITES, help="what to benchmark (default: all)")
-    parser.add_argument("--model", nargs="+", type=model_arg, default=None, metavar="NAME",
-                        help="model shapes: minilm, bert-base, bert-large (default: all three on GPU for the encoder, "
-                             "bert-base and bert-large for kernels; minilm on CPU); bench cpu: one name or a "
-                             "checkpoint directory with tokenizer.json (default minilm)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
-                        help="auto: fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--batch", nargs="+", type=_pos_int, default=None, metavar="N", help="batch sizes")
-    parser.add_argument("--seq", nargs="+", type=_pos_int, default=None, metavar="N",
-                        help="sequence lengths (with --batch: every combination)")
-    parser.add_argument("--lengths", default="both", choices=("full", "mixed", "both"),
-                        help="full-length sequences, mixed lengths uniform in [0.3, 1.0]*S, or both (default)")
-    parser.add_argument("--out", default=DEFAULT_OUT, type=out_dir_arg, metavar="DIR",
-                        help=f"directory for JSON / markdown / PNG (default: ./{DEFAULT_OUT})")
-    parser.add_argument("--quick", action="store_true", help="a few small shapes and short timing loops")
-    parser.add_argument("--device", default="auto", type=bench_device_arg, choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--impl", nargs="+", default=None, choices=IMPLS, metavar="NAME",
-                        help="only these implementations: " + ", ".join(IMPLS))
-    parser.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="include torch.compile rows (default: on GPU without --quick; off on CPU, where "
-                             "compiling is slow)")
-    parser.add_argument("--timer", default="events", choices=("events", "do_bench"),
-                        help="GPU timer: CUDA events per call (default) or triton.testing.do_bench")
-    parser.add_argument("--threads", nargs="+", type=_pos_int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's choice); bench cpu: every thread count to run, "
-                             "for torch, ONNX Runtime and OpenVINO alike (default: 1 2)")
-    parser.add_argument("--workloads", nargs="+", choices=cpu.WORKLOADS, default=None, metavar="NAME",
-                        help="bench cpu: " + ", ".join(cpu.WORKLOADS) + " (default: all; --quick: "
-                             + " ".join(cpu.QUICK_WORKLOADS) + ")")
-    parser.add_argument("--systems", nargs="+", choices=cpu.SYSTEMS, default=None, metavar="NAME",
-                        help="bench cpu: " + ", ".join(cpu.SYSTEMS) + " (default: all)")
-    parser.add_argument("--rounds", type=_pos_int, default=None, metavar="N",
-                        help="bench cpu: timed rounds per workload (default: 15 short, 5 for 32x128 and "
-                             "128-mixed-256, 3 for the corpus; fewer with --quick)")
-    parser.add_argument("--corpus-size", type=_pos_int, default=None, metavar="N",
-                        help=f"bench cpu: texts in the corpus workload (default {cpu.DEFAULT_CORPUS_SIZE}; "
-                             f"--quick {cpu.QUICK_CORPUS_SIZE})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="evidence: run every step's plumbing on CPU with tiny shapes and the Triton interpreter")
-    parser.add_argument("--short", action="store_true",
-                        help="evidence: versions, host and encoder only, in about two minutes (same files)")
-    parser.add_argument("--budget", type=_pos_int, default=None, metavar="S",
-                        help="evidence: seconds for all steps together (default 480); a step gets at most what is "
-                             "left")
 
 
 def _resolve_dtype(name: str, cuda: bool):
@@ -232,7 +160,7 @@ def _other_suite_problem(args) -> Optional[str]:
 
 
 def run(args) -> int:
-    """Run ``bertfast bench`` with parsed ``args``; returns the exit status."""
+    """Run ``bertfast bench`` with the arguments bertfast/cli/bench.py parsed; returns the exit status."""
     import torch
 
     from bertfast.bench import harness, report
@@ -298,15 +226,8 @@ def run(args) -> int:
     return 1 if errors else 0
 
 
-def build_parser(prog: str = "bertfast bench") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="bertfast benchmarks.")
-    add_arguments(p)
-    return p
-
-
 def main(argv: Optional[Sequence[str]] = None, prog: str = "bertfast bench") -> int:
-    """Stand-alone entry point (the benchmarks/*.py scripts use it)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
-    args._command = ["bertfast", "bench", *argv]  # the equivalent, reproducible command
-    return run(args)
+    """Stand-alone entry point (the benchmarks/*.py scripts use it): bertfast/cli/bench.py parses."""
+    from bertfast.cli.bench import bench_main
+
+    return bench_main(argv, prog)

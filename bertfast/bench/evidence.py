@@ -45,7 +45,6 @@ compiled model's first call, which is what overruns).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -882,22 +881,10 @@ STEP_FUNCS = {"tune": step_tune, "kernels-tuned": step_kernels, "versions": step
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m bertfast.bench.evidence --step NAME`` (inside a step's process), or the whole
-    run: ``python -m bertfast.bench.evidence [--out DIR] [--dry-run] [--budget S]``."""
-    p = argparse.ArgumentParser(prog="python -m bertfast.bench.evidence")
-    p.add_argument("--step", choices=sorted(STEP_FUNCS), help="run one step here (its result needs "
-                   "BERTFAST_EVIDENCE_WORK / BERTFAST_EVIDENCE_OUT / BERTFAST_EVIDENCE_STEP)")
-    p.add_argument("--out", default="evidence")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--short", action="store_true", help="versions, host and encoder only, in about two minutes")
-    p.add_argument("--budget", type=int, default=None)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    if args.step:
-        STEP_FUNCS[args.step]()
-        return 0
-    args._command = ["python -m bertfast.bench.evidence", *argv]
-    return run(args)
+    """``python -m bertfast.bench.evidence``: parsed by bertfast/cli/bench.py (:func:`evidence_main`)."""
+    from bertfast.cli.bench import evidence_main
+
+    return evidence_main(argv)
 
 
 if __name__ == "__main__":

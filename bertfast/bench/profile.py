@@ -42,7 +42,6 @@ its child modules (e.g. a fused QKV computed inside ``attention.self``) is charg
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -381,36 +380,6 @@ def profile_forward(model, call, steps: int = 3, warmup: int = 2, cuda: bool = F
     return att
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``bertfast profile`` arguments to ``parser``.  Bad values (counts < 1, a negative
-    --warmup, an --out that is a file, --device cuda without CUDA) are refused while parsing."""
-    from bertfast.cli import bench_device_arg, nonnegative_int, out_dir_arg, positive_int
-
-    parser.add_argument("--model", default="minilm", metavar="NAME|PATH",
-                        help="minilm (bundled weights), bert-base, bert-large (random weights), or a checkpoint "
-                             "directory (default: minilm)")
-    parser.add_argument("--impl", default="bertfast", choices=("bertfast", "transformers"),
-                        help="profile bertfast's BertModel (default) or transformers' (same weights)")
-    parser.add_argument("--backend", default=None, choices=("torch", "triton", "auto"),
-                        help="bertfast backend (default: the model's default); the forward runs eagerly, without "
-                             "CUDA-graph replay, so that every op shows")
-    parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa"),
-                        help="transformers attention implementation for --impl transformers")
-    parser.add_argument("--batch", type=positive_int, default=8)
-    parser.add_argument("--seq", type=positive_int, default=128)
-    parser.add_argument("--lengths", default="full", choices=("full", "mixed"))
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
-                        help="auto: fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", default="auto", type=bench_device_arg, choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--steps", type=positive_int, default=3, help="profiled forwards (default 3)")
-    parser.add_argument("--warmup", type=nonnegative_int, default=2,
-                        help="forwards before profiling (default 2; 0: none)")
-    parser.add_argument("--top", type=positive_int, default=30, help="rows in the per-kernel table (default 30)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", default="profile-results", type=out_dir_arg, metavar="DIR",
-                        help="directory for the trace and tables (default: ./profile-results)")
-
-
 def _load(args, device, dtype):
     """(model to instrument, callable for the forward)."""
     from bertfast.bench.suites import MODEL_SHAPES, ModelCache
@@ -440,7 +409,7 @@ def _load(args, device, dtype):
 
 
 def run(args) -> int:
-    """Run ``bertfast profile`` with parsed ``args``; returns the exit status."""
+    """Run ``bertfast profile`` with the arguments bertfast/cli/bench.py parsed; returns the exit status."""
     from bertfast.bench import _resolve_dtype
     from bertfast.bench.harness import Unavailable, device_slug, environment, interpreter_active
     from bertfast.bench.suites import lengths_for
@@ -509,12 +478,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bertfast profile", description="Profile one encoder forward.")
-    add_arguments(p)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    args._command = ["bertfast profile", *argv]
-    return run(args)
+    """``bertfast profile`` stand-alone (bertfast/cli/bench.py parses)."""
+    from bertfast.cli.bench import profile_main
+
+    return profile_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
