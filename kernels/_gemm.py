@@ -5,13 +5,16 @@ One Triton kernel computes ``out = act(x @ weight.T + bias)`` for x (M, K) and w
 (M, N) result or, with ``HEAD_SPLIT``, scatters each output element straight into the
 (3, B, H, S, D) head-split layout of a fused QKV projection.
 
-This module is also the single place that decides the block sizes: ``gemm_configs`` holds the
-finite list of configurations per (architecture, dtype, precision) and ``pick_config`` is the one
-deterministic rule that chooses among them (the default); ``gemm_candidates`` is what the tuner
-(``bertfast.kernels.tuning``) may time instead: every table entry, and for plain GEMMs split-K, a persistent
-TMA kernel (``gemm_tma_kernel``, sm_90) and cuBLAS.  ``plan_gemm`` asks the tuner, which answers
-with a stored choice or the default unless tuning is switched on.  ``gemm_specs`` turns the same lists into the
-``KernelSpec`` entries the compile check needs, so the check covers exactly what can run.
+This module is also the single place that decides the block sizes and the kernel: ``gemm_configs``
+holds the finite list of block configurations per (architecture, dtype, precision) and
+``pick_config`` is the one deterministic per-shape rule that chooses the default (a table tile;
+for plain fp16 / bf16 GEMMs also split-K at small M and the persistent TMA kernel at large M on
+sm_90: its docstring has the table for every bert-base GEMM); ``gemm_candidates`` is what the
+tuner (``bertfast.kernels.tuning``) may time instead: every table entry, and for plain GEMMs
+split-K, the persistent TMA kernel (``gemm_tma_kernel``, sm_90) and cuBLAS.  ``plan_gemm`` asks
+the tuner, which answers with a stored choice (it wins) or the default unless tuning is switched
+on.  ``gemm_specs`` / ``plain_default_specs`` turn the same lists into the ``KernelSpec`` entries
+the compile check needs, so the check covers exactly what can run.
 
 Two launcher guarantees keep every configuration spill-free and let the compile check see the
 code that really runs:
@@ -31,6 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from bertfast.kernels._common import HAS_TRITON, launch_device
+from bertfast.kernels._launch import launched
 
 if HAS_TRITON:
     import triton
@@ -56,11 +60,12 @@ class GemmConfig:
     # Relative throughput of one SM running this tile (bigger tiles reuse operands more);
     # only used by ``pick_config`` to trade tile efficiency against wave quantization.
     efficiency: float = 1.0
-    # Tuning candidates only (``gemm_candidates``; never picked by ``pick_config``):
+    # Plain GEMMs only (no bias, activation, pre-activation store or head split):
     # split_k > 1: the K loop is split over that many programs per output tile, each storing fp32
-    # partial sums into a (split_k, M, N) workspace that the host reduces (bias-free, activation-free
-    # GEMMs only).  library "cublas": no Triton kernel, ``torch.mm`` (bias-free, activation-free,
-    # row-major output only, so no fusion is lost).
+    # partial sums into a (split_k, M, N) workspace that ``splitk_reduce_kernel`` adds in a fixed
+    # order (the default at small M, ``pick_config``).  library "tma": ``gemm_tma_kernel`` (the
+    # default at large M on sm_90).  library "cublas": no Triton kernel, ``torch.mm`` (row-major
+    # output only, so no fusion is lost; a tuning candidate only).
     split_k: int = 1
     library: str = "triton"
 
@@ -124,24 +129,29 @@ _TABLES = {
     "sm80": {"half": _SM80_HALF, "tf32": _SM80_TF32, "ieee": _SM80_FP32},
 }
 
-# --- tuning candidates (``gemm_candidates``), fp16 / bf16 only.  Split-K for the bias-free
-# output projections (N = hidden, K = hidden or intermediate) at small M, where even the small
-# tile leaves most SMs idle (M = 128, N = 768: 12 tiles on 132 SMs): the one-warpgroup tile of
-# the default table, K split over 2, 4 or 8 programs.
+# --- plain fp16 / bf16 GEMMs (``pick_config``'s defaults and the tuner's candidates).  Split-K
+# for the bias-free output projections (N = hidden, K = hidden or intermediate) at small M, where
+# even the small tile leaves most SMs idle (M = 128, N = 768: 12 tiles on 132 SMs): the
+# one-warpgroup tile of the default table, K split over 2, 4 or 8 programs.
 SPLIT_K_TILE = {
     "sm90": GemmConfig(64, 128, 64, num_warps=4, num_stages=4, efficiency=0.75),
     "sm80": GemmConfig(64, 128, 32, num_warps=4, num_stages=4, efficiency=0.75),
 }
 SPLIT_K_FACTORS = (2, 4, 8)
+# ``splitk_reduce_kernel``: elements per program and warps (4 fp32 a thread: one 16-byte load a plane)
+REDUCE_BLOCK, REDUCE_WARPS = 512, 4
 CUBLAS = GemmConfig(0, 0, 0, num_warps=0, num_stages=0, library="cublas")
 # Persistent TMA GEMM (``gemm_tma_kernel``) for plain fp16 / bf16 GEMMs on Hopper: both tiles
 # compile for sm_90 under triton 3.6 and 3.9 without spills, with wgmma and cp.async.bulk.tensor
-# (the 128x256 tile, which spills in ``gemm_kernel``'s fused epilogue under 3.6, does not here:
-# no epilogue besides the store).
+# (3.6 and 3.9: 94 registers and 161 KiB of shared memory for 128x128, 155 and 209 KiB for
+# 128x256; the 128x256 tile, which spills in ``gemm_kernel``'s fused epilogue under 3.6, does not
+# here: no epilogue besides the store).  The first is ``pick_config``'s large-M default (the table's
+# big tile, loaded by TMA), so it needs no triton-version rule; the second is a tuning candidate.
 TMA_TILES = (
     GemmConfig(128, 128, 64, num_warps=8, num_stages=4, library="tma"),
     GemmConfig(128, 256, 64, num_warps=8, num_stages=3, library="tma"),
 )
+TMA_DEFAULT = TMA_TILES[0]
 
 
 def _family(capability: tuple[int, int]) -> str:
@@ -177,51 +187,125 @@ def gemm_configs(dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bo
     return tuple(out)
 
 
+def is_plain(activation: int, has_bias: bool, has_pre: bool, head_split) -> bool:
+    """A GEMM with nothing to fuse (no bias, activation, pre-activation store or head split): BERT's
+    output projections, whose bias and residual go into the add + LayerNorm kernel.  Only these
+    may take split-K, the TMA kernel or cuBLAS."""
+    return activation == ACT_NONE and not has_bias and not has_pre and head_split is None
+
+
+def _tiles(cfg: GemmConfig, M: int, N: int) -> int:
+    return -(-M // cfg.block_m) * -(-N // cfg.block_n)
+
+
+def _split_factors(M: int, N: int, K: int, fam: str, sms: int, waves: int) -> list:
+    """Split-K factors of the small tile that keep >= 2 K steps a split and fit in ``waves`` waves."""
+    tile = SPLIT_K_TILE[fam]
+    tiles, steps = _tiles(tile, M, N), -(-K // tile.block_k)
+    return [s for s in SPLIT_K_FACTORS if steps >= 2 * s and tiles * s <= waves * sms]
+
+
+def _tma_possible(N: int, K: int, capability: tuple[int, int]) -> bool:
+    # descriptors need 16-byte row strides: K is aligned by the launcher (``_align_operands``), N here
+    return capability[0] == 9 and N % 8 == 0 and K % 8 == 0
+
+
 def gemm_candidates(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool, *,
                     plain: bool, store_pre: bool = False) -> tuple[GemmConfig, ...]:
     """What the tuner may time for one GEMM, the default (``pick_config``) first: every entry of
-    the table, and for a ``plain`` GEMM (no bias, no activation, no pre-activation store,
-    row-major output: the output projections whose bias goes into the LayerNorm kernel) cuBLAS
-    via ``torch.mm`` plus, for fp16 / bf16, split-K at small M (fewer tiles than SMs) and the
-    persistent TMA kernel on sm_90.  ``store_pre``: see ``gemm_configs``."""
-    default = pick_config(M, N, K, dtype, capability, allow_tf32, store_pre=store_pre)
-    out = [default] + [c for c in gemm_configs(dtype, capability, allow_tf32, store_pre=store_pre) if c != default]
-    if not plain:
-        return tuple(out)
-    fam = _family(capability)
-    if dtype in (torch.float16, torch.bfloat16) and fam in SPLIT_K_TILE:
-        tile = SPLIT_K_TILE[fam]
+    the table, and for a ``plain`` GEMM (``is_plain``: the output projections whose bias goes into
+    the LayerNorm kernel) cuBLAS via ``torch.mm`` plus, for fp16 / bf16, split-K at small M (fewer
+    tiles than SMs, at most two waves) and the persistent TMA kernel on sm_90.  ``store_pre``: see
+    ``gemm_configs``."""
+    default = pick_config(M, N, K, dtype, capability, allow_tf32, store_pre=store_pre, plain=plain)
+    out = [default, *gemm_configs(dtype, capability, allow_tf32, store_pre=store_pre)]
+    if plain:
+        fam = _family(capability)
         sms = _SM_COUNT.get(capability[0], 108)
-        tiles = -(-M // tile.block_m) * -(-N // tile.block_n)
-        steps = -(-K // tile.block_k)
-        if tiles < sms:
-            out += [replace(tile, split_k=s) for s in SPLIT_K_FACTORS if steps >= 2 * s and tiles * s <= 2 * sms]
-    if dtype in (torch.float16, torch.bfloat16) and capability[0] == 9 and N % 8 == 0 and K % 8 == 0:
-        out += TMA_TILES  # descriptors need 16-byte row strides (K is aligned by the launcher; N here)
-    out.append(CUBLAS)
-    return tuple(out)
+        if precision_of(dtype, allow_tf32) == "half":
+            if fam in SPLIT_K_TILE and _tiles(SPLIT_K_TILE[fam], M, N) < sms:
+                out += [replace(SPLIT_K_TILE[fam], split_k=s) for s in _split_factors(M, N, K, fam, sms, 2)]
+            if _tma_possible(N, K, capability):
+                out += TMA_TILES
+        out.append(CUBLAS)
+    return tuple(dict.fromkeys(out))  # the default once, first
 
 
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool, *,
-                store_pre: bool = False) -> GemmConfig:
-    """The one deterministic block-size rule.
-
-    Estimated time of a configuration = (number of waves of tiles over the SMs) x (tile area /
-    tile efficiency); ties go to the earlier (bigger) tile.  Big GEMMs therefore take the
-    largest tile unless its last wave would leave most SMs idle; small M takes the small tile.
-    K does not change the choice (every tile walks the whole K), it is accepted so the rule
-    can grow split-K later without changing callers.  ``store_pre``: see ``gemm_configs``.
-    """
+def _table_tile(M: int, N: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool,
+                store_pre: bool) -> GemmConfig:
+    """Wave-quantization choice among the table's tiles (see ``pick_config``)."""
     configs = gemm_configs(dtype, capability, allow_tf32, store_pre=store_pre)
     sms = _SM_COUNT.get(capability[0], 108)
     best, best_cost = configs[0], math.inf
     for c in configs:
-        tiles = -(-M // c.block_m) * -(-N // c.block_n)
-        waves = -(-tiles // sms)
-        cost = waves * c.block_m * c.block_n / c.efficiency
+        cost = -(-_tiles(c, M, N) // sms) * c.block_m * c.block_n / c.efficiency
         if cost < best_cost * 0.999:
             best, best_cost = c, cost
     return best
+
+
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool, *,
+                store_pre: bool = False, plain: bool = False) -> GemmConfig:
+    """The one deterministic per-shape rule: the default configuration of a GEMM (the tuner's
+    stored choice, when there is one, overrides it per shape class).
+
+    1. Table tile: estimated time = (waves of tiles over the SMs) x (tile area / tile efficiency);
+       ties go to the earlier (bigger) tile.  Big GEMMs take the largest tile unless its last wave
+       would leave most SMs idle; small M takes the small tile.
+    2. ``plain`` (``is_plain``) fp16 / bf16 GEMMs whose small-tile count is below half the SMs
+       (Hopper / Blackwell, A100) take split-K on the small tile: the largest factor of 2, 4, 8
+       that keeps >= 2 K steps a split and fits in one wave.  Each program stores fp32 partial
+       sums; ``splitk_reduce_kernel`` adds the planes in a fixed order (deterministic, one pass).
+    3. Otherwise ``plain`` fp16 / bf16 GEMMs on sm_90 whose table tile is the big 128x128 one
+       (large M) take the persistent TMA kernel with the same tile (N, K multiples of 8), which
+       compiles clean (no spill, 161 KiB of shared memory, wgmma) under triton 3.6 and 3.9.
+    Nothing else changes: fp32 and fused-epilogue GEMMs (QKV with its bias and head split, FFN1
+    with bias + GELU) keep the table tile of ``gemm_kernel``.
+
+    bert-base, fp16, 132 SMs (H100); M = tokens: 1x128, 32x128 mixed lengths packed (~2,700,
+    uniform in [0.3, 1] x 128), 32x128 full.  programs = the grid (TMA: persistent, at most one
+    per SM); waves = tiles x splits / 132.  Before this rule every row was the table tile of
+    ``gemm_kernel`` (attention output and FFN2 at M = 128: 12 tiles, 0.09 waves)::
+
+        GEMM            N     K     M  default                    tiles  programs  waves
+        QKV          2304   768   128  64x128x64 w4 s4               36        36   0.27
+        QKV          2304   768  2700  128x128x64 w8 s4             396       396   3.00
+        QKV          2304   768  4096  128x128x64 w8 s4             576       576   4.36
+        attn-out      768   768   128  64x128x64 splitk4 w4 s4       12        48   0.36
+        attn-out      768   768  2700  tma 128x128x64 w8 s4         132       132   1.00
+        attn-out      768   768  4096  tma 128x128x64 w8 s4         192       132   1.45
+        FFN1         3072   768   128  64x128x64 w4 s4               48        48   0.36
+        FFN1         3072   768  2700  128x128x64 w8 s4             528       528   4.00
+        FFN1         3072   768  4096  128x128x64 w8 s4             768       768   5.82
+        FFN2          768  3072   128  64x128x64 splitk8 w4 s4       12        96   0.73
+        FFN2          768  3072  2700  tma 128x128x64 w8 s4         132       132   1.00
+        FFN2          768  3072  4096  tma 128x128x64 w8 s4         192       132   1.45
+
+    (QKV: bias + head-split store; FFN1: bias + GELU; attn-out and FFN2: plain.  ``launch_summary``
+    computes a row; tests/test_linear.py checks this table against it.)  ``store_pre``: see
+    ``gemm_configs``.
+    """
+    tile = _table_tile(M, N, dtype, capability, allow_tf32, store_pre)
+    if not plain or precision_of(dtype, allow_tf32) != "half":
+        return tile
+    fam = _family(capability)
+    sms = _SM_COUNT.get(capability[0], 108)
+    if fam in SPLIT_K_TILE and 2 * _tiles(SPLIT_K_TILE[fam], M, N) < sms:
+        splits = _split_factors(M, N, K, fam, sms, 1)
+        if splits:
+            return replace(SPLIT_K_TILE[fam], split_k=splits[-1])
+    if _tma_possible(N, K, capability) and (tile.block_m, tile.block_n) == (TMA_DEFAULT.block_m, TMA_DEFAULT.block_n):
+        return TMA_DEFAULT
+    return tile
+
+
+def launch_summary(cfg: GemmConfig, M: int, N: int, capability: tuple[int, int] = (9, 0)) -> tuple[int, int, float]:
+    """(tiles, programs, waves) of launching ``cfg`` for an (M, N) output on the reference chip of
+    ``capability`` (``pick_config``'s table)."""
+    sms = _SM_COUNT.get(capability[0], 108)
+    tiles = _tiles(cfg, M, N)
+    programs = min(tiles, sms) if cfg.library == "tma" else tiles * cfg.split_k
+    return tiles, programs, tiles * cfg.split_k / sms
 
 
 # M (rows = tokens, arbitrary with padding-free packing) and SEQ (sequence length) are never specialised
@@ -244,7 +328,7 @@ if HAS_TRITON:
         u2 = 1.5957691216057308 * (z + 0.044715 * z * z * z)
         return z / (1.0 + tl.exp(-u2))
 
-    @triton.jit(do_not_specialize=list(_NOT_SPECIALIZED))
+    @launched(do_not_specialize=list(_NOT_SPECIALIZED))
     def gemm_kernel(
         x_ptr, w_ptr, bias_ptr, out_ptr, pre_ptr,
         M, N, K,
@@ -267,7 +351,8 @@ if HAS_TRITON:
         fp32 first (exact; the products and fp32 sums are what the tensor cores compute).
         SPLIT_K: program (tile, s) of a (tiles, splits) grid sums only its share of the K steps
         and stores the fp32 partial sum to plane s of a (splits, M, N) fp32 workspace at out_ptr
-        (the host adds the planes); only without bias, activation, pre-activation or head split."""
+        (``splitk_reduce_kernel`` adds the planes); only without bias, activation, pre-activation
+        or head split."""
         if HEAD_SPLIT:
             n_part = HIDDEN
             parts = 3
@@ -363,7 +448,7 @@ if HAS_TRITON:
 
 if HAS_TRITON:
 
-    @triton.jit(do_not_specialize=["M"])
+    @launched(do_not_specialize=["M"])
     def gemm_tma_kernel(x_desc, w_desc, out_desc, M, N, K,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         DOT_UPCAST: tl.constexpr):
@@ -371,7 +456,8 @@ if HAS_TRITON:
         descriptors (sm_90+; host ``TensorDescriptor`` s of blocks (BLOCK_M, BLOCK_K),
         (BLOCK_N, BLOCK_K), (BLOCK_M, BLOCK_N)).  A grid of at most one program per SM walks the
         output tiles in the grouped order of ``gemm_kernel``; TMA zero-fills loads past the edges
-        and clips stores, so there are no masks.  A tuning candidate for plain GEMMs only."""
+        and clips stores, so there are no masks.  Plain GEMMs only: ``pick_config``'s default at
+        large M on sm_90, and a tuning candidate."""
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * tiles_n
@@ -391,6 +477,26 @@ if HAS_TRITON:
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b.T, acc)
             out_desc.store([m0, n0], acc.to(out_desc.dtype))
+
+    @launched(do_not_specialize=["SPLITS"])
+    def splitk_reduce_kernel(ws_ptr, out_ptr, MN, SPLITS, BLOCK: tl.constexpr):
+        """out[i] = ws[0, i] + ws[1, i] + ... + ws[SPLITS - 1, i], added in that order in fp32
+        (deterministic: the same bits every run) and rounded once to out's dtype.  ws: the
+        (SPLITS, M, N) fp32 partial sums of a split-K ``gemm_kernel``; out: a contiguous (M, N),
+        MN = M * N.  One pass over the workspace, one launch.
+
+        Why a second kernel rather than the GEMM's last program of each tile adding the planes:
+        that needs per-tile arrival counters (zeroed memory kept between calls, shared by every
+        stream, or a memset a call) and acquire / release ordering that neither the interpreter
+        nor the compile check can test; a separate launch is ordered by the stream."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        ptrs = ws_ptr + offs
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+        for _ in range(1, SPLITS):
+            ptrs += MN
+            acc += tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # The tables above are the triton 3.9 choice (its bundled ptxas: no spill anywhere).  Under an
@@ -477,7 +583,7 @@ class GemmPlan(NamedTuple):
     grid: tuple
     ints: tuple  # M, N, K, stride_x, stride_w, N (output row stride), SEQ, HEAD_DIM, HIDDEN
     kwargs: dict
-    split_k: int = 1  # > 1: fp32 partial sums in a (split_k, M, N) workspace, added on the host
+    split_k: int = 1  # > 1: fp32 partial sums in a (split_k, M, N) workspace, added by splitk_reduce_kernel
     cublas: bool = False  # torch.mm instead of the Triton kernel
     tma: bool = False  # gemm_tma_kernel (persistent, TMA descriptors)
 
@@ -506,7 +612,7 @@ def plan_gemm(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, 
     from bertfast.kernels._common import INTERPRET, cuda_capability, tf32_allowed
 
     allow_tf32 = tf32_allowed(dtype)
-    plain = activation == ACT_NONE and not has_bias and not has_pre and head_split is None
+    plain = is_plain(activation, has_bias, has_pre, head_split)
     if config is None:
         config = tuning.gemm_choice(M, N, K, dtype, device, cuda_capability(device), allow_tf32,
                                     activation=activation, has_bias=has_bias, has_pre=has_pre, head_split=head_split)
@@ -578,12 +684,15 @@ def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optio
         with launch_device(x2.device):
             gemm_tma_kernel[plan.grid](*descs, M, N, plan.ints[2], **plan.kwargs)
         return out
-    if plan.split_k > 1:  # plain GEMM only: fp32 partial sums, reduced in a fixed order (deterministic)
+    if plan.split_k > 1:  # plain GEMM only: fp32 partial sums, added in a fixed order (deterministic)
         M, N = plan.ints[:2]
+        # one allocation from torch's caching allocator (inside a CUDA graph capture: from the
+        # graph's pool, so the replays reuse it); no host read
         ws = torch.empty((plan.split_k, M, N), dtype=torch.float32, device=x2.device)
         with launch_device(x2.device):
             gemm_kernel[plan.grid](x2, weight, ws, ws, ws, *plan.ints, **plan.kwargs)
-        out.view(M, N).copy_(ws.sum(0))
+            splitk_reduce_kernel[(-(-(M * N) // REDUCE_BLOCK),)](ws, out, M * N, plan.split_k, BLOCK=REDUCE_BLOCK,
+                                                                  num_warps=REDUCE_WARPS, num_stages=1)
         return out
     args = (x2, weight, bias if bias is not None else out, out, pre if pre is not None else out, *plan.ints)
     with launch_device(x2.device):
@@ -665,10 +774,13 @@ def gemm_specs(op: str, arch: int, flag_sets: list[dict]) -> list:
     return specs
 
 
-def split_k_specs(op: str, arch: int) -> list:
-    """KernelSpecs of the split-K tuning candidates on ``arch`` (fp16 / bf16, plain GEMM, fp32
-    workspace output): one kernel per dtype serves every split factor (it reads the number of
-    splits from the grid)."""
+def plain_default_specs(op: str, arch: int) -> list:
+    """KernelSpecs of what ``pick_config`` launches by default for plain GEMMs on ``arch`` besides
+    the table tiles: split-K (fp16 / bf16, fp32 workspace output; one kernel per dtype serves
+    every split factor, it reads the number of splits from the grid) with its reduction, and the
+    persistent TMA kernel's default tile (sm_90)."""
+    from bertfast.kernels._compile import KernelSpec
+
     fam = _family((arch // 10, arch % 10))
     if fam not in SPLIT_K_TILE:
         return []
@@ -676,11 +788,16 @@ def split_k_specs(op: str, arch: int) -> list:
     specs = []
     for dtype in (torch.float16, torch.bfloat16):
         specs += _spec_pair(op, dtype, False, cfg, {})
-    return specs
+        t = _TL_NAME[dtype]
+        spec = KernelSpec(op=op, fn=splitk_reduce_kernel, signature={
+            "ws_ptr": "*fp32", "out_ptr": f"*{t}", "MN": "i32", "SPLITS": "i32", "BLOCK": "constexpr"},
+            constexprs={"BLOCK": REDUCE_BLOCK}, num_warps=REDUCE_WARPS, num_stages=1, label=f"{t} splitk reduce")
+        specs += [spec, replace(spec, divisible=("ws_ptr", "out_ptr", "MN"))]
+    return specs + tma_specs(op, arch, (TMA_DEFAULT,))
 
 
-def tma_specs(op: str, arch: int) -> list:
-    """KernelSpecs of the persistent TMA tuning candidates (sm_90 only; fp16 / bf16)."""
+def tma_specs(op: str, arch: int, tiles: tuple = TMA_TILES) -> list:
+    """KernelSpecs of the persistent TMA kernel with ``tiles`` (sm_90 only; fp16 / bf16)."""
     from bertfast.kernels._compile import KernelSpec
 
     if arch // 10 != 9:
@@ -688,7 +805,7 @@ def tma_specs(op: str, arch: int) -> list:
     specs = []
     for dtype in (torch.float16, torch.bfloat16):
         t = _TL_NAME[dtype]
-        for cfg in TMA_TILES:
+        for cfg in tiles:
             bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
             sig = {"x_desc": f"tensordesc<{t}[{bm}, {bk}]>", "w_desc": f"tensordesc<{t}[{bn}, {bk}]>",
                    "out_desc": f"tensordesc<{t}[{bm}, {bn}]>", "M": "i32", "N": "i32", "K": "i32"}

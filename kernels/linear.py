@@ -8,7 +8,9 @@
   cast back to x's dtype.
 
 The kernel itself (and the block-size rule) lives in ``kernels/_gemm.py``, shared with
-``qkv_projection``.
+``qkv_projection``.  Without bias and activation (BERT's attention-output and FFN2 projections,
+whose bias and residual go into the add + LayerNorm kernel) the default there may be split-K (small
+M) or the persistent TMA kernel (large M, sm_90): ``_gemm.pick_config``.
 
 Autograd: the backward uses torch matmuls (dX = dZ @ W, dW = dZ^T @ X, db = sum dZ).  With an
 activation, dZ = dY * act'(Z) needs the pre-activation Z: the forward kernel *saves* it (a
@@ -206,14 +208,15 @@ def linear(
 def compile_specs(arch: int) -> list:
     """Every configuration ``linear`` can launch on ``arch``: each dtype / precision x each
     block configuration of ``_gemm.gemm_configs`` x bias x activation x (pre-activation store,
-    used when a gradient is needed)."""
+    used when a gradient is needed), and the plain GEMMs' defaults (split-K with its reduction,
+    the persistent TMA kernel on sm_90: ``_gemm.plain_default_specs``)."""
     flags = []
     for has_bias in (False, True):
         flags.append(dict(HAS_BIAS=has_bias))
         for act in (_gemm.ACT_GELU, _gemm.ACT_GELU_TANH):
             for store_pre in (False, True):
                 flags.append(dict(HAS_BIAS=has_bias, ACTIVATION=act, STORE_PRE=store_pre))
-    return _gemm.gemm_specs(OP, arch, flags)
+    return _gemm.gemm_specs(OP, arch, flags) + _gemm.plain_default_specs(OP, arch)
 
 
 # --------------------------------------------------------------------------- quick check

@@ -8,8 +8,9 @@ the default table's entry first:
 * GEMM (``linear``, ``qkv_projection``): every entry of the block table; for a plain GEMM (no
   bias, activation, pre-activation store or head split: BERT's output projections, whose bias
   goes into the LayerNorm kernel, so no fusion is lost) also cuBLAS via ``torch.mm`` and, for
-  fp16 / bf16, split-K at small M and a persistent TMA kernel on sm_90
-  (``_gemm.gemm_candidates``).
+  fp16 / bf16, split-K at small M and the persistent TMA kernel's tiles on sm_90
+  (``_gemm.gemm_candidates``).  The default (``_gemm.pick_config``) of a plain fp16 / bf16 GEMM
+  is itself split-K at small M and the TMA kernel at large M on sm_90; a stored choice wins.
 * attention forward (padded and varlen), fp16 / bf16: the table's tile plus 64-row tiles for
   sequences of at most 128 tokens (``attention.attention_candidates``).
 
@@ -481,7 +482,8 @@ def gemm_choice(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     from bertfast.kernels import _gemm
 
     if device.type != "cuda" or _common.INTERPRET:  # nothing to tune: the table's rule
-        return _gemm.pick_config(M, N, K, dtype, capability, allow_tf32, store_pre=has_pre)
+        return _gemm.pick_config(M, N, K, dtype, capability, allow_tf32, store_pre=has_pre,
+                                 plain=_gemm.is_plain(activation, has_bias, has_pre, head_split))
     args = ("gemm", M, N, K, dtype, device, capability, allow_tf32, activation, has_bias, has_pre, head_split)
 
     def decide():
@@ -499,7 +501,7 @@ def gemm_problem(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     """The shape class of one GEMM launch, its candidates and its bench."""
     from bertfast.kernels import _gemm
 
-    plain = activation == _gemm.ACT_NONE and not has_bias and not has_pre and head_split is None
+    plain = _gemm.is_plain(activation, has_bias, has_pre, head_split)
     cands = _gemm.gemm_candidates(M, N, K, dtype, capability, allow_tf32, plain=plain, store_pre=has_pre)
     prec = _gemm.precision_of(dtype, allow_tf32)
     act = {v: k for k, v in _gemm.ACTIVATIONS.items()}[activation] or "none"
@@ -647,8 +649,8 @@ def _attention_bench(D, dtype, S, capability, additive_mask, ctx):
 # ----------------------------------------------------------------------------- compile rung
 def compile_specs(arch: int, full: bool = False) -> list:
     """KernelSpecs of the tuning candidates that are not in the ops' own ``compile_specs`` (which
-    list the default tables): the split-K and persistent TMA GEMM kernels and the short-sequence
-    attention forward tiles.  ``full``: both dtypes of the GEMMs and every mask kind x causal x
+    list the defaults, split-K and the TMA kernel's default tile included): the persistent TMA
+    GEMM's other tiles and the short-sequence attention forward tiles.  ``full``: both dtypes of the GEMMs and every mask kind x causal x
     head dim x dtype of every attention candidate (what the tuner may launch); otherwise each
     candidate once (fp16; attention at its head dims without mask, not causal), which is what the
     test suite compiles."""
@@ -657,7 +659,7 @@ def compile_specs(arch: int, full: bool = False) -> list:
     from bertfast.kernels import _gemm
     A = _attention_module()
 
-    specs = _gemm.split_k_specs("linear", arch) + _gemm.tma_specs("linear", arch)
+    specs = _gemm.tma_specs("linear", arch, tuple(t for t in _gemm.TMA_TILES if t != _gemm.TMA_DEFAULT))
     if not full:  # GEMM candidates once: fp16 (bf16 differs only in the element type)
         specs = [s for s in specs if s.label.startswith("fp16")]
     cap = (arch // 10, arch % 10)

@@ -292,6 +292,145 @@ def test_pick_config_is_deterministic_and_listed():
     assert _gemm.pick_config(8, 768, 768, torch.float16, (9, 0), False).block_m == 64
 
 
+# ------------------------------------------------------------------ the default rule of plain GEMMs
+HALF = [torch.float16, torch.bfloat16]
+BERT_M = (128, 2700, 4096)  # 1x128, 32x128 mixed lengths packed, 32x128 full
+BERT_PLAIN = ((768, 768), (768, 3072))  # (N, K): attention output, FFN2
+BERT_FUSED = ((2304, 768), (3072, 768))  # QKV (bias + head split), FFN1 (bias + GELU)
+
+
+def _docstring_table():
+    """The rows of ``pick_config``'s table: (name, N, K, M, config name, tiles, programs, waves)."""
+    rows = []
+    for line in _gemm.pick_config.__doc__.splitlines():
+        f = line.split()
+        if len(f) >= 9 and f[0] in ("QKV", "attn-out", "FFN1", "FFN2") and f[1].isdigit():
+            rows.append((f[0], int(f[1]), int(f[2]), int(f[3]), " ".join(f[4:-3]), int(f[-3]), int(f[-2]), float(f[-1])))
+    return rows
+
+
+def test_docstring_table_is_the_rule():
+    """Every row of ``pick_config``'s table (bert-base, fp16, H100) is what the rule returns."""
+    rows = _docstring_table()
+    assert len(rows) == 12 and {r[3] for r in rows} == set(BERT_M)
+    for name, N, K, M, cfg_name, tiles, programs, waves in rows:
+        cfg = _gemm.pick_config(M, N, K, torch.float16, (9, 0), False, plain=name in ("attn-out", "FFN2"))
+        assert cfg.name == cfg_name, (name, M)
+        t, p, w = _gemm.launch_summary(cfg, M, N)
+        assert (t, p, round(w, 2)) == (tiles, programs, waves), (name, M)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_default_rule_takes_split_k_and_tma_where_the_table_says(dtype):
+    """sm_90: plain GEMMs below half the SMs in tiles take split-K, plain GEMMs whose table tile is
+    the big one take the TMA kernel; fused epilogues, fp32 and the other shapes keep the table."""
+    for N, K in BERT_PLAIN:
+        small = _gemm.pick_config(128, N, K, dtype, (9, 0), False, plain=True)
+        assert small.split_k == {768: 4, 3072: 8}[K] and small.library == "triton"
+        assert _gemm.launch_summary(small, 128, N)[:2] == (12, 12 * small.split_k)  # 12 programs before
+        for M in (2700, 4096):
+            assert _gemm.pick_config(M, N, K, dtype, (9, 0), False, plain=True) == _gemm.TMA_DEFAULT
+        for M in BERT_M:  # fp32 and not-plain: the table tile of gemm_kernel, as before
+            table = _gemm.pick_config(M, N, K, dtype, (9, 0), False)
+            assert table.split_k == 1 and table.library == "triton"
+            for tf32 in (False, True):
+                f32 = _gemm.pick_config(M, N, K, torch.float32, (9, 0), tf32, plain=True)
+                assert f32 == _gemm.pick_config(M, N, K, torch.float32, (9, 0), tf32)
+    for N, K in BERT_FUSED:
+        for M in BERT_M:
+            c = _gemm.pick_config(M, N, K, dtype, (9, 0), False)
+            assert c.split_k == 1 and c.library == "triton"
+    # the boundaries: tiles < 66 of 132 SMs (N = 768: M <= 640); >= 2 K steps a split; TMA only
+    # with the big tile and N, K multiples of 8 (descriptor rows of whole 16 bytes)
+    assert _gemm.pick_config(640, 768, 768, dtype, (9, 0), False, plain=True).split_k == 2
+    assert _gemm.pick_config(704, 768, 768, dtype, (9, 0), False, plain=True).split_k == 1
+    assert _gemm.pick_config(128, 768, 192, dtype, (9, 0), False, plain=True).split_k == 1  # 3 K steps
+    assert _gemm.pick_config(128, 768, 256, dtype, (9, 0), False, plain=True).split_k == 2
+    assert _gemm.pick_config(4096, 772, 768, dtype, (9, 0), False, plain=True).library == "triton"
+    assert _gemm.pick_config(1100, 1040, 200, dtype, (9, 0), False, plain=True) == _gemm.TMA_DEFAULT
+    # A100: split-K on its own small tile, no TMA; consumer parts: the table
+    assert _gemm.pick_config(128, 768, 3072, dtype, (8, 0), False, plain=True).split_k == 8
+    assert _gemm.pick_config(4096, 768, 3072, dtype, (8, 0), False, plain=True).library == "triton"
+    assert _gemm.pick_config(128, 768, 3072, dtype, (8, 6), False, plain=True).split_k == 1
+
+
+def test_plain_defaults_are_tuning_candidates():
+    for cap in ((9, 0), (8, 0), (8, 6), (10, 0)):
+        for dtype in DTYPES:
+            for M in (1, 37, 128, 640, 2700, 4096):
+                for N, K in (*BERT_PLAIN, (1040, 200), (200, 1000)):
+                    cands = _gemm.gemm_candidates(M, N, K, dtype, cap, False, plain=True)
+                    assert cands[0] == _gemm.pick_config(M, N, K, dtype, cap, False, plain=True)
+
+
+def _expected_plan(x, w):
+    M, K = x.reshape(-1, x.shape[-1]).shape
+    x2, w2, Kp = _gemm._align_operands(x.reshape(M, K), w)
+    return _gemm.plan_gemm(M, w.shape[0], Kp, x.dtype, x.device, x2.stride(0), w2.stride(0),
+                           has_bias=False, has_pre=False)
+
+
+# M not a multiple of the tile, N not a multiple of BLOCK_N, K with a partial last K step (and
+# K = 300, 190: not whole 16 bytes, zero-padded by the launcher).  fp16 / bf16 tolerances of
+# ``testing.TOLERANCES`` (atol = rtol = 2e-3 / 1.6e-2): the kernels and the reference both
+# accumulate in fp32, in a different order.
+SPLIT_K_SHAPES = [((37,), 1000, 200, 8), ((3, 43), 300, 768, 2), ((130,), 520, 72, 4)]
+TMA_SHAPES = [((1100,), 200, 1040), ((2, 600), 190, 1096)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("lead,K,N,splits", SPLIT_K_SHAPES)
+def test_default_split_k(dtype, lead, K, N, splits):
+    """The default of a small-M plain GEMM is split-K (``splitk_reduce_kernel`` adding the
+    planes): into a NaN-prefilled ``out=``, through the planned fast path, bit-identical twice."""
+    x, w, _ = _make(lead, K, N, dtype, bias=False)
+    assert _expected_plan(x, w).split_k == splits
+    ref = linear_reference(x, w, None, None)
+    y = _run(x, w, None, None)
+    assert_close(y, ref, msg=f"{dtype} {lead} K={K} N={N}")
+    assert torch.equal(linear(x, w), y)  # deterministic: the same bits on the other path
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("lead,K,N", TMA_SHAPES)
+def test_default_tma(dtype, lead, K, N):
+    """The default of a large-M plain GEMM on sm_90 (the interpreter's stand-in) is the persistent
+    TMA kernel: partial tiles in M, N and K (zero-filled loads, clipped stores)."""
+    x, w, _ = _make(lead, K, N, dtype, bias=False)
+    assert _expected_plan(x, w).tma
+    ref = linear_reference(x, w, None, None)
+    assert_close(_run(x, w, None, None), ref, msg=f"{dtype} {lead} K={K} N={N}")
+    assert_close(linear(x, w), ref)
+
+
+@pytest.mark.interpreter
+def test_splitk_reduce_adds_in_a_fixed_order():
+    """Plane 0 first, then 1, 2, ... in fp32: 1e8 + 1 + 1 - 1e8 is 0 in that order (and 2 in
+    another); one rounding to the output dtype."""
+    planes = torch.tensor([[1e8, 0.5], [1.0, 0.25], [1.0, 0.125], [-1e8, 0.0625]], dtype=torch.float32)
+    for dtype in (torch.float32, torch.float16):
+        out = nan_like((2,), dtype)
+        _gemm.splitk_reduce_kernel[(1,)](planes, out, 2, 4, BLOCK=16, num_warps=1, num_stages=1)
+        assert out.tolist() == [0.0, 0.9375]
+
+
+@pytest.mark.interpreter
+def test_plain_defaults_make_no_host_read():
+    """Split-K and the TMA kernel read nothing back from the device (CUDA graph capture, trusted
+    inputs): their launch plans depend on shapes and pointers only."""
+    from bertfast.kernels.testing import count_host_reads
+
+    for lead, K, N in (((37,), 1000, 200), ((1100,), 200, 1040)):
+        x, w, _ = _make(lead, K, N, torch.float16, bias=False)
+        linear(x, w)  # plans made
+        with count_host_reads() as n:
+            linear(x, w)
+            linear(x, w, out=nan_like((*lead, N), torch.float16))
+        assert n[0] == 0
+
+
 # ------------------------------------------------------------------ rung 4: GPU
 BERT_BASE = [((8, 128), 768, 3072, "gelu"), ((8, 128), 3072, 768, None), ((8, 128), 768, 768, None), ((1, 77), 768, 3072, "gelu_tanh")]
 

@@ -65,7 +65,9 @@ def test_gemm_candidates():
                 plain = _gemm.gemm_candidates(M, N, K, dtype, cap, False, plain=True)
                 fused = _gemm.gemm_candidates(M, N, K, dtype, cap, False, plain=False)
                 # the default first, every table entry, unique names
-                assert plain[0] == fused[0] == _gemm.pick_config(M, N, K, dtype, cap, False)
+                assert plain[0] == _gemm.pick_config(M, N, K, dtype, cap, False, plain=True)
+                assert fused[0] == _gemm.pick_config(M, N, K, dtype, cap, False)
+                assert set(_gemm.gemm_configs(dtype, cap, False)) <= set(plain)
                 assert set(_gemm.gemm_configs(dtype, cap, False)) <= set(fused)
                 assert len({c.name for c in plain}) == len(plain)
                 # cuBLAS / split-K only where no fusion is lost
@@ -79,9 +81,9 @@ def test_gemm_candidates():
                 assert not any(c.library == "tma" for c in fused)
     # small M, N = 768: split-K offered, each split keeps >= 2 K steps
     c = _gemm.gemm_candidates(128, 768, 768, F16, (9, 0), False, plain=True)
-    assert [x.split_k for x in c if x.split_k > 1] == [2, 4]
+    assert sorted(x.split_k for x in c if x.split_k > 1) == [2, 4]
     c = _gemm.gemm_candidates(128, 768, 3072, F16, (9, 0), False, plain=True)
-    assert [x.split_k for x in c if x.split_k > 1] == [2, 4, 8]
+    assert sorted(x.split_k for x in c if x.split_k > 1) == [2, 4, 8]
 
 
 def test_attention_candidates():
@@ -307,7 +309,8 @@ def test_launcher_hooks_ask_the_tuner(monkeypatch, tmp_path):
     M, N, K = 128, 768, 768
     args = dict(activation=_gemm.ACT_NONE, has_bias=False, has_pre=False, head_split=None)
     p = tuning.gemm_problem(M, N, K, F16, cuda, (9, 0), False, **args)
-    split = next(c for c in p.candidates if c.value.split_k > 1)
+    split = next(c for c in p.candidates[1:] if c.value.split_k > 1)  # not the default (split-K 4)
+    assert p.default.value.split_k == 4 and split.value.split_k == 2
     ctx = A.TuneContext(cuda, 8, 12, False, A.MASK_LENS, True)
     ap = tuning.attention_problem(64, F16, 128, (9, 0), False, ctx)
     dk = "Fake GPU|sm_90|triton x|torch y"
@@ -319,7 +322,7 @@ def test_launcher_hooks_ask_the_tuner(monkeypatch, tmp_path):
     monkeypatch.setattr(_common, "INTERPRET", False)
     assert tuning.gemm_choice(M, N, K, F16, cuda, (9, 0), False, **args) == split.value
     assert tuning.gemm_choice(100, N, K, F16, cuda, (9, 0), False, **args) == split.value  # same class
-    assert tuning.gemm_choice(M, N, K, F16, CPU, (9, 0), False, **args) == p.candidates[0].value  # CPU: the table
+    assert tuning.gemm_choice(M, N, K, F16, CPU, (9, 0), False, **args) == p.candidates[0].value  # CPU: the default
     cfg = A.attention_config(64, F16, 128, (9, 0), interpret=False, tune=ctx)
     assert cfg["fwd"] == ap.candidates[1].value
     assert A.attention_config(64, F16, 128, (9, 0), interpret=False)["fwd"] == ap.candidates[0].value
@@ -327,6 +330,29 @@ def test_launcher_hooks_ask_the_tuner(monkeypatch, tmp_path):
     tuning.TUNER.set_mode("off")
     assert _common.mode_key(F16) != before
     assert tuning.gemm_choice(M, N, K, F16, cuda, (9, 0), False, **args) == p.candidates[0].value
+
+
+@pytest.mark.parametrize("M,default", [(128, "64x128x64 splitk8 w4 s4"), (4096, "tma 128x128x64 w8 s4")])
+def test_stored_choice_overrides_the_plain_defaults(monkeypatch, tmp_path, M, default):
+    """The plain GEMMs' new defaults (split-K at small M, the TMA kernel at large M on sm_90) are
+    defaults only: a stored choice for the shape class (here the table tile) still wins, and
+    without one the default is what ``pick_config`` says."""
+    cuda = torch.device("cuda")
+    N, K = 768, 3072
+    args = dict(activation=_gemm.ACT_NONE, has_bias=False, has_pre=False, head_split=None)
+    p = tuning.gemm_problem(M, N, K, F16, cuda, (9, 0), False, **args)
+    assert p.default.name == default
+    table = _gemm.pick_config(M, N, K, F16, (9, 0), False)
+    assert table.name in [c.name for c in p.candidates[1:]]
+    dk = "Fake GPU|sm_90|triton x|torch y"
+    monkeypatch.setattr(tuning, "TUNER", _tuner(tmp_path, mode="cached"))
+    monkeypatch.setattr(tuning, "_CHOICES", {})
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    assert tuning.gemm_choice(M, N, K, F16, cuda, (9, 0), False, **args).name == default
+    doc = {"schema": tuning.SCHEMA, "devices": {dk: {p.key: {"choice": table.name}}}}
+    (tmp_path / "tuning.json").write_text(json.dumps(doc))
+    tuning.TUNER.forget()
+    assert tuning.gemm_choice(M, N, K, F16, cuda, (9, 0), False, **args) == table
 
 
 def test_plan_gemm_refuses_split_k_and_cublas_with_epilogue():
