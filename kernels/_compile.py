@@ -136,7 +136,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
         op=spec.op, kernel=spec.name, label=spec.label + (" aligned" if spec.divisible else ""), arch=arch, num_warps=spec.num_warps,
         num_stages=spec.num_stages, ok=False, expect_tensor_cores=spec.expect_tensor_cores,
     )
-    fn = spec.fn
+    fn = getattr(spec.fn, "launched_fn", spec.fn)  # a _launch.Kernel compiles its triton.jit function
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         res.error = "kernel was decorated under TRITON_INTERPRET=1; compile in a process without it"
         return res

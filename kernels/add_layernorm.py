@@ -31,6 +31,7 @@ from bertfast.kernels._common import (
     use_triton,
 )
 from bertfast.kernels._compile import OLD_PTXAS, KernelSpec
+from bertfast.kernels._launch import launched
 from bertfast.kernels._layernorm import (
     all_ln_configs,
     bwd_num_programs,
@@ -54,7 +55,7 @@ OP = "add_layernorm"
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@launched
 def _add_layernorm_fwd_kernel(
     X, R, XB, W, B, Y, Mean, Rstd,
     M, N, stride_x, stride_r, stride_y, eps,
@@ -83,7 +84,7 @@ def _add_layernorm_fwd_kernel(
     tl.store(Rstd + rows64, rstd, mask=mask_m)
 
 
-@triton.jit
+@launched
 def _add_layernorm_bwd_kernel(
     DY, X, R, XB, W, Mean, Rstd, DX, DW, DB, DXB,
     M, N, stride_dy, stride_x, stride_r, stride_dx,

@@ -77,6 +77,7 @@ from bertfast.kernels._common import (
     tf32_allowed,
     use_triton,
 )
+from bertfast.kernels._launch import launched
 
 if HAS_TRITON:
     import triton
@@ -245,7 +246,7 @@ if HAS_TRITON:
         acc = _mma(p.to(v.dtype), v, acc, IEEE)
         return acc, m_new, l_i
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
+    @launched(do_not_specialize=_NO_SPECIALIZE)
     def _attn_fwd(Q, K, V, O, M_OUT, L_OUT, MASK, KVLEN, CU,
                   sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
                   stb, sth, sts, smb, smh, smq, smk, skv, scu,
@@ -297,7 +298,7 @@ if HAS_TRITON:
         tl.store(M_OUT + st, m_st, mask=row_ok)
         tl.store(L_OUT + st, inv_l, mask=row_ok)
 
-    @triton.jit(do_not_specialize=["sts", "H", "S"])
+    @launched(do_not_specialize=["sts", "H", "S"])
     def _attn_bwd_pre(O, DO, DELTA, sob, soh, sos, sdb, sdh, sds, stb, sth, sts, H, S,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
         # delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]
@@ -339,7 +340,7 @@ if HAS_TRITON:
         dk = _mma(dsT.to(q.dtype), q, dk, IEEE)
         return dk, dv
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
+    @launched(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, M_IN, L_IN, DELTA, MASK, KVLEN, CU,
                        sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sgb, sgh, sgs,
                        stb, sth, sts, smb, smh, smq, smk, skv, scu,
@@ -411,7 +412,7 @@ if HAS_TRITON:
         dq = _mma(ds.to(k.dtype), k, dq, IEEE)
         return dq
 
-    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
+    @launched(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dq(Q, K, V, DO, DQ, M_IN, L_IN, DELTA, MASK, KVLEN, CU,
                      sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos, sgb, sgh, sgs,
                      stb, sth, sts, smb, smh, smq, smk, skv, scu,

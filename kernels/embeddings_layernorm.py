@@ -43,6 +43,7 @@ from bertfast.kernels._common import (
     use_triton,
 )
 from bertfast.kernels._compile import OLD_PTXAS, KernelSpec
+from bertfast.kernels._launch import launched
 from bertfast.kernels._layernorm import (
     all_ln_configs,
     bwd_num_programs,
@@ -85,7 +86,7 @@ def _gather_sum(
     return e
 
 
-@triton.jit
+@launched
 def _embeddings_layernorm_fwd_kernel(
     IDS, TT, POS, WE, PE, TE, W, B, Y, Mean, Rstd,
     M, S, N,
@@ -113,7 +114,7 @@ def _embeddings_layernorm_fwd_kernel(
     tl.store(Rstd + rows64, rstd, mask=mask_m)
 
 
-@triton.jit
+@launched
 def _embeddings_layernorm_bwd_kernel(
     DY, IDS, TT, POS, WE, PE, TE, W, Mean, Rstd, DZ, DW, DB,
     M, S, N,

@@ -87,7 +87,9 @@ def record_launches():
 
         return launch
 
-    classes = [jit.JITFunction]
+    from bertfast.kernels._launch import Kernel
+
+    classes = [jit.JITFunction, Kernel]
     try:  # kernels decorated under TRITON_INTERPRET=1 are InterpretedFunctions
         from triton.runtime.interpreter import InterpretedFunction
 

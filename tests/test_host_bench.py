@@ -12,6 +12,18 @@ CASES = [{"B": 2, "S": 16, "lengths": "full"}, {"B": 4, "S": 16, "lengths": "mix
 HOST_CASES = [{**c, "inputs": "host"} for c in CASES]
 
 
+def per_layer(row, hidden=384, intermediate=1536) -> int:
+    """Launches per layer: 7 (QKV, attention, attention output, add + LayerNorm, FFN1, FFN2, add +
+    LayerNorm), plus one split-K reduction for each plain GEMM (attention output, FFN2) that the
+    GEMM rule (kernels/_gemm.pick_config, sm_90: the interpreter's and recorder's stand-in) splits
+    at this token count."""
+    from bertfast.kernels import _gemm
+
+    M = row["tokens"] if row["unpad"] else row["B"] * row["S"]
+    return 7 + sum(_gemm.pick_config(M, N, K, torch.float16, (9, 0), False, plain=True).split_k > 1
+                   for N, K in ((hidden, hidden), (hidden, intermediate)))
+
+
 @pytest.fixture(scope="module")
 def docs():
     return {L: host.measure("minilm", CASES, repeat=3, warmup=1, num_hidden_layers=L, vocab_size=500)
@@ -32,7 +44,7 @@ def test_inputs_from_the_host_make_no_device_read(host_doc):
     for d, h in zip(device, from_host):
         assert (d["inputs"], h["inputs"]) == ("device", "host")
         assert d["reads"] == 1 and h["reads"] == 0 and h["reads_in_layer_loop"] == 0, (d, h)
-        assert h["launches"] == d["launches"] == 1 + 7 * 2
+        assert h["launches"] == d["launches"] == 1 + per_layer(d) * 2
     assert "| 4 x 16 | mixed | True | host |" in host.format_table(host_doc)
     assert [c["inputs"] for c in host.workloads(None, None, False)] == ["device", "host"] * 3 + ["device"]
 
@@ -42,8 +54,8 @@ def test_launches_and_reads_per_forward(docs, layers):
     """7 launches per layer + 1 (embeddings); one device read per forward (the plan), none in the
     layer loop; padded (right padding), packed and full batches alike."""
     for row in docs[layers]["rows"]:
-        assert row["launches"] == 1 + 7 * layers, row
-        assert row["launches_per_layer"] == 7, row
+        assert row["launches"] == 1 + per_layer(row) * layers, row
+        assert row["launches_per_layer"] == per_layer(row), row
         assert row["reads"] == 1 and row["reads_in_layer_loop"] == 0, row
         assert row["host_us"]["n"] == 3 and row["host_us"]["min"] > 0
 
@@ -66,11 +78,13 @@ def test_recording_restores_the_launchers():
     from bertfast.kernels import _common
     from bertfast.kernels.testing import record_launches
 
-    before = jit.JITFunction.__getitem__, interp.InterpretedFunction.__getitem__
+    from bertfast.kernels._launch import Kernel
+
+    before = jit.JITFunction.__getitem__, interp.InterpretedFunction.__getitem__, Kernel.__getitem__
     with record_launches() as calls:
         assert _common.recording_launches()
-        assert jit.JITFunction.__getitem__ is not before[0]
-    assert (jit.JITFunction.__getitem__, interp.InterpretedFunction.__getitem__) == before
+        assert jit.JITFunction.__getitem__ is not before[0] and Kernel.__getitem__ is not before[2]
+    assert (jit.JITFunction.__getitem__, interp.InterpretedFunction.__getitem__, Kernel.__getitem__) == before
     assert not _common.recording_launches() and calls == []
 
 
@@ -84,6 +98,12 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert "| 2 x 16 | full |" in out and "launches" in out
     (js,) = tmp_path.glob("*_host.json")
     doc = json.loads(js.read_text())
-    assert doc["schema"] == "bertfast.bench.host/1" and doc["rows"][0]["launches"] == 1 + 7 * 6
+    assert doc["schema"] == "bertfast.bench.host/2" and doc["rows"][0]["launches"] == 1 + per_layer(doc["rows"][0]) * 6
+    row = doc["rows"][0]
+    assert row["host_us"]["n"] == row["triton_dispatch_us"]["n"] == 30  # both launch paths, same rounds
+    # transformers measured the same way: same cases (inputs on the device, unpad default), same rounds
+    assert [(r["B"], r["S"], r["lengths"]) for r in doc["transformers"]] == [(2, 16, "full"), (2, 16, "mixed")]
+    assert all(r["host_us"]["n"] == 30 and r["host_us"]["median"] > 0 for r in doc["transformers"])
+    assert "transformers, measured the same way" in out and doc["environment"]["cpu"] in out
     assert list(tmp_path.glob("*_host.md"))
     assert torch.get_num_threads() >= 1

@@ -2,11 +2,12 @@
 
     bertfast bench host [--model bert-base] [--batch N ...] [--seq N ...] [--out DIR] [--quick]
 
-The model runs on CPU tensors with every Triton launch *recorded instead of run*
-(``bertfast.kernels.testing.record_launches``): the launchers do all their host work (checks, launch
-plans, allocation, argument marshalling) and nothing runs on a device, so the time measured is
-bertfast's own Python around the kernels, before Triton's launch cost (about 10 us per launch
-on a GPU host).  Per forward it reports:
+The model runs on CPU tensors as on an H100 that is not there (``bertfast.kernels._launch.fake_gpu``):
+the launchers do all their host work (checks, launch plans, allocation), Triton's launch path
+runs in full against a stand-in CUDA driver (its dispatch, or bertfast's direct launch of the
+compiled kernel) and only the C launcher itself is replaced by a recorder, so the time measured is
+bertfast's Python plus Triton's Python per launch; the CUDA driver's own launch cost (a few us
+per launch on a GPU host) is not in it.  Per forward it reports:
 
 * ``launches``: Triton kernel launches, and per layer (the layer loop's launches / layers);
 * ``torch_ops``: PyTorch ops that do device work (not views, not allocations): each is one more
@@ -18,14 +19,23 @@ on a GPU host).  Per forward it reports:
   ``bertfast.plan.to_device``, which checks them and reads the mask on the host before the copy,
   as SentenceEncoder does: no device read in the forward; ``to_device`` is inside the timed call,
   its read of the host tensors is not counted as a device read);
-* ``host_us``: wall time per forward (median, p10, p90, min over interleaved repeats);
+* ``host_us``: wall time per forward (median, p10, p90, min over interleaved repeats), launching
+  the compiled kernels directly (``bertfast.kernels._launch``, the default); ``triton_dispatch_us``:
+  the same forward with every launch through Triton's JIT dispatch (``BERTFAST_DIRECT_LAUNCH=0``),
+  timed in the same rounds;
   ``torch_cpu_us``: the CPU time of those PyTorch ops (real CPU compute here, an asynchronous
   launch on a GPU), so ``host_us - torch_cpu_us`` is the host cost a GPU would see, less
   Triton's and PyTorch's launch costs.
 
 The model is bertfast's BertModel with the config's shapes, fp16, random weights, no pooler (its
-one GEMM would be real CPU compute here), in eval mode under ``torch.no_grad``.  Writes
-``<date>_host.json`` and ``.md`` into ``--out``.
+one GEMM would be real CPU compute here), in eval mode under ``torch.no_grad``.
+
+transformers' own host time is measured the same way where it is installed (``transformers``
+rows, same cases, same rounds): its BertModel with the preset's layers and heads but hidden size
+2 per head (hidden = 2 x heads, intermediate = 4 x hidden), fp32, SDPA attention, on the CPU:
+its Python and PyTorch's dispatcher run as for the real model, and its math is a few
+microseconds per op (it cannot run on the meta device: its mask handling reads the mask).
+Writes ``<date>_host.json`` and ``.md`` into ``--out``.
 """
 from __future__ import annotations
 
@@ -126,15 +136,16 @@ def _count(model, case, ids, mask):
     return len(calls), in_loop, ops, reads[0], marks["end"][1] - marks["start"][1]
 
 
-def _torch_cpu_us(model, case, ids, mask, steps: int) -> float:
-    """CPU time of the PyTorch ops that do device work, per forward (profiler self time)."""
+def _torch_cpu_us(forward, steps: int) -> float:
+    """CPU time of the PyTorch ops that do device work in ``forward()``, per call (profiler self
+    time), with Triton launches recorded."""
     from torch.profiler import ProfilerActivity, profile
 
     from bertfast.kernels.testing import record_launches
 
     with record_launches(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            _call(model, case, ids, mask)
+            forward()
     total = 0.0
     for evt in prof.key_averages():
         if evt.key.startswith("aten::") and evt.key not in _NO_WORK:
@@ -142,57 +153,114 @@ def _torch_cpu_us(model, case, ids, mask, steps: int) -> float:
     return total / steps
 
 
+def _transformers_model(cfg):
+    """transformers' BertModel with ``cfg``'s layers and heads, 2 dims per head (module docstring);
+    None where transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    H = cfg.num_attention_heads
+    hf_cfg = transformers.BertConfig(vocab_size=cfg.vocab_size, num_hidden_layers=cfg.num_hidden_layers,
+                                     num_attention_heads=H, hidden_size=2 * H, intermediate_size=8 * H,
+                                     max_position_embeddings=cfg.max_position_embeddings)
+    hf_cfg._attn_implementation = "sdpa"
+    return transformers.BertModel(hf_cfg, add_pooling_layer=False).eval()
+
+
+def _stats(times) -> Dict[str, Any]:
+    from bertfast.bench.harness import summarize
+
+    st = summarize(times)  # the harness's statistics (in us here, despite its key names)
+    return {"median": st["median_ms"], "p10": st["p10_ms"], "p90": st["p90_ms"], "min": st["min_ms"], "n": st["n"]}
+
+
 def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmup: int = 10, seed: int = 0,
-            progress=None, **config_overrides) -> Dict[str, Any]:
+            progress=None, transformers_rows: bool = True, **config_overrides) -> Dict[str, Any]:
     """Run the host measurement; returns the JSON document (see the module docstring).
     ``config_overrides``: BertConfig fields over the preset's (e.g. num_hidden_layers)."""
     import torch
 
     from bertfast import BertConfig, BertModel
-    from bertfast.bench.harness import summarize
     from bertfast.bench.suites import PRESET_OF
+    from bertfast.kernels import _launch
+    from bertfast.kernels._common import INTERPRET
     from bertfast.kernels.testing import record_launches
 
     cfg = BertConfig.preset(PRESET_OF[config_name], **config_overrides, backend="triton")
     torch.manual_seed(seed)
     cases = cases or workloads(None, None, False)
-    with torch.no_grad():
+    direct_before = _launch.ENABLED[0]
+    # kernels decorated under the interpreter cannot take Triton's launch path: recorded at dispatch
+    stand_in = record_launches() if INTERPRET else _launch.fake_gpu()
+    with torch.no_grad(), stand_in:
         model = BertModel(cfg, add_pooling_layer=False).to(torch.float16).eval()
+        hf = _transformers_model(cfg) if transformers_rows else None
         inputs = []
         rows = []
         for case in cases:
             model.set_backend("triton", unpad=case.get("unpad", True))
             ids, mask = _inputs(case, cfg.vocab_size, seed)
-            with record_launches():
-                for _ in range(warmup):
-                    _call(model, case, ids, mask)
+            for direct in (True, False):
+                _launch.ENABLED[0] = direct
+                try:
+                    for _ in range(warmup):
+                        _call(model, case, ids, mask)
+                finally:
+                    _launch.ENABLED[0] = direct_before
             launches, in_loop, ops, reads, loop_reads = _count(model, case, ids, mask)
             rows.append({**case, "unpad": case.get("unpad", True), "inputs": case.get("inputs", "device"),
                          "tokens": int(mask.sum()),
                          "launches": launches,
                          "launches_per_layer": in_loop / cfg.num_hidden_layers if in_loop is not None else None,
                          "torch_ops": len(ops), "torch_op_names": sorted(set(ops)),
-                         "reads": reads, "reads_in_layer_loop": loop_reads, "times_us": []})
+                         "reads": reads, "reads_in_layer_loop": loop_reads, "times_us": {"direct": [], "triton": []}})
             inputs.append((ids, mask))
-        # interleaved timing: one forward of each case per round, so machine noise hits all alike
-        with record_launches():
+        hf_rows = []
+        if hf is not None:
+            for case, (ids, mask) in zip(cases, inputs):
+                if case.get("inputs", "device") == "device" and case.get("unpad", True):
+                    for _ in range(warmup):
+                        hf(input_ids=ids, attention_mask=mask)
+                    hf_rows.append(({"B": case["B"], "S": case["S"], "lengths": case["lengths"], "times_us": []},
+                                    ids, mask))
+        # interleaved timing: one forward of each case and launch path per round, so machine noise
+        # hits all alike
+        try:
             for r in range(repeat):
                 for row, (ids, mask) in zip(rows, inputs):
                     model.set_backend("triton", unpad=row["unpad"])
+                    for path in ("direct", "triton"):
+                        _launch.ENABLED[0] = path == "direct"
+                        t0 = time.perf_counter()
+                        _call(model, row, ids, mask)
+                        row["times_us"][path].append((time.perf_counter() - t0) * 1e6)
+                for hrow, ids, mask in hf_rows:
                     t0 = time.perf_counter()
-                    _call(model, row, ids, mask)
-                    row["times_us"].append((time.perf_counter() - t0) * 1e6)
+                    hf(input_ids=ids, attention_mask=mask)
+                    hrow["times_us"].append((time.perf_counter() - t0) * 1e6)
                 if progress is not None and r % max(1, repeat // 10) == 0:
                     progress(f"timing {r}/{repeat}")
-        for row, (ids, mask) in zip(rows, inputs):
-            model.set_backend("triton", unpad=row["unpad"])
-            st = summarize(row.pop("times_us"))  # the harness's statistics (in us here, despite its key names)
-            row["host_us"] = {"median": st["median_ms"], "p10": st["p10_ms"], "p90": st["p90_ms"], "min": st["min_ms"],
-                              "n": st["n"]}
-            row["torch_cpu_us"] = _torch_cpu_us(model, row, ids, mask, steps=min(20, repeat))
-            row["host_minus_torch_cpu_us"] = row["host_us"]["median"] - row["torch_cpu_us"]
-    return {"schema": "bertfast.bench.host/1", "model": config_name, "dtype": "float16",
-            "layers": cfg.num_hidden_layers, "rows": rows, "environment": _environment()}
+        finally:
+            _launch.ENABLED[0] = direct_before
+    for row, (ids, mask) in zip(rows, inputs):
+        model.set_backend("triton", unpad=row["unpad"])
+        times = row.pop("times_us")
+        row["host_us"], row["triton_dispatch_us"] = _stats(times["direct"]), _stats(times["triton"])
+        with torch.no_grad():
+            row["torch_cpu_us"] = _torch_cpu_us(lambda: _call(model, row, ids, mask), steps=min(20, repeat))
+        row["host_minus_torch_cpu_us"] = row["host_us"]["median"] - row["torch_cpu_us"]
+    transformers = []
+    for hrow, ids, mask in hf_rows:
+        hrow["host_us"] = _stats(hrow.pop("times_us"))
+        with torch.no_grad():
+            hrow["torch_cpu_us"] = _torch_cpu_us(lambda: hf(input_ids=ids, attention_mask=mask), steps=min(20, repeat))
+        hrow["host_minus_torch_cpu_us"] = hrow["host_us"]["median"] - hrow["torch_cpu_us"]
+        transformers.append(hrow)
+    return {"schema": "bertfast.bench.host/2", "model": config_name, "dtype": "float16",
+            "layers": cfg.num_hidden_layers, "rows": rows, "transformers": transformers,
+            "launch_path": "recorded at dispatch (TRITON_INTERPRET=1)" if INTERPRET else "stand-in sm_90 driver",
+            "environment": _environment()}
 
 
 def _environment() -> Dict[str, Any]:
@@ -212,8 +280,10 @@ def _environment() -> Dict[str, Any]:
     except OSError:  # pragma: no cover
         load = None
     from bertfast.bench.harness import git_commit
+    from bertfast.cpu_linear import cpu_features
 
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": tv,
+            "cpu": cpu_features().describe(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "loadavg": load,
             "machine": platform.machine(), "commit": git_commit()}
 
@@ -223,23 +293,37 @@ def _fmt(v) -> str:
 
 
 def format_table(doc: Dict[str, Any]) -> str:
-    lines = [f"bertfast bench host: {doc['model']} ({doc['layers']} layers, fp16), Triton launches recorded, "
-             f"not run; times per forward",
+    where = ("on a stand-in GPU (Triton's launch path runs, the C launcher is recorded)"
+             if doc.get("launch_path", "").startswith("stand-in") else
+             "launches recorded at Triton's dispatch (the interpreter: neither launch path is in these times)")
+    lines = [f"bertfast bench host: {doc['model']} ({doc['layers']} layers, fp16), {where}; times per forward in us",
              "",
              "| B x S | lengths | unpad | inputs | tokens | launches | per layer | torch ops | reads | "
-             "reads in layers | host us median [p10, p90] | torch CPU us | host - torch CPU us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "reads in layers | host us, direct launch: median [p10, p90] | host us, Triton dispatch | "
+             "torch CPU us | direct - torch CPU us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def span(h):
+        return f"{h['median']:.0f} [{h['p10']:.0f}, {h['p90']:.0f}]"
+
     for r in doc["rows"]:
-        h = r["host_us"]
         lines.append(
             f"| {r['B']} x {r['S']} | {r['lengths']} | {r['unpad']} | {r.get('inputs', 'device')} | {r['tokens']} | "
             f"{r['launches']} | "
             f"{_fmt(r['launches_per_layer'])} | {r['torch_ops']} | {r['reads']} | {_fmt(r['reads_in_layer_loop'])} | "
-            f"{h['median']:.0f} [{h['p10']:.0f}, {h['p90']:.0f}] | {r['torch_cpu_us']:.0f} | "
+            f"{span(r['host_us'])} | {span(r['triton_dispatch_us'])} | {r['torch_cpu_us']:.0f} | "
             f"{r['host_minus_torch_cpu_us']:.0f} |")
+    if doc.get("transformers"):
+        lines += ["", "transformers, measured the same way (same layers and heads, 2 dims per head, fp32, SDPA, CPU: "
+                      "its Python and dispatcher, a few us of math per op):", "",
+                  "| B x S | lengths | host us: median [p10, p90] | torch CPU us | host - torch CPU us |",
+                  "|---|---|---|---|---|"]
+        for r in doc["transformers"]:
+            lines.append(f"| {r['B']} x {r['S']} | {r['lengths']} | {span(r['host_us'])} | {r['torch_cpu_us']:.0f} | "
+                         f"{r['host_minus_torch_cpu_us']:.0f} |")
     env = doc["environment"]
-    lines += ["", f"torch {env['torch']}, triton {env['triton']}, {env['cpu_count']} CPUs, {env['threads']} threads, "
-                  f"load average {env['loadavg']}, commit {env['commit']}"]
+    lines += ["", f"CPU {env.get('cpu', 'unknown')}; torch {env['torch']}, triton {env['triton']}, {env['cpu_count']} CPUs, "
+                  f"{env['threads']} threads, load average {env['loadavg']}, commit {env['commit']}"]
     return "\n".join(lines)
 
 
