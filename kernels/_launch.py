@@ -19,6 +19,8 @@ Triton specializations (``tests/test_launch.py`` checks that against Triton's ow
 and that a model forward passes identical arguments to identical compiled kernels either way).
 Anything else (a tensor descriptor, a callable grid, a launch hook set by a profiler, torch.compile
 tracing, the interpreter, ``BERTFAST_DIRECT_LAUNCH=0``) goes through Triton's dispatch unchanged.
+Triton's process-wide compile switches (``knobs.runtime.debug``, instrumentation) are read when a
+signature is first launched; changing them later in the process needs ``Kernel.clear()``.
 
 ``fake_gpu()`` stands in a GPU on a CPU-only machine: Triton's dispatch runs in full against a
 fake CUDA driver (sm_90 target), compiles nothing and records each launch at the C launcher
@@ -116,9 +118,9 @@ class Kernel:
         device = d.get_current_device()
         try:
             key = (device, tuple(kwargs.items()), tuple(map(_spec, args)))
-        except _Unsupported:
+            entry = self._cache.get(key)
+        except (_Unsupported, TypeError):  # an argument the key does not model, an unhashable keyword
             return self.fn[grid](*args, **kwargs)
-        entry = self._cache.get(key)
         if entry is None:  # first call of this signature: Triton's dispatch (compiles if needed) and launch
             kernel = self.fn[grid](*args, **kwargs)
             tail = self._tail(len(args), kwargs)
