@@ -32,7 +32,6 @@ import contextlib
 import functools
 import inspect
 import os
-import weakref
 from typing import Any, Optional
 
 import torch
@@ -42,7 +41,7 @@ from bertfast.kernels._common import HAS_TRITON, INTERPRET
 # One switch, read once: BERTFAST_DIRECT_LAUNCH=0 sends every launch through Triton's dispatch.
 ENABLED = [os.environ.get("BERTFAST_DIRECT_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")]
 
-_KERNELS: "weakref.WeakSet[Kernel]" = weakref.WeakSet()
+_KERNELS: list = []  # every Kernel made (module-level kernels: they live as long as the process)
 
 if HAS_TRITON:
     from triton.runtime import driver as _driver
@@ -72,7 +71,7 @@ def _spec(a: Any):
     if t is bool or t is float or a is None:
         return t
     if isinstance(a, torch.Tensor):
-        return (a.dtype, not a.data_ptr() & 15)
+        return (a.dtype, a.data_ptr() % 16 == 0)
     raise _Unsupported(t.__name__)
 
 
@@ -96,7 +95,7 @@ class Kernel:
         self.__name__ = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "kernel")
         self._direct = HAS_TRITON and not INTERPRET and isinstance(fn, JITFunction)
         self._cache: dict = {}  # (device, consts, specs) -> (CompiledKernel, tail of arguments)
-        _KERNELS.add(self)
+        _KERNELS.append(self)
 
     @property
     def launched_fn(self):
