@@ -361,7 +361,8 @@ def test_decode_clean_up_as_transformers(tmp_path, setting):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert ours.batch_decode(batch[0], **kw) == ref.batch_decode(batch[0], **kw)  # one sequence: [its text]
-    assert ours.batch_decode([]) == ref.batch_decode([]) == []
+    # an empty batch: no texts, as transformers >= 5.25 answers (5.17 decoded [] as one empty sequence, [''])
+    assert ours.batch_decode([]) == []
     # saved and read back, by transformers and by bertfast; and transformers' saved files read by bertfast
     saved = ours.save_pretrained(tmp_path / "ours")
     assert transformers.BertTokenizerFast.from_pretrained(str(saved)).clean_up_tokenization_spaces == bool(setting)
