@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from datetime import date
 from pathlib import Path
@@ -20,20 +19,23 @@ from pathlib import Path
 import torch
 
 
-def _time(fn, n: int = 7):
+def _time(fn, n: int = 7) -> dict:
+    """The bench harness's statistics (ms) of ``n`` timed calls after one warm-up."""
+    from bertfast.bench.harness import summarize
+
     fn()
     ts = []
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return statistics.median(ts), ts[max(0, int(0.1 * n))], ts[min(n - 1, int(0.9 * n))]
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return summarize(ts)
 
 
 def measure(model: str, threads: int, tokens, dtypes) -> dict:
     from bertfast import cpu_linear
-    from bertfast.bench.suites import PRESET_OF  # noqa: F401  (the presets' shapes)
+    from bertfast.kernels._common import dtype_name
+    from bertfast.bench.suites import PRESET_OF
     from bertfast.config import BertConfig
 
     cfg = BertConfig.preset(PRESET_OF[model])
@@ -53,10 +55,10 @@ def measure(model: str, threads: int, tokens, dtypes) -> dict:
                 for impl in cpu_linear.IMPLS:
                     if impl.fused_only or not impl.available() or dtype not in impl.dtypes:
                         continue
-                    med, p10, p90 = _time(lambda: impl.fn(x, w, b, None, None))
-                    rows.append({"dtype": str(dtype).replace("torch.", ""), "linear": name, "M": M, "N": N, "K": K,
-                                 "impl": impl.name, "ms": med * 1e3, "p10_ms": p10 * 1e3, "p90_ms": p90 * 1e3,
-                                 "gflops": 2 * M * N * K / med / 1e9})
+                    st = _time(lambda: impl.fn(x, w, b, None, None))
+                    rows.append({"dtype": dtype_name(dtype), "linear": name, "M": M, "N": N, "K": K,
+                                 "impl": impl.name, "ms": st["median_ms"], "p10_ms": st["p10_ms"],
+                                 "p90_ms": st["p90_ms"], "gflops": 2 * M * N * K / st["median_ms"] / 1e6})
     finally:
         torch.set_num_threads(before)
     return {"model": model, "threads": threads, "cpu": cpu_linear.cpu_features().describe(),

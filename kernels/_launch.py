@@ -41,6 +41,18 @@ from bertfast.kernels._common import HAS_TRITON, INTERPRET
 # One switch, read once: BERTFAST_DIRECT_LAUNCH=0 sends every launch through Triton's dispatch.
 ENABLED = [os.environ.get("BERTFAST_DIRECT_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")]
 
+
+@contextlib.contextmanager
+def direct_launches(on: bool):
+    """Direct launches on (or off: Triton's dispatch) inside the block; the switch is restored after."""
+    before = ENABLED[0]
+    ENABLED[0] = on
+    try:
+        yield
+    finally:
+        ENABLED[0] = before
+
+
 _KERNELS: list = []  # every Kernel made (module-level kernels: they live as long as the process)
 
 if HAS_TRITON:
@@ -192,9 +204,6 @@ class _FakeDriver:
 
     def get_current_target(self):
         return self.target
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -37,14 +37,9 @@ from bertfast.kernels import _launch  # noqa: E402
 
 @pytest.fixture
 def direct():
-    """Set the direct-launch switch for one test; restored after."""
-    before = _launch.ENABLED[0]
-
-    def set_(on: bool):
-        _launch.ENABLED[0] = on
-
-    yield set_
-    _launch.ENABLED[0] = before
+    """Set the direct-launch switch for one test (``direct(on)``); restored after."""
+    with _launch.direct_launches(_launch.ENABLED[0]):
+        yield lambda on: _launch.ENABLED.__setitem__(0, on)
 
 
 def _norm(launch):

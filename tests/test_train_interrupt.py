@@ -91,6 +91,22 @@ def reference(tmp_path_factory, data, word_model):
     return result(out), time.perf_counter() - t0
 
 
+def _interrupt_then_resume(tmp_path, capsys, data, word_model, reference, monkeypatch, method, patched, step,
+                           resumed):
+    """Run finetune with ``bt._Trainer.<method>`` replaced by ``patched`` (which sends SIGINT):
+    it stops with "interrupted; checkpoint at step ``step``"; then --resume with the original
+    method says ``resumed`` and ends bit-identical to the uninterrupted run."""
+    original = getattr(bt._Trainer, method)
+    out = tmp_path / "out"
+    monkeypatch.setattr(bt._Trainer, method, patched)
+    rc, _, err = finetune(capsys, args(data, word_model, out))
+    assert rc == 130 and f"interrupted; checkpoint at step {step}" in err, err
+    monkeypatch.setattr(bt._Trainer, method, original)
+    rc, _, err = finetune(capsys, args(data, word_model, out, "--resume"))
+    assert rc == 0 and resumed in err, err
+    assert_same_run(result(out), reference[0])
+
+
 def test_sigint_inside_the_optimizer_step(tmp_path, capsys, data, word_model, reference, monkeypatch):
     """A real SIGINT delivered while optimizer.step() runs (from its post-hook, after every weight
     was updated): the checkpoint must hold those weights with the position after the step, not
@@ -108,14 +124,8 @@ def test_sigint_inside_the_optimizer_step(tmp_path, capsys, data, word_model, re
 
         self.optimizer.register_step_post_hook(hook)
 
-    out = tmp_path / "out"
-    monkeypatch.setattr(bt._Trainer, "_load", load_with_hook)
-    rc, _, err = finetune(capsys, args(data, word_model, out))
-    assert rc == 130 and "interrupted; checkpoint at step 3" in err, err
-    monkeypatch.setattr(bt._Trainer, "_load", load)
-    rc, _, err = finetune(capsys, args(data, word_model, out, "--resume"))
-    assert rc == 0 and "resuming at step 3/" in err, err
-    assert_same_run(result(out), reference[0])
+    _interrupt_then_resume(tmp_path, capsys, data, word_model, reference, monkeypatch, "_load", load_with_hook, 3,
+                           "resuming at step 3/")
 
 
 def test_sigint_while_the_final_model_is_written(tmp_path, capsys, data, word_model, reference, monkeypatch):
@@ -128,14 +138,8 @@ def test_sigint_while_the_final_model_is_written(tmp_path, capsys, data, word_mo
         if directory == self.out:
             os.kill(os.getpid(), signal.SIGINT)
 
-    out = tmp_path / "out"
-    monkeypatch.setattr(bt._Trainer, "_save_model", save_then_interrupt)
-    rc, _, err = finetune(capsys, args(data, word_model, out))
-    assert rc == 130 and "interrupted; checkpoint at step 12" in err, err
-    monkeypatch.setattr(bt._Trainer, "_save_model", save)
-    rc, _, err = finetune(capsys, args(data, word_model, out, "--resume"))
-    assert rc == 0 and "resuming at step 12/12" in err, err
-    assert_same_run(result(out), reference[0])
+    _interrupt_then_resume(tmp_path, capsys, data, word_model, reference, monkeypatch, "_save_model",
+                           save_then_interrupt, 12, "resuming at step 12/12")
 
 
 def _interrupt_at(delay, argv):

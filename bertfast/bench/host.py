@@ -190,7 +190,6 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
     cfg = BertConfig.preset(PRESET_OF[config_name], **config_overrides, backend="triton")
     torch.manual_seed(seed)
     cases = cases or workloads(None, None, False)
-    direct_before = _launch.ENABLED[0]
     # kernels decorated under the interpreter cannot take Triton's launch path: recorded at dispatch
     stand_in = record_launches() if INTERPRET else _launch.fake_gpu()
     with torch.no_grad(), stand_in:
@@ -202,12 +201,9 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
             model.set_backend("triton", unpad=case.get("unpad", True))
             ids, mask = _inputs(case, cfg.vocab_size, seed)
             for direct in (True, False):
-                _launch.ENABLED[0] = direct
-                try:
+                with _launch.direct_launches(direct):
                     for _ in range(warmup):
                         _call(model, case, ids, mask)
-                finally:
-                    _launch.ENABLED[0] = direct_before
             launches, in_loop, ops, reads, loop_reads = _count(model, case, ids, mask)
             rows.append({**case, "unpad": case.get("unpad", True), "inputs": case.get("inputs", "device"),
                          "tokens": int(mask.sum()),
@@ -226,23 +222,20 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
                                     ids, mask))
         # interleaved timing: one forward of each case and launch path per round, so machine noise
         # hits all alike
-        try:
-            for r in range(repeat):
-                for row, (ids, mask) in zip(rows, inputs):
-                    model.set_backend("triton", unpad=row["unpad"])
-                    for path in ("direct", "triton"):
-                        _launch.ENABLED[0] = path == "direct"
+        for r in range(repeat):
+            for row, (ids, mask) in zip(rows, inputs):
+                model.set_backend("triton", unpad=row["unpad"])
+                for path in ("direct", "triton"):
+                    with _launch.direct_launches(path == "direct"):
                         t0 = time.perf_counter()
                         _call(model, row, ids, mask)
                         row["times_us"][path].append((time.perf_counter() - t0) * 1e6)
-                for hrow, ids, mask in hf_rows:
-                    t0 = time.perf_counter()
-                    hf(input_ids=ids, attention_mask=mask)
-                    hrow["times_us"].append((time.perf_counter() - t0) * 1e6)
-                if progress is not None and r % max(1, repeat // 10) == 0:
-                    progress(f"timing {r}/{repeat}")
-        finally:
-            _launch.ENABLED[0] = direct_before
+            for hrow, ids, mask in hf_rows:
+                t0 = time.perf_counter()
+                hf(input_ids=ids, attention_mask=mask)
+                hrow["times_us"].append((time.perf_counter() - t0) * 1e6)
+            if progress is not None and r % max(1, repeat // 10) == 0:
+                progress(f"timing {r}/{repeat}")
     for row, (ids, mask) in zip(rows, inputs):
         model.set_backend("triton", unpad=row["unpad"])
         times = row.pop("times_us")
