@@ -241,8 +241,7 @@ def output_block(out, h: torch.Tensor, residual: torch.Tensor, fwd: Forward) -> 
     dense = dense_mod._parameters
     p = drop.p if fwd.training and isinstance(drop, nn.Dropout) else 0.0
     if fwd.kernels and p == 0.0:
-        y = ops.linear(h, dense["weight"], None, None, True)
-        return ops.add_layernorm(y, residual, ln, dense["bias"], True)
+        return ops.dense_add_layernorm(h, dense["weight"], dense["bias"], residual, ln)
     if not fwd.kernels and p == 0.0 and ops.inference():  # PyTorch inference: the residual add in the
         y = ops.linear(h, dense["weight"], dense["bias"], None, False, residual=residual)  # GEMM where the
         return ops.add_layernorm(y, None, ln, None, False)  # CPU chooser fuses it (bertfast/cpu_linear.py)

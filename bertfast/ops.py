@@ -221,6 +221,13 @@ def add_layernorm(y, residual, ln, x_bias: Optional[torch.Tensor], kernels: bool
     return F.layer_norm(y, ln.normalized_shape, p["weight"], p["bias"], ln.eps)
 
 
+def dense_add_layernorm(h, weight, x_bias: Optional[torch.Tensor], residual, ln) -> torch.Tensor:
+    """LayerNorm(h @ weight.T + x_bias + residual) on the kernels (``bertfast.kernels.ops.dense_add_layernorm``:
+    a split-K GEMM's partial sums go straight into the LayerNorm kernel)."""
+    p = ln._parameters
+    return kops.dense_add_layernorm(h, weight, residual, p["weight"], p["bias"], ln.eps, x_bias)
+
+
 def embeddings_layernorm(input_ids, token_type_ids, position_ids, inputs_embeds, word, position_table,
                          token_type, ln, kernels: bool) -> torch.Tensor:
     """LayerNorm(word[ids] + token_type[types] + position_table[positions]) -> (B, S, C).

@@ -255,7 +255,9 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[in
     2. ``plain`` (``is_plain``) fp16 / bf16 GEMMs whose small-tile count is below half the SMs
        (Hopper / Blackwell, A100) take split-K on the small tile: the largest factor of 2, 4, 8
        that keeps >= 2 K steps a split and fits in one wave.  Each program stores fp32 partial
-       sums; ``splitk_reduce_kernel`` adds the planes in a fixed order (deterministic, one pass).
+       sums; ``splitk_reduce_kernel`` adds the planes in a fixed order (deterministic, one pass),
+       or, in the model's output blocks (inference), their add + LayerNorm kernel adds them as it
+       reads x (``kernels/ops.dense_add_layernorm``: the same bits, no extra launch).
     3. Otherwise ``plain`` fp16 / bf16 GEMMs on sm_90 whose table tile is the big 128x128 one
        (large M) take the persistent TMA kernel with the same tile (N, K multiples of 8), which
        compiles clean (no spill, 161 KiB of shared memory, wgmma) under triton 3.6 and 3.9.
@@ -686,11 +688,8 @@ def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optio
         return out
     if plan.split_k > 1:  # plain GEMM only: fp32 partial sums, added in a fixed order (deterministic)
         M, N = plan.ints[:2]
-        # one allocation from torch's caching allocator (inside a CUDA graph capture: from the
-        # graph's pool, so the replays reuse it); no host read
-        ws = torch.empty((plan.split_k, M, N), dtype=torch.float32, device=x2.device)
+        ws = run_gemm_partials(plan, x2, weight)
         with launch_device(x2.device):
-            gemm_kernel[plan.grid](x2, weight, ws, ws, ws, *plan.ints, **plan.kwargs)
             splitk_reduce_kernel[(-(-(M * N) // REDUCE_BLOCK),)](ws, out, M * N, plan.split_k, BLOCK=REDUCE_BLOCK,
                                                                   num_warps=REDUCE_WARPS, num_stages=1)
         return out
@@ -698,6 +697,21 @@ def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optio
     with launch_device(x2.device):
         gemm_kernel[plan.grid](*args, **plan.kwargs)
     return out
+
+
+def run_gemm_partials(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The split-K GEMM of a split-K plan without its reduction: returns the (split_k, M, N) fp32
+    workspace of partial sums, plane s holding program s's share of the K steps.  The planes are
+    added in the order 0, 1, ... in fp32 and rounded once to the output dtype by
+    ``splitk_reduce_kernel`` or by the consumer that reads them (``add_layernorm``'s split-K input:
+    the same bits, one launch less)."""
+    M, N = plan.ints[:2]
+    # one allocation from torch's caching allocator (inside a CUDA graph capture: from the graph's
+    # pool, so the replays reuse it); no host read
+    ws = torch.empty((plan.split_k, M, N), dtype=torch.float32, device=x2.device)
+    with launch_device(x2.device):
+        gemm_kernel[plan.grid](x2, weight, ws, ws, ws, *plan.ints, **plan.kwargs)
+    return ws
 
 
 def _tma_ready(x2: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:

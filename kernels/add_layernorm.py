@@ -31,6 +31,7 @@ from bertfast.kernels._common import (
     use_triton,
 )
 from bertfast.kernels._compile import OLD_PTXAS, KernelSpec
+from bertfast.kernels._gemm import SPLIT_K_FACTORS
 from bertfast.kernels._launch import launched
 from bertfast.kernels._layernorm import (
     all_ln_configs,
@@ -58,8 +59,8 @@ OP = "add_layernorm"
 @launched
 def _add_layernorm_fwd_kernel(
     X, R, XB, W, B, Y, Mean, Rstd,
-    M, N, stride_x, stride_r, stride_y, eps,
-    HAS_XBIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    M, N, stride_x, stride_r, stride_y, eps, stride_s,
+    HAS_XBIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -69,7 +70,12 @@ def _add_layernorm_fwd_kernel(
     rows64 = rows.to(tl.int64)
     rows_ld = tl.minimum(rows, M - 1).to(tl.int64)  # rows past M re-read row M - 1 (stores are masked)
 
-    x = tl.load(X + rows_ld[:, None] * stride_x + cols[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
+    x_ptrs = X + rows_ld[:, None] * stride_x + cols[None, :]
+    x = tl.load(x_ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32)
+    if SPLITS > 1:  # X: the (SPLITS, M, N) fp32 planes of a split-K GEMM, planes stride_s apart
+        for s in tl.static_range(1, SPLITS):  # added in order 0, 1, ... and rounded once to the
+            x += tl.load(x_ptrs + s * stride_s, mask=mask_n[None, :], other=0.0)  # output dtype,
+        x = x.to(Y.dtype.element_ty).to(tl.float32)  # as splitk_reduce_kernel stores the GEMM result
     r = tl.load(R + rows_ld[:, None] * stride_r + cols[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
     z = x + r
     if HAS_XBIAS:
@@ -155,6 +161,21 @@ def _config(n: int):
     return cfg
 
 
+# Rows per program of the split-K input (``add_layernorm_partials``) by BLOCK_N, where ``ln_config``'s
+# spill with the planes' loads: BN=128 R=16 fp16 / bf16 generic on sm_80, 8 B (splits 2 and 4,
+# triton 3.9; ``python -m bertfast.kernels.compile_check --op add_layernorm``) -> R=8: no spill.
+# Rows are independent, so the result is the same bits; only the grid changes.
+_PARTIALS_ROWS = {128: 8}
+
+
+def _partials_config(n: int):
+    """The forward configuration of the split-K input: ``_config`` with the rows rule above."""
+    from dataclasses import replace
+
+    cfg = _config(n)
+    return replace(cfg, rows=_PARTIALS_ROWS[cfg.block_n]) if cfg.block_n in _PARTIALS_ROWS else cfg
+
+
 def _rows2d(t: torch.Tensor, n: int) -> torch.Tensor:
     """(M, N) view with unit column stride (copies only when the last dim is not contiguous)."""
     t2 = t.reshape(-1, n)
@@ -206,7 +227,7 @@ def _forward(x, residual, weight, bias, eps, x_bias, out):
     with device_ctx(x.device):
         _add_layernorm_fwd_kernel[grid](
             x2, r2, xb, w, b, y2, mean, rstd,
-            m, n, x2.stride(0), r2.stride(0), y2.stride(0), float(eps),
+            m, n, x2.stride(0), r2.stride(0), y2.stride(0), float(eps), 0,
             HAS_XBIAS=x_bias is not None, ROWS=cfg.rows, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
         )
     return out, mean, rstd
@@ -327,11 +348,58 @@ def add_layernorm(
         with device_ctx(dev):
             _add_layernorm_fwd_kernel[grid](
                 x, residual, x_bias if x_bias is not None else weight, weight, bias, y, mean, rstd,
-                m, n, n, n, n, float(eps),
+                m, n, n, n, n, float(eps), 0,
                 HAS_XBIAS=x_bias is not None, ROWS=cfg.rows, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
             )
         return y
     return _forward(x, residual, weight, bias, eps, x_bias, out)[0]
+
+
+def add_layernorm_partials(
+    partials: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-12,
+    x_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``add_layernorm(x, residual, ...)`` where ``x`` is a split-K GEMM's result still in its fp32
+    partial sums: ``partials`` (S, M, N), x = the planes added in order and rounded once to
+    residual's dtype (``bertfast.kernels.linear.linear_partials``; the bits of
+    ``splitk_reduce_kernel`` + :func:`add_layernorm`, one launch and one round trip of x less).
+    residual: contiguous (..., N) of M rows.  Inference only (no autograd): the model calls it with
+    no gradient to record."""
+    if not isinstance(partials, torch.Tensor) or partials.dim() != 3 or partials.dtype != torch.float32:
+        raise ValueError(f"{OP}: partials must be a (splits, M, N) float32 tensor, got "
+                         f"{getattr(partials, 'dtype', type(partials).__name__)} {tuple(getattr(partials, 'shape', ()))}")
+    plan = _PLANS.plan(
+        lambda: (meta(residual), meta(residual), meta(weight), meta(bias), meta(x_bias), type(eps), eps, False,
+                 mode_key(residual.dtype)),
+        lambda: _make_plan(residual, residual, weight, bias, eps, x_bias, False))
+    kernel, grid, m, n, _ = plan
+    cfg = _partials_config(n)
+    S = partials.shape[0]
+    if tuple(partials.shape[1:]) != (m, n) or not partials.is_contiguous() or partials.device != residual.device:
+        raise ValueError(f"{OP}: partials of shape {tuple(partials.shape)} on {partials.device} do not match "
+                         f"{m} rows of {n} of residual on {residual.device} (contiguous (splits, M, N) expected)")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (residual, weight, bias, x_bias)):
+        raise ValueError(f"{OP}: partials input is for inference; an input requires grad")
+    if not kernel or grid is None:  # the PyTorch twin: the same planes' sum, rounded once
+        x = partials[0].clone()
+        for s in range(1, S):
+            x += partials[s]
+        return add_layernorm_reference(x.to(residual.dtype).view(residual.shape), residual, weight, bias, eps, x_bias)
+    dev = residual.device
+    y = torch.empty(residual.shape, dtype=residual.dtype, device=dev)
+    mean = torch.empty((m,), dtype=torch.float32, device=dev)
+    rstd = torch.empty((m,), dtype=torch.float32, device=dev)
+    with device_ctx(dev):
+        _add_layernorm_fwd_kernel[(cdiv(m, cfg.rows),)](
+            partials, residual, x_bias if x_bias is not None else weight, weight, bias, y, mean, rstd,
+            m, n, n, n, n, float(eps), m * n,
+            HAS_XBIAS=x_bias is not None, ROWS=cfg.rows, BLOCK_N=cfg.block_n, SPLITS=S, num_warps=cfg.num_warps,
+        )
+    return y
 
 
 def add_layernorm_reference(x, residual, weight, bias, eps=1e-12, x_bias=None) -> torch.Tensor:
@@ -359,7 +427,8 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                 fwd_sig = {
                     "X": p, "R": p, "XB": p, "W": p, "B": p, "Y": p, "Mean": "*fp32", "Rstd": "*fp32",
                     "M": "i32", "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32",
-                    "HAS_XBIAS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr",
+                    "stride_s": "i32", "HAS_XBIAS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr",
+                    "SPLITS": "constexpr",
                 }
                 bwd_sig = {
                     "DY": p, "X": p, "R": p, "XB": p, "W": p, "Mean": "*fp32", "Rstd": "*fp32", "DX": p,
@@ -368,15 +437,22 @@ def compile_specs(arch: int) -> list[KernelSpec]:
                     "stride_dx": "i32",
                     "HAS_XBIAS": "constexpr", "SUM_DXB": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr",
                 }
-                fwd_const = {"HAS_XBIAS": has_xb, "ROWS": cfg.rows, "BLOCK_N": cfg.block_n}
-                bwd_const = dict(fwd_const, SUM_DXB=has_xb and cfg.bwd_sums_dxb)
+                fwd_const = {"HAS_XBIAS": has_xb, "ROWS": cfg.rows, "BLOCK_N": cfg.block_n, "SPLITS": 1}
+                bwd_const = {"HAS_XBIAS": has_xb, "ROWS": cfg.rows, "BLOCK_N": cfg.block_n,
+                             "SUM_DXB": has_xb and cfg.bwd_sums_dxb}
                 bwd_label = label + ("" if has_xb == bwd_const["SUM_DXB"] else " (dxb on host)")
                 specs.append(KernelSpec(OP, _add_layernorm_fwd_kernel, fwd_sig, fwd_const, cfg.num_warps, 1,
                                         label=label))
                 specs.append(KernelSpec(OP, _add_layernorm_bwd_kernel, bwd_sig, bwd_const, cfg.bwd_num_warps, 1,
                                         label=bwd_label))
+                if dtype != torch.float32 and has_xb:  # split-K input (add_layernorm_partials): fp32 planes
+                    pcfg = _partials_config(cfg.block_n)
+                    for splits in SPLIT_K_FACTORS:
+                        specs.append(KernelSpec(OP, _add_layernorm_fwd_kernel, dict(fwd_sig, X="*fp32"),
+                                                dict(fwd_const, ROWS=pcfg.rows, SPLITS=splits), pcfg.num_warps, 1,
+                                                label=f"{short_dtype(dtype)} {pcfg.label} x_bias splitk{splits}"))
     # plus the variant the JIT builds when N % 16 == 0 (rows contiguous, so strides == N)
-    return with_aligned(specs, ("N", "stride_x", "stride_r", "stride_y", "stride_dy", "stride_dx"))
+    return with_aligned(specs, ("N", "stride_x", "stride_r", "stride_y", "stride_s", "stride_dy", "stride_dx"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -204,6 +204,22 @@ def linear(
     return _forward(x, weight, bias, activation, out, save_pre=False)[0]
 
 
+def linear_partials(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """``x @ weight.T`` as the (split_k, M, N) fp32 partial sums of its split-K GEMM, left for the
+    consumer to add (``bertfast.kernels.add_layernorm.add_layernorm_partials``), when this case's
+    plan is split-K and runs in place: no bias, nothing needs a gradient, row-major 16-byte aligned
+    operands.  None otherwise: call :func:`linear`.  Same checks and plan as :func:`linear`."""
+    plan = _PLANS.plan(
+        lambda: (meta(x), meta(weight), meta(None), type(None), None, False, mode_key(x.dtype)),
+        lambda: _make_plan(x, weight, None, None, False))
+    g = plan.gemm
+    if g is None or g.split_k <= 1 or not plan.kernel or x.data_ptr() % 16 or weight.data_ptr() % 16:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    return _gemm.run_gemm_partials(g, x.view(plan.M, plan.K), weight)
+
+
 # --------------------------------------------------------------------------- compile check
 def compile_specs(arch: int) -> list:
     """Every configuration ``linear`` can launch on ``arch``: each dtype / precision x each

@@ -21,11 +21,13 @@ from torch import Tensor
 
 from bertfast.kernels._common import trusted_inputs
 from bertfast.kernels.add_layernorm import add_layernorm as _add_layernorm
+from bertfast.kernels.add_layernorm import add_layernorm_partials as _add_layernorm_partials
 from bertfast.kernels.attention import AttentionMask, prepare_attention_mask  # noqa: F401  (re-exported)
 from bertfast.kernels.attention import attention as _attention
 from bertfast.kernels.attention import attention_varlen as _attention_varlen
 from bertfast.kernels.embeddings_layernorm import embeddings_layernorm as _embeddings_layernorm
 from bertfast.kernels.linear import linear as _linear
+from bertfast.kernels.linear import linear_partials as _linear_partials
 from bertfast.kernels.padding import pad, unpad  # noqa: F401  (index ops: data-dependent shapes, eager only)
 from bertfast.kernels.qkv_projection import qkv_projection as _qkv_projection
 
@@ -238,6 +240,19 @@ def add_layernorm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps
     if _compiling():
         return add_layernorm_op(x, residual, weight, bias, float(eps), x_bias)
     return _add_layernorm(x, residual, weight, bias, eps, x_bias)
+
+
+def dense_add_layernorm(h: Tensor, dense_weight: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
+                        eps: float, dense_bias: Optional[Tensor]) -> Tensor:
+    """``LayerNorm(h @ dense_weight.T + dense_bias + residual)``: a BERT output block (attention
+    output, FFN2).  Where the GEMM's plan is split-K (small M, fp16 / bf16) and nothing needs a
+    gradient, the LayerNorm kernel adds the GEMM's fp32 partial sums itself (same bits as the
+    GEMM's own reduction, one launch less); otherwise ``linear`` then ``add_layernorm``."""
+    if not _compiling():
+        partials = _linear_partials(h, dense_weight)
+        if partials is not None:
+            return _add_layernorm_partials(partials, residual, weight, bias, eps, dense_bias)
+    return add_layernorm(linear(h, dense_weight), residual, weight, bias, eps, dense_bias)
 
 
 # ----------------------------------------------------------------------------- embeddings_layernorm

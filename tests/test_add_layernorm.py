@@ -216,6 +216,88 @@ def test_bad_input(over, match):
         _bad(**over)()
 
 
+# ---------------------------------------------------------------- split-K input (the output blocks' GEMM)
+# (M, N, K) of a plain GEMM that the default rule splits over K (sm_90: the interpreter's stand-in):
+# attention output / FFN2 of all-MiniLM-L6-v2 at 37 and 128 tokens (2 and 8 planes), odd N, one row.
+PARTIAL_CASES = [((37, 384, 384), 2), ((128, 384, 1536), 8), ((5, 200, 1000), 8), ((1, 384, 1536), 8)]
+
+
+def _dense_inputs(M, N, K, dtype, device):
+    g = torch.Generator().manual_seed(M * 7 + N)
+    t = _inputs((M, N), dtype, "cpu")
+    h = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    return h.to(device), w.to(device), {k: (v.to(device) if v is not None else None) for k, v in t.items()}
+
+
+def _check_dense(M, N, K, splits, dtype, device):
+    from bertfast.kernels import ops as kops
+    from bertfast.kernels.linear import linear, linear_partials, linear_reference
+    from bertfast.kernels.testing import record_launches
+
+    h, w, t = _dense_inputs(M, N, K, dtype, device)
+    args = (t["residual"], t["weight"], t["bias"], EPS, t["x_bias"])
+    with torch.no_grad():
+        assert linear_partials(h, w).shape == (splits, M, N)  # the rule splits this GEMM
+        fused = kops.dense_add_layernorm(h, w, *args)
+        two_kernels = add_layernorm(linear(h, w), *args)  # the GEMM's own reduction, then add + LayerNorm
+        ref = add_layernorm_reference(linear_reference(h, w, None, None), *args)
+    assert torch.equal(fused, two_kernels), f"{dtype} {M}x{N}x{K}: not the bits of reduce + add_layernorm"
+    assert_close(fused, ref, factor=4.0, msg=f"{dtype} {M}x{N}x{K}")
+    if device == "cpu":
+        with torch.no_grad(), record_launches() as calls:
+            kops.dense_add_layernorm(h, w, *args)
+        names = [c[0] for c in calls]
+        assert names == ["gemm_kernel", "_add_layernorm_fwd_kernel"], names  # no splitk_reduce_kernel
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mnk,splits", PARTIAL_CASES)
+def test_split_k_partials_into_the_layernorm(mnk, splits, dtype):
+    """The output block's LayerNorm kernel adds a split-K GEMM's fp32 planes itself: the same bits
+    as the GEMM's reduction kernel followed by add + LayerNorm, within tolerance of the reference,
+    in two launches instead of three."""
+    _check_dense(*mnk, splits, dtype, "cpu")
+
+
+@pytest.mark.interpreter
+def test_split_k_planes_added_in_order_and_rounded_once():
+    """Planes are added 0, 1, 2, ... in fp32 and the sum rounded once to the output dtype before
+    the bias and residual: 1e8 + 1 + 1 - 1e8 is 0 in that order (2 in another)."""
+    from bertfast.kernels.add_layernorm import add_layernorm_partials
+
+    planes = torch.tensor([[1e8, 0.5], [1.0, 0.25], [1.0, 0.125], [-1e8, 0.0625]]).view(4, 1, 2)
+    ones, zeros = torch.ones(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float16)
+    residual = torch.tensor([[0.0, 0.0]], dtype=torch.float16)
+    with torch.no_grad():
+        y = add_layernorm_partials(planes, residual, ones, zeros, 1e-5, zeros)
+        x = torch.tensor([[0.0, 0.9375]], dtype=torch.float16)
+        assert torch.equal(y, add_layernorm(x, residual, ones, zeros, 1e-5, zeros))
+
+
+@pytest.mark.interpreter
+def test_split_k_partials_only_without_gradients():
+    """With a gradient to record the output block runs linear + add_layernorm (their autograd); the
+    partials entry refuses inputs that need one, by name."""
+    from bertfast.kernels import ops as kops
+    from bertfast.kernels.add_layernorm import add_layernorm_partials
+    from bertfast.kernels.linear import linear_partials
+
+    h, w, t = _dense_inputs(37, 384, 384, torch.float16, "cpu")
+    w.requires_grad_(True)
+    assert linear_partials(h, w) is None
+    y = kops.dense_add_layernorm(h, w, t["residual"], t["weight"], t["bias"], EPS, t["x_bias"])
+    (g,) = torch.autograd.grad(y.float().sum(), w)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    with pytest.raises(ValueError, match="partials"):
+        add_layernorm_partials(torch.zeros(2, 37, 384), t["residual"].requires_grad_(True), t["weight"], t["bias"])
+    with torch.no_grad(), pytest.raises(ValueError, match="partials of shape"):
+        add_layernorm_partials(torch.zeros(2, 36, 384), t["residual"], t["weight"], t["bias"])
+    with torch.no_grad(), pytest.raises(ValueError, match="float32"):
+        add_layernorm_partials(torch.zeros(2, 37, 384, dtype=torch.float16), t["residual"], t["weight"], t["bias"])
+
+
 # ---------------------------------------------------------------- rung 4: CUDA
 
 
@@ -228,6 +310,16 @@ def test_bad_input(over, match):
 def test_gpu_parity(shape, x_bias, dtype):
     _check_forward(shape, dtype, "cuda", x_bias)
     _check_backward(shape, dtype, "cuda", x_bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mnk,splits", [((128, 768, 768), 4), ((128, 768, 3072), 8)])
+def test_gpu_split_k_partials_into_the_layernorm(mnk, splits, dtype):
+    """bert-base's output blocks at 128 tokens on the GPU (132 SMs: split 4 and 8)."""
+    if torch.cuda.get_device_properties(0).multi_processor_count != 132:
+        pytest.skip("the split factors asserted are those of a 132-SM GPU")
+    _check_dense(*mnk, splits, dtype, "cuda")
 
 
 @pytest.mark.gpu

@@ -122,7 +122,7 @@ def test_key_refines_triton_specialization(direct):
             x = buf[off:off + 1024]
             for m in (1, 2, 16, 17, 2**31 + 16):
                 for eps in (1e-5, 1e-12):
-                    calls.append(((x, x, x, x, x, x, base.float(), base.float(), m, 64, 64, 64, 64, eps),
+                    calls.append(((x, x, x, x, x, x, base.float(), base.float(), m, 64, 64, 64, 64, eps, 0),
                                   dict(HAS_XBIAS=False, ROWS=1, BLOCK_N=64, num_warps=4)))
     calls += calls[::-1]  # the second pass finds every key remembered
     seen = {}
@@ -147,7 +147,7 @@ def test_triton_dispatch_where_the_key_does_not_apply(direct):
     al = importlib.import_module("bertfast.kernels.add_layernorm")
     kernel = al._add_layernorm_fwd_kernel
     x = torch.zeros(1024, dtype=torch.float16)
-    args = (x, x, x, x, x, x, x.float(), x.float(), 8, 64, 64, 64, 64, 1e-5)
+    args = (x, x, x, x, x, x, x.float(), x.float(), 8, 64, 64, 64, 64, 1e-5, 0)
     kw = dict(HAS_XBIAS=False, ROWS=1, BLOCK_N=64, num_warps=4)
     direct(True)
     hooked = []
