@@ -49,18 +49,17 @@ except ImportError:  # pragma: no cover
 
 
 def _back_to_back(ts: Tuple[torch.Tensor, ...]) -> bool:
-    """Whether the tensors are contiguous and lie one after the other in one storage (so that
-    one strided view covers all of them)."""
+    """Whether the tensors are contiguous, alike, and lie one after the other in memory that
+    belongs to the first one's storage (so that one strided view of it covers all of them)."""
     first = ts[0]
-    if not all(t.is_contiguous() and t.dtype == first.dtype for t in ts):
-        return False
-    base = first.untyped_storage().data_ptr()
-    n = first.numel()
-    off = first.storage_offset()
+    shape, dtype, n = first.shape, first.dtype, first.numel()
+    step = n * first.element_size()
+    ptr = first.data_ptr()
     for i, t in enumerate(ts):
-        if t.numel() != n or t.untyped_storage().data_ptr() != base or t.storage_offset() != off + i * n:
+        if t.dtype != dtype or t.shape != shape or not t.is_contiguous() or t.data_ptr() != ptr + i * step:
             return False
-    return True
+    st = first.untyped_storage()  # the span lies inside it (adjacent separate allocations do not pass)
+    return first.storage_offset() * first.element_size() + len(ts) * step <= st.nbytes()
 
 
 def fused_qkv_view(query, key, value) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -221,11 +220,26 @@ def add_layernorm(y, residual, ln, x_bias: Optional[torch.Tensor], kernels: bool
     return F.layer_norm(y, ln.normalized_shape, p["weight"], p["bias"], ln.eps)
 
 
-def dense_add_layernorm(h, weight, x_bias: Optional[torch.Tensor], residual, ln) -> torch.Tensor:
-    """LayerNorm(h @ weight.T + x_bias + residual) on the kernels (``bertfast.kernels.ops.dense_add_layernorm``:
-    a split-K GEMM's partial sums go straight into the LayerNorm kernel)."""
+def linear_partials(h, weight) -> Optional[torch.Tensor]:
+    """h @ weight.T as a split-K GEMM's fp32 partial sums, or None (``bertfast.kernels.ops.linear_partials``)."""
+    return kops.linear_partials(h, weight)
+
+
+def add_layernorm_partials(partials, residual, ln, x_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """LayerNorm(partials added + x_bias + residual) (``bertfast.kernels.ops.add_layernorm_partials``)."""
     p = ln._parameters
-    return kops.dense_add_layernorm(h, weight, residual, p["weight"], p["bias"], ln.eps, x_bias)
+    return kops.add_layernorm_partials(partials, residual, p["weight"], p["bias"], ln.eps, x_bias)
+
+
+def dense_add_layernorm(h, weight, x_bias: Optional[torch.Tensor], residual, ln) -> torch.Tensor:
+    """LayerNorm(h @ weight.T + x_bias + residual) on the kernels: an output block (attention
+    output, FFN2).  Where the GEMM's plan is split-K (small M, fp16 / bf16) and nothing needs a
+    gradient, the LayerNorm kernel adds the GEMM's fp32 partial sums itself (the same bits as the
+    GEMM's own reduction kernel, one launch less); otherwise ``linear`` then ``add_layernorm``."""
+    partials = linear_partials(h, weight)
+    if partials is not None:
+        return add_layernorm_partials(partials, residual, ln, x_bias)
+    return add_layernorm(linear(h, weight, None, None, True), residual, ln, x_bias, True)
 
 
 def embeddings_layernorm(input_ids, token_type_ids, position_ids, inputs_embeds, word, position_table,

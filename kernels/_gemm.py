@@ -257,7 +257,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, capability: tuple[in
        that keeps >= 2 K steps a split and fits in one wave.  Each program stores fp32 partial
        sums; ``splitk_reduce_kernel`` adds the planes in a fixed order (deterministic, one pass),
        or, in the model's output blocks (inference), their add + LayerNorm kernel adds them as it
-       reads x (``kernels/ops.dense_add_layernorm``: the same bits, no extra launch).
+       reads x (``bertfast.ops.dense_add_layernorm``: the same bits, no extra launch).
     3. Otherwise ``plain`` fp16 / bf16 GEMMs on sm_90 whose table tile is the big 128x128 one
        (large M) take the persistent TMA kernel with the same tile (N, K multiples of 8), which
        compiles clean (no spill, 161 KiB of shared memory, wgmma) under triton 3.6 and 3.9.
@@ -588,6 +588,9 @@ class GemmPlan(NamedTuple):
     split_k: int = 1  # > 1: fp32 partial sums in a (split_k, M, N) workspace, added by splitk_reduce_kernel
     cublas: bool = False  # torch.mm instead of the Triton kernel
     tma: bool = False  # gemm_tma_kernel (persistent, TMA descriptors)
+    # the compiled gemm_kernel by tensor alignment (``Kernel.planned``): everything else of a launch is
+    # fixed by the plan; None: launch through the full key
+    memo: Optional[dict] = None
 
 
 _SM_COUNTS: dict = {}
@@ -657,7 +660,8 @@ def plan_gemm(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, 
         HEAD_SPLIT=head_split is not None, INPUT_PRECISION="ieee" if prec == "ieee" or upcast else "tf32",
         DOT_UPCAST=upcast, SPLIT_K=cfg.split_k > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return GemmPlan(grid, (M, N, K, stride_x, stride_w, N, seq, head_dim, hidden), kwargs, split_k=cfg.split_k)
+    return GemmPlan(grid, (M, N, K, stride_x, stride_w, N, seq, head_dim, hidden), kwargs, split_k=cfg.split_k,
+                    memo={})
 
 
 def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -695,7 +699,7 @@ def run_gemm(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor, bias: Optio
         return out
     args = (x2, weight, bias if bias is not None else out, out, pre if pre is not None else out, *plan.ints)
     with launch_device(x2.device):
-        gemm_kernel[plan.grid](*args, **plan.kwargs)
+        gemm_kernel.planned(plan.memo, plan.grid, args, plan.kwargs)
     return out
 
 
@@ -710,7 +714,7 @@ def run_gemm_partials(plan: GemmPlan, x2: torch.Tensor, weight: torch.Tensor) ->
     # pool, so the replays reuse it); no host read
     ws = torch.empty((plan.split_k, M, N), dtype=torch.float32, device=x2.device)
     with launch_device(x2.device):
-        gemm_kernel[plan.grid](x2, weight, ws, ws, ws, *plan.ints, **plan.kwargs)
+        gemm_kernel.planned(plan.memo, plan.grid, (x2, weight, ws, ws, ws, *plan.ints), plan.kwargs)
     return ws
 
 

@@ -15,6 +15,7 @@ Supported: fp32 / fp16 / bf16 (all tensors one dtype), hidden size 1..8192, any 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -168,6 +169,7 @@ def _config(n: int):
 _PARTIALS_ROWS = {128: 8}
 
 
+@functools.lru_cache(maxsize=None)
 def _partials_config(n: int):
     """The forward configuration of the split-K input: ``_config`` with the rows rule above."""
     from dataclasses import replace
@@ -295,7 +297,7 @@ _PLANS = PlanCache()
 
 def _make_plan(x, residual, weight, bias, eps, x_bias, fallback):
     """Every check (raises ValueError), the backend and, for row-major operands, the launch:
-    (kernel?, grid or None, m, n, cfg)."""
+    (kernel?, grid or None, m, n, cfg, memo of the planned launch)."""
     cfg = _check(x, residual, weight, bias, x_bias, eps)
     kernel = use_triton(OP, x, residual, weight, bias, x_bias, fallback=fallback)
     n = x.shape[-1]
@@ -303,7 +305,7 @@ def _make_plan(x, residual, weight, bias, eps, x_bias, fallback):
     grid = None
     if kernel and m > 0 and all(t is None or t.is_contiguous() for t in (x, residual, weight, bias, x_bias)):
         grid = (cdiv(m, cfg.rows),)
-    return kernel, grid, m, n, cfg
+    return kernel, grid, m, n, cfg, {}  # {}: the compiled kernel of the planned launch (Kernel.planned)
 
 
 def add_layernorm(
@@ -330,7 +332,7 @@ def add_layernorm(
                  mode_key(x.dtype)) if out is None else None,
         lambda: _make_plan(x, residual, weight, bias, eps, x_bias, fallback))
     check_out(OP, out, tuple(x.shape), x.dtype, x.device)
-    kernel, grid, m, n, cfg = plan
+    kernel, grid, m, n, cfg, memo = plan
     if not kernel:
         y = add_layernorm_reference(x, residual, weight, bias, eps, x_bias)
         if out is not None:
@@ -341,18 +343,27 @@ def add_layernorm(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _AddLayerNorm.apply(x, residual, weight, bias, x_bias, float(eps), out)
     if grid is not None and out is None:  # planned: contiguous operands, output like x
-        dev = x.device
-        y = torch.empty(x.shape, dtype=x.dtype, device=dev)
-        mean = torch.empty((m,), dtype=torch.float32, device=dev)
-        rstd = torch.empty((m,), dtype=torch.float32, device=dev)
-        with device_ctx(dev):
-            _add_layernorm_fwd_kernel[grid](
-                x, residual, x_bias if x_bias is not None else weight, weight, bias, y, mean, rstd,
-                m, n, n, n, n, float(eps), 0,
-                HAS_XBIAS=x_bias is not None, ROWS=cfg.rows, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            )
-        return y
+        return _infer(x, residual, weight, bias, eps, x_bias, m, n, cfg, 1, memo)
     return _forward(x, residual, weight, bias, eps, x_bias, out)[0]
+
+
+def _infer(x, residual, weight, bias, eps, x_bias, m: int, n: int, cfg, splits: int, memo: dict) -> torch.Tensor:
+    """The planned launch without autograd: contiguous operands, a new output like residual.  No
+    statistics are kept: one scratch row buffer takes both the mean and the rstd stores (each
+    program writes its own rows, nothing reads them).  ``splits`` > 1: x is the (splits, M, N) fp32
+    partial sums of a split-K GEMM (``add_layernorm_partials``).  ``memo``: the plan's compiled
+    kernel (``Kernel.planned``)."""
+    dev = residual.device
+    y = torch.empty(residual.shape, dtype=residual.dtype, device=dev)
+    scratch = torch.empty((m,), dtype=torch.float32, device=dev)
+    with device_ctx(dev):
+        _add_layernorm_fwd_kernel.planned(
+            memo, (cdiv(m, cfg.rows),),
+            (x, residual, x_bias if x_bias is not None else weight, weight, bias, y, scratch, scratch,
+             m, n, n, n, n, float(eps), m * n if splits > 1 else 0),
+            dict(HAS_XBIAS=x_bias is not None, ROWS=cfg.rows, BLOCK_N=cfg.block_n, SPLITS=splits,
+                 num_warps=cfg.num_warps))
+    return y
 
 
 def add_layernorm_partials(
@@ -369,37 +380,35 @@ def add_layernorm_partials(
     ``splitk_reduce_kernel`` + :func:`add_layernorm`, one launch and one round trip of x less).
     residual: contiguous (..., N) of M rows.  Inference only (no autograd): the model calls it with
     no gradient to record."""
+    kernel, m, n, cfg, splits, memo = _PARTIAL_PLANS.plan(
+        lambda: (meta(partials), meta(residual), meta(weight), meta(bias), meta(x_bias), type(eps), eps,
+                 mode_key(residual.dtype)),
+        lambda: _make_partials_plan(partials, residual, weight, bias, eps, x_bias))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (residual, weight, bias, x_bias)):
+        raise ValueError(f"{OP}: partials input is for inference; an input requires grad")
+    if not kernel:  # the PyTorch twin: the same planes' sum, rounded once
+        x = partials[0].clone()
+        for s in range(1, splits):
+            x += partials[s]
+        return add_layernorm_reference(x.to(residual.dtype).view(residual.shape), residual, weight, bias, eps, x_bias)
+    return _infer(partials, residual, weight, bias, eps, x_bias, m, n, cfg, splits, memo)
+
+
+_PARTIAL_PLANS = PlanCache()
+
+
+def _make_partials_plan(partials, residual, weight, bias, eps, x_bias):
+    """Every check of ``add_layernorm_partials`` (raises ValueError): (kernel?, m, n, cfg, splits,
+    memo of the planned launch);
+    kernel False: the PyTorch twin runs (also for operands that are not contiguous)."""
     if not isinstance(partials, torch.Tensor) or partials.dim() != 3 or partials.dtype != torch.float32:
         raise ValueError(f"{OP}: partials must be a (splits, M, N) float32 tensor, got "
                          f"{getattr(partials, 'dtype', type(partials).__name__)} {tuple(getattr(partials, 'shape', ()))}")
-    plan = _PLANS.plan(
-        lambda: (meta(residual), meta(residual), meta(weight), meta(bias), meta(x_bias), type(eps), eps, False,
-                 mode_key(residual.dtype)),
-        lambda: _make_plan(residual, residual, weight, bias, eps, x_bias, False))
-    kernel, grid, m, n, _ = plan
-    cfg = _partials_config(n)
-    S = partials.shape[0]
+    kernel, grid, m, n, _, _ = _make_plan(residual, residual, weight, bias, eps, x_bias, False)
     if tuple(partials.shape[1:]) != (m, n) or not partials.is_contiguous() or partials.device != residual.device:
         raise ValueError(f"{OP}: partials of shape {tuple(partials.shape)} on {partials.device} do not match "
                          f"{m} rows of {n} of residual on {residual.device} (contiguous (splits, M, N) expected)")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (residual, weight, bias, x_bias)):
-        raise ValueError(f"{OP}: partials input is for inference; an input requires grad")
-    if not kernel or grid is None:  # the PyTorch twin: the same planes' sum, rounded once
-        x = partials[0].clone()
-        for s in range(1, S):
-            x += partials[s]
-        return add_layernorm_reference(x.to(residual.dtype).view(residual.shape), residual, weight, bias, eps, x_bias)
-    dev = residual.device
-    y = torch.empty(residual.shape, dtype=residual.dtype, device=dev)
-    mean = torch.empty((m,), dtype=torch.float32, device=dev)
-    rstd = torch.empty((m,), dtype=torch.float32, device=dev)
-    with device_ctx(dev):
-        _add_layernorm_fwd_kernel[(cdiv(m, cfg.rows),)](
-            partials, residual, x_bias if x_bias is not None else weight, weight, bias, y, mean, rstd,
-            m, n, n, n, n, float(eps), m * n,
-            HAS_XBIAS=x_bias is not None, ROWS=cfg.rows, BLOCK_N=cfg.block_n, SPLITS=S, num_warps=cfg.num_warps,
-        )
-    return y
+    return bool(kernel) and grid is not None, m, n, _partials_config(n), partials.shape[0], {}
 
 
 def add_layernorm_reference(x, residual, weight, bias, eps=1e-12, x_bias=None) -> torch.Tensor:

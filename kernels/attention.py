@@ -652,6 +652,10 @@ class _Plan(NamedTuple):
     scale: float
     ieee: bool
     cfg: dict
+    # the compiled forward kernel by tensor alignment (``Kernel.planned``), where every other launch
+    # argument is fixed by the plan: the template of a prepared-mask case, for a call whose q, k, v
+    # and mask are used in place (no alignment copy); None: launch through the full key
+    memo: Optional[dict] = None
 
 
 def _dtype_name(dt) -> str:
@@ -1007,16 +1011,17 @@ def _forward(q, k, v, plan: _Plan, out: Optional[torch.Tensor]):
     cfg = plan.cfg["fwd"]
     mask, kvlen, skv, cu, scu = _aux(q, plan)
     grid = (cdiv(S, cfg.block_m), H, B)
-    with _device_ctx(q):
-        _attn_fwd[grid](
-            q, k, v, o, m_out, l_out, mask, kvlen, cu,
+    args = (q, k, v, o, m_out, l_out, mask, kvlen, cu,
             *_strides3(q, plan.varlen), *_strides3(k, plan.varlen), *_strides3(v, plan.varlen),
             *_o_strides(o, plan.varlen), *_stats_strides(m_out, plan.varlen), *plan.mask_strides, skv, scu,
-            H, S, plan.scale * LOG2E,
-            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=plan.causal,
-            MASK_KIND=plan.mask_kind, IEEE=plan.ieee,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+            H, S, plan.scale * LOG2E)
+    kw = dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=plan.causal, MASK_KIND=plan.mask_kind,
+              IEEE=plan.ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with _device_ctx(q):
+        if plan.memo is not None and not direct:
+            _attn_fwd.planned(plan.memo, grid, args, kw)
+        else:
+            _attn_fwd[grid](*args, **kw)
     if out is not None and not direct:
         o = out.copy_(o)
     return o, m_out, l_out
@@ -1116,8 +1121,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=
                 return attention_reference(q, k, v, pm, causal=causal, scale=_check_scale(OP, scale, q.shape[-1]))
             B, H, S = template.batch, template.heads, template.seqlen
             kind, mask_t, mstrides, kvlen = _mask_args(pm, B, H, S)
-            plan = template._replace(mask=mask_t, mask_strides=mstrides, kvlen=kvlen)
-            return _run(OP, _aligned(q), _aligned(k), _aligned(v), plan, None)
+            qa, ka, va = _aligned(q), _aligned(k), _aligned(v)
+            # the template's memo only where nothing was copied (a copy has other strides)
+            in_place = qa is q and ka is k and va is v and kvlen is pm.kvlen and (
+                pm.mask is None or pm.mask.data_ptr() % 16 == 0)  # _mask_args copies a misaligned mask
+            plan = template._replace(mask=mask_t, mask_strides=mstrides, kvlen=kvlen,
+                                     memo=template.memo if in_place else None)
+            return _run(OP, qa, ka, va, plan, None)
     dtype = _check_qkv(OP, q, k, v, 4)
     B, H, S, D = q.shape
     scale = _check_scale(OP, scale, D)
@@ -1151,7 +1161,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=
                            tune=TuneContext(q.device, B, H, bool(causal), kind, False))
     plan = _Plan(False, B, H, S, D, kind, mask_t, mstrides, kvlen, None, 0, bool(causal), scale, ieee, cfg)
     if key is not None:
-        _PLANS.put(key, plan._replace(mask=None, kvlen=None))
+        _PLANS.put(key, plan._replace(mask=None, kvlen=None, memo={}))
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     return _run(OP, q, k, v, plan, out)
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from bertfast.kernels._common import trusted_inputs
 from bertfast.kernels.add_layernorm import add_layernorm as _add_layernorm
-from bertfast.kernels.add_layernorm import add_layernorm_partials as _add_layernorm_partials
+from bertfast.kernels.add_layernorm import add_layernorm_partials  # noqa: F401  (re-exported; inference, eager)
 from bertfast.kernels.attention import AttentionMask, prepare_attention_mask  # noqa: F401  (re-exported)
 from bertfast.kernels.attention import attention as _attention
 from bertfast.kernels.attention import attention_varlen as _attention_varlen
@@ -242,17 +242,13 @@ def add_layernorm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps
     return _add_layernorm(x, residual, weight, bias, eps, x_bias)
 
 
-def dense_add_layernorm(h: Tensor, dense_weight: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
-                        eps: float, dense_bias: Optional[Tensor]) -> Tensor:
-    """``LayerNorm(h @ dense_weight.T + dense_bias + residual)``: a BERT output block (attention
-    output, FFN2).  Where the GEMM's plan is split-K (small M, fp16 / bf16) and nothing needs a
-    gradient, the LayerNorm kernel adds the GEMM's fp32 partial sums itself (same bits as the
-    GEMM's own reduction, one launch less); otherwise ``linear`` then ``add_layernorm``."""
-    if not _compiling():
-        partials = _linear_partials(h, dense_weight)
-        if partials is not None:
-            return _add_layernorm_partials(partials, residual, weight, bias, eps, dense_bias)
-    return add_layernorm(linear(h, dense_weight), residual, weight, bias, eps, dense_bias)
+def linear_partials(x: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """``x @ weight.T`` as a split-K GEMM's fp32 partial sums (``bertfast.kernels.linear.linear_partials``)
+    where its plan is split-K and nothing needs a gradient, else None (then call ``linear``); None
+    while torch.compile traces (the custom ops carry that path)."""
+    if _compiling():
+        return None
+    return _linear_partials(x, weight)
 
 
 # ----------------------------------------------------------------------------- embeddings_layernorm

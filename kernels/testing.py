@@ -97,9 +97,11 @@ def record_launches():
     except ImportError:  # pragma: no cover
         pass
     saved = [(c, c.__dict__.get("__getitem__")) for c in classes]
+    planned = Kernel.planned
     token = _common._RECORDING.set(calls)
     for c in classes:
         c.__getitem__ = getitem
+    Kernel.planned = lambda self, memo, grid, args, kwargs: getitem(self, grid)(*args, **kwargs)
     try:
         yield calls
     finally:
@@ -108,4 +110,5 @@ def record_launches():
                 del c.__getitem__
             else:
                 c.__getitem__ = orig
+        Kernel.planned = planned
         _common._RECORDING.reset(token)

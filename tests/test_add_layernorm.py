@@ -230,8 +230,22 @@ def _dense_inputs(M, N, K, dtype, device):
     return h.to(device), w.to(device), {k: (v.to(device) if v is not None else None) for k, v in t.items()}
 
 
+def _layernorm(t):
+    ln = torch.nn.LayerNorm(t["weight"].shape[0], eps=EPS, device=t["weight"].device, dtype=t["weight"].dtype)
+    with torch.no_grad():
+        ln.weight.copy_(t["weight"])
+        ln.bias.copy_(t["bias"])
+    return ln
+
+
+def _dense(h, w, t):
+    """The model's output block on the kernels (bertfast.ops.dense_add_layernorm)."""
+    from bertfast import ops
+
+    return ops.dense_add_layernorm(h, w, t["x_bias"], t["residual"], _layernorm(t))
+
+
 def _check_dense(M, N, K, splits, dtype, device):
-    from bertfast.kernels import ops as kops
     from bertfast.kernels.linear import linear, linear_partials, linear_reference
     from bertfast.kernels.testing import record_launches
 
@@ -239,14 +253,14 @@ def _check_dense(M, N, K, splits, dtype, device):
     args = (t["residual"], t["weight"], t["bias"], EPS, t["x_bias"])
     with torch.no_grad():
         assert linear_partials(h, w).shape == (splits, M, N)  # the rule splits this GEMM
-        fused = kops.dense_add_layernorm(h, w, *args)
+        fused = _dense(h, w, t)
         two_kernels = add_layernorm(linear(h, w), *args)  # the GEMM's own reduction, then add + LayerNorm
         ref = add_layernorm_reference(linear_reference(h, w, None, None), *args)
     assert torch.equal(fused, two_kernels), f"{dtype} {M}x{N}x{K}: not the bits of reduce + add_layernorm"
     assert_close(fused, ref, factor=4.0, msg=f"{dtype} {M}x{N}x{K}")
     if device == "cpu":
         with torch.no_grad(), record_launches() as calls:
-            kops.dense_add_layernorm(h, w, *args)
+            _dense(h, w, t)
         names = [c[0] for c in calls]
         assert names == ["gemm_kernel", "_add_layernorm_fwd_kernel"], names  # no splitk_reduce_kernel
 
@@ -280,14 +294,13 @@ def test_split_k_planes_added_in_order_and_rounded_once():
 def test_split_k_partials_only_without_gradients():
     """With a gradient to record the output block runs linear + add_layernorm (their autograd); the
     partials entry refuses inputs that need one, by name."""
-    from bertfast.kernels import ops as kops
     from bertfast.kernels.add_layernorm import add_layernorm_partials
     from bertfast.kernels.linear import linear_partials
 
     h, w, t = _dense_inputs(37, 384, 384, torch.float16, "cpu")
     w.requires_grad_(True)
     assert linear_partials(h, w) is None
-    y = kops.dense_add_layernorm(h, w, t["residual"], t["weight"], t["bias"], EPS, t["x_bias"])
+    y = _dense(h, w, t)
     (g,) = torch.autograd.grad(y.float().sum(), w)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     with pytest.raises(ValueError, match="partials"):

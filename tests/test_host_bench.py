@@ -15,7 +15,7 @@ HOST_CASES = [{**c, "inputs": "host"} for c in CASES]
 # Launches per layer: QKV, attention, attention output, add + LayerNorm, FFN1, FFN2, add +
 # LayerNorm, whatever the GEMM rule (kernels/_gemm.pick_config) picks: where it splits a plain GEMM
 # (attention output, FFN2) over K, the add + LayerNorm kernel adds the partial sums (no reduction
-# launch; ``kernels/ops.dense_add_layernorm``).
+# launch; ``bertfast.ops.dense_add_layernorm``).
 PER_LAYER = 7
 
 

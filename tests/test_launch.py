@@ -2,6 +2,7 @@
 kernel once, later calls hand the same arguments to the same compiled kernel's launcher.  Checked
 on CPU against Triton's dispatch itself, run in full against a stand-in sm_90 driver (``fake_gpu``:
 nothing compiled, the C launcher recorded)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,6 +51,62 @@ def _norm(launch):
                                   if isinstance(a, torch.Tensor) else a for a in args)
 
 
+def test_flat_key_is_the_specializations():
+    """The launch key (``_specs``: flat, ints as 4-bit codes) tells two argument lists apart exactly
+    when their per-argument ``_spec`` differ: 20,000 random lists of tensors (dtype, alignment),
+    parameters, ints at every boundary Triton specializes on, floats, bools and None."""
+    import random
+
+    x, y = torch.zeros(64, dtype=torch.float16), torch.zeros(64, dtype=torch.bfloat16)
+    values = [x, x[1:], x[8:], y, y[3:], torch.nn.Parameter(torch.zeros(3)), 0, 1, 2, 16, 17, 32, 2**31 - 1,
+              2**31 + 16, -2**31, -2**31 - 1, 2**63, 2**64 - 1, 1.5, True, False, None]
+    rng = random.Random(0)
+    flat_of, spec_of = {}, {}
+    for _ in range(20000):
+        args = tuple(rng.choice(values) for _ in range(rng.randint(1, 6)))
+        flat, specs = _launch._specs(args), tuple(map(_launch._spec, args))
+        assert flat_of.setdefault(specs, flat) == flat and spec_of.setdefault(flat, specs) == specs, args
+    assert len(spec_of) > 10000
+
+
+@contextlib.contextmanager
+def _verify():
+    before = _launch.VERIFY[0]
+    _launch.VERIFY[0] = True
+    try:
+        yield
+    finally:
+        _launch.VERIFY[0] = before
+
+
+@compiled_only
+def test_planned_launch_remembers_per_alignment_and_verifies(direct):
+    """``Kernel.planned``: a plan's memo holds one compiled kernel per tensor alignment (the second
+    call of each finds it, Triton's dispatch does not run); under VERIFY an argument the plan
+    should have fixed but that changed (here an int that becomes 1) is caught, not launched with
+    the wrong kernel."""
+    import importlib
+
+    al = importlib.import_module("bertfast.kernels.add_layernorm")
+    kernel = al._add_layernorm_fwd_kernel
+    buf = torch.zeros(4096, dtype=torch.float16)
+    kw = dict(HAS_XBIAS=False, ROWS=1, BLOCK_N=64, num_warps=4)
+
+    def args(x, m=8):
+        return (x, x, x, x, x, x, buf.float(), buf.float(), m, 64, 64, 64, 64, 1e-5, 0)
+
+    direct(True)
+    memo = {}
+    with _launch.fake_gpu(keep_args=True) as launches:
+        for x in (buf[:1024], buf[1:1025], buf[:1024], buf[1:1025]):  # 16-byte aligned, not
+            kernel.planned(memo, (2,), args(x), kw)
+        assert len(memo) == 2 and len(launches) == 4
+        keys = [launch[2] for launch in launches]
+        assert keys[0] == keys[2] != keys[1] == keys[3]  # Triton's own cache keys
+        with _verify(), pytest.raises(AssertionError, match="not the one its arguments select"):
+            kernel.planned(memo, (2,), args(buf[:1024], m=1), kw)
+
+
 def _model(layers=2):
     from bertfast import BertConfig, BertModel
 
@@ -76,7 +133,8 @@ def test_model_forward_launches_what_triton_launches(direct, unpad):
     runs = {}
     for on in (False, True):
         direct(on)
-        with torch.no_grad(), _launch.fake_gpu(keep_args=True) as launches:
+        # VERIFY: every launch a launch plan remembered (Kernel.planned) is checked against the full key
+        with torch.no_grad(), _launch.fake_gpu(keep_args=True) as launches, _verify():
             for _ in range(2):
                 for mask in masks:
                     model(input_ids=ids, attention_mask=mask)

@@ -491,6 +491,9 @@ class _Recorder:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.calls.append(kwargs)
 
+    def planned(self, memo, grid, args, kwargs):  # a launch from a launch plan (Kernel.planned)
+        self.calls.append(kwargs)
+
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype,allow,expect", [

@@ -142,7 +142,9 @@ _FUNCTIONAL_OPS = {
     "attention": "attention",
     "attention_varlen": "attention",
     "add_layernorm": "add_ln",
+    "add_layernorm_partials": "add_ln",
     "linear": None,  # first in a layer: attention output projection; later ones: FFN
+    "linear_partials": None,  # the same (a split-K GEMM whose sums the next add_ln adds)
     "embeddings_layernorm": "embeddings",
 }
 
@@ -180,7 +182,8 @@ class instrument:
     def _op_range(self, op: str, args, kwargs) -> str:
         suffix = _FUNCTIONAL_OPS.get(op, op)
         i = self._layer[0]
-        if op == "linear":  # in a post-LN layer the first GEMM after attention is its output projection
+        if op in ("linear", "linear_partials"):  # in a post-LN layer the first GEMM after attention is its
+            # output projection
             self._linears += 1
             suffix = "attention.out_proj" if self._linears == 1 and i is not None else "ffn"
         if suffix == "embeddings" or i is None:
