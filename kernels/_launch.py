@@ -61,6 +61,7 @@ def direct_launches(on: bool):
 
 # Tests: check every launch remembered by a launch plan (``Kernel.planned``) against the full key.
 VERIFY = [False]
+_TENSOR_POSITIONS = "tensor positions"  # the memo entry that lists a call site's tensor arguments
 
 _KERNELS: list = []  # every Kernel made (module-level kernels: they live as long as the process)
 
@@ -193,7 +194,13 @@ class Kernel:
             return self.fn[grid](*args, **kwargs)
         d = _driver.active
         device = d.get_current_device()
-        akey = (device, self._epoch, *[a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)])
+        where = memo.get(_TENSOR_POSITIONS)  # the positions of the tensor arguments (fixed at a call site)
+        if where is None:
+            where = memo[_TENSOR_POSITIONS] = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        try:
+            akey = (device, self._epoch, *[args[i].data_ptr() % 16 == 0 for i in where])
+        except AttributeError:  # not a tensor where the call site had one: the full key decides
+            return self._launch(grid, *args, **kwargs)
         entry = memo.get(akey)
         if entry is None or VERIFY[0]:
             try:
