@@ -11,10 +11,7 @@ with ``--out``, writes ``<date>_<cpu-slug>_gemm-roofline.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
 
@@ -74,27 +71,34 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def study_main(description: str, kind: str, add_arguments, run) -> int:
+    """The command line of the CPU study scripts (this one, ``cpu_forward_breakdown.py``):
+    ``--model``, ``--threads``, ``--dtypes``, ``--out`` and the script's own arguments
+    (``add_arguments(parser)``); ``run(args, dtypes)`` returns the JSON document (with its "cpu")
+    and its Markdown, printed and, with ``--out``, written as ``<date>_<cpu-slug>_<kind>.{md,json}``."""
+    from bertfast.bench.cpu import save_study
+
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="minilm")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--out", default=None)
+    add_arguments(p)
     a = p.parse_args()
-    doc = measure(a.model, a.threads, a.tokens, [getattr(torch, d) for d in a.dtypes])
-    text = table(doc)
+    doc, text = run(a, [getattr(torch, d) for d in a.dtypes])
     print(text)
     if a.out:
-        from bertfast.bench.cpu import _slug
-
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"{date.today().isoformat()}_{_slug(doc['cpu'].split(':')[0])}_gemm-roofline"
-        stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(text + "\n")
-        print(f"wrote {stem}.md and .json")
+        print(f"wrote {save_study(a.out, kind, doc, text)}.md and .json")
     return 0
+
+
+def main() -> int:
+    def run(a, dtypes):
+        doc = measure(a.model, a.threads, a.tokens, dtypes)
+        return doc, table(doc)
+
+    return study_main(__doc__.split("\n\n")[0], "gemm-roofline",
+                      lambda p: p.add_argument("--tokens", type=int, nargs="+", default=[128, 4096]), run)
 
 
 if __name__ == "__main__":

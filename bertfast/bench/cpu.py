@@ -1004,6 +1004,20 @@ def _slug(text: str, limit: int = 40) -> str:
     return out.strip("-")[:limit].strip("-") or "cpu"
 
 
+def save_study(out_dir: str, kind: str, doc: Dict[str, Any], text: str) -> str:
+    """Write a CPU study script's results (``benchmarks/cpu_*.py``) as
+    ``<date>_<cpu-slug>_<kind>.{json,md}`` into ``out_dir``; ``doc["cpu"]`` names the CPU.  Returns
+    the path without suffix."""
+    from datetime import date
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{date.today().isoformat()}_{_slug(doc['cpu'].split(':')[0])}_{kind}"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
+    return str(stem)
+
+
 def file_stem(environment: Dict[str, Any], out_dir: str) -> str:
     """``<date>_<cpu-slug>_cpu`` (the CPU's model name with its family / model numbers where
     /proc/cpuinfo has them: "AMD EPYC" alone names several generations), ``-2``, ``-3``, ... when
