@@ -73,10 +73,12 @@ def _add_layernorm_fwd_kernel(
 
     x_ptrs = X + rows_ld[:, None] * stride_x + cols[None, :]
     x = tl.load(x_ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32)
-    if SPLITS > 1:  # X: the (SPLITS, M, N) fp32 planes of a split-K GEMM, planes stride_s apart
-        for s in tl.static_range(1, SPLITS):  # added in order 0, 1, ... and rounded once to the
-            x += tl.load(x_ptrs + s * stride_s, mask=mask_n[None, :], other=0.0)  # output dtype,
-        x = x.to(Y.dtype.element_ty).to(tl.float32)  # as splitk_reduce_kernel stores the GEMM result
+    if SPLITS > 1:
+        # X: the (SPLITS, M, N) fp32 planes of a split-K GEMM, stride_s apart: added in the order
+        # 0, 1, ... and rounded once to the output dtype, as splitk_reduce_kernel stores the result
+        for s in tl.static_range(1, SPLITS):
+            x += tl.load(x_ptrs + s * stride_s, mask=mask_n[None, :], other=0.0)
+        x = x.to(Y.dtype.element_ty).to(tl.float32)
     r = tl.load(R + rows_ld[:, None] * stride_r + cols[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
     z = x + r
     if HAS_XBIAS:
@@ -399,8 +401,8 @@ _PARTIAL_PLANS = PlanCache()
 
 def _make_partials_plan(partials, residual, weight, bias, eps, x_bias):
     """Every check of ``add_layernorm_partials`` (raises ValueError): (kernel?, m, n, cfg, splits,
-    memo of the planned launch);
-    kernel False: the PyTorch twin runs (also for operands that are not contiguous)."""
+    memo of the planned launch); kernel False: the PyTorch twin runs (also for operands that are
+    not contiguous)."""
     if not isinstance(partials, torch.Tensor) or partials.dim() != 3 or partials.dtype != torch.float32:
         raise ValueError(f"{OP}: partials must be a (splits, M, N) float32 tensor, got "
                          f"{getattr(partials, 'dtype', type(partials).__name__)} {tuple(getattr(partials, 'shape', ()))}")

@@ -5,7 +5,6 @@ weights and metrics bit for bit; a batch with no labelled token is skipped and c
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -161,7 +160,10 @@ def _interrupt_at(delay, argv):
 def test_sigint_at_random_moments_resumes_bit_identical(tmp_path, capsys, data, word_model, reference):
     """24 runs, each sent SIGINT at a random moment of its run time (setup, micro-batches, the
     optimizer step, checkpoint saves, evaluation, the final save), then resumed (a fresh run when
-    the signal came before training began): every one ends bit-identical to the uninterrupted run."""
+    the signal came before training began): every one ends bit-identical to the uninterrupted run.
+    A trial whose run ended before the signal, or held it back to its end (exit 0, also checked
+    bit-identical), tries again with the signal earlier, so that the check does not depend on how
+    steady the machine's speed is."""
     ref, _ = reference
     t0 = time.perf_counter()  # a run's time once everything is imported and warm
     assert bertfast.cli.main([str(a) for a in args(data, word_model, tmp_path / "timed")]) == 0
@@ -169,14 +171,17 @@ def test_sigint_at_random_moments_resumes_bit_identical(tmp_path, capsys, data, 
     rng = random.Random(2026)
     interrupted = 0
     for trial in range(24):
-        out = tmp_path / f"t{trial}"
         delay = rng.uniform(0.02, 1.0) * seconds
-        for _ in range(6):  # a run faster than the timed one (a quieter machine) finished first: earlier
+        for attempt in range(6):
+            out = tmp_path / f"t{trial}-{attempt}"
             rc = _interrupt_at(delay, args(data, word_model, out))
             capsys.readouterr()
-            if rc is not None:
+            if rc == 130:
                 break
-            shutil.rmtree(out, ignore_errors=True)
+            if rc == 0:  # the signal was held back to the end of the run: it ends as an uninterrupted run
+                assert_same_run(result(out), ref)
+            # (or the run, faster than the timed one on a machine whose speed varies, finished first):
+            # try this trial again with the signal earlier
             delay /= 2
         if rc == 130:
             interrupted += 1
@@ -185,7 +190,7 @@ def test_sigint_at_random_moments_resumes_bit_identical(tmp_path, capsys, data, 
             assert rc == 0, (trial, err)
         assert rc in (0, None), trial
         assert_same_run(result(out), ref)
-    assert interrupted >= 18  # the signal landed inside nearly every run (a signal held back to the end exits 0)
+    assert interrupted >= 20  # a signal landed inside nearly every trial (each tries again earlier up to 6 times)
 
 
 def _finetune_argv(data, model, out, *extra):
@@ -232,8 +237,7 @@ def test_death_between_any_two_steps_of_a_save_leaves_a_checkpoint(tmp_path, cap
     unlink, rmtree) of the 2nd checkpoint save in turn (SystemExit from that call: nothing of
     the save after it runs): every time, --resume finds a whole checkpoint (the 1st or the 2nd)
     and ends bit-identical to the uninterrupted run."""
-    import shutil
-
+    
     events = []
     saves = [0]
     die_at = [None]
