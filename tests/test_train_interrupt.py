@@ -5,6 +5,7 @@ weights and metrics bit for bit; a batch with no labelled token is skipped and c
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
