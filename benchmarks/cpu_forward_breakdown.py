@@ -21,7 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from cpu_gemm_roofline import _time, study_main  # this folder's sibling script (run as python benchmarks/...)
+from cpu_gemm_roofline import study_main, time_ms  # this folder's sibling script (run as python benchmarks/...)
 
 
 def _batch(B: int, S: int, vocab: int):
@@ -38,7 +38,7 @@ def forward_breakdown(model, batch, n: int) -> dict:
     with torch.inference_mode():
         for _ in range(2):
             model(**batch)
-        st = _time(lambda: model(**batch), n)
+        st = time_ms(lambda: model(**batch), n)
         steps = 3
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
@@ -73,7 +73,7 @@ def attention_core(B: int, S: int, H: int, D: int, dtype: torch.dtype, n: int) -
     rows = []
     with torch.inference_mode():
         for name, fn in cases.items():
-            st = _time(fn, n)
+            st = time_ms(fn, n)
             f = flops.get(name)
             rows.append({"case": name, "ms": st["median_ms"], "p10_ms": st["p10_ms"], "p90_ms": st["p90_ms"],
                          "gflops": f / st["median_ms"] / 1e6 if f else None})

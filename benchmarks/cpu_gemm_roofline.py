@@ -16,7 +16,7 @@ import time
 import torch
 
 
-def _time(fn, n: int = 7) -> dict:
+def time_ms(fn, n: int = 7) -> dict:
     """The bench harness's statistics (ms) of ``n`` timed calls after one warm-up."""
     from bertfast.bench.harness import summarize
 
@@ -52,7 +52,7 @@ def measure(model: str, threads: int, tokens, dtypes) -> dict:
                 for impl in cpu_linear.IMPLS:
                     if impl.fused_only or not impl.available() or dtype not in impl.dtypes:
                         continue
-                    st = _time(lambda: impl.fn(x, w, b, None, None))
+                    st = time_ms(lambda: impl.fn(x, w, b, None, None))
                     rows.append({"dtype": dtype_name(dtype), "linear": name, "M": M, "N": N, "K": K,
                                  "impl": impl.name, "ms": st["median_ms"], "p10_ms": st["p10_ms"],
                                  "p90_ms": st["p90_ms"], "gflops": 2 * M * N * K / st["median_ms"] / 1e6})

@@ -61,6 +61,20 @@ def direct_launches(on: bool):
 
 # Tests: check every launch remembered by a launch plan (``Kernel.planned``) against the full key.
 VERIFY = [False]
+
+
+@contextlib.contextmanager
+def verify_launches():
+    """Inside the block every launch a launch plan remembered is checked against the full key
+    (``VERIFY``); the switch is restored after."""
+    before = VERIFY[0]
+    VERIFY[0] = True
+    try:
+        yield
+    finally:
+        VERIFY[0] = before
+
+
 _TENSOR_POSITIONS = "tensor positions"  # the memo entry that lists a call site's tensor arguments
 
 _KERNELS: list = []  # every Kernel made (module-level kernels: they live as long as the process)

@@ -171,6 +171,15 @@ def _make_plan(x, weight, bias, activation, fallback) -> _Plan:
     return _Plan(kernel, M, N, K, (*x.shape[:-1], N), gemm)
 
 
+def _plan_of(x, weight, bias, activation, fallback, keyed: bool = True) -> _Plan:
+    """This case's plan: made (every check) once per (shapes, strides, dtypes, device, activation,
+    mode) and reused; ``keyed`` False (an ``out=`` buffer): made for this call only."""
+    return _PLANS.plan(
+        lambda: (meta(x), meta(weight), meta(bias), type(activation), activation, fallback,
+                 mode_key(x.dtype)) if keyed else None,
+        lambda: _make_plan(x, weight, bias, activation, fallback))
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -184,10 +193,7 @@ def linear(
 
     The checks and the launch plan are made once per (shapes, strides, dtypes, device,
     activation) case and reused (``bertfast.kernels._common.PlanCache``); pointers are checked per call."""
-    plan = _PLANS.plan(
-        lambda: (meta(x), meta(weight), meta(bias), type(activation), activation, fallback,
-                 mode_key(x.dtype)) if out is None else None,
-        lambda: _make_plan(x, weight, bias, activation, fallback))
+    plan = _plan_of(x, weight, bias, activation, fallback, keyed=out is None)
     check_out(OP, out, plan.out_shape, x.dtype, x.device)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if needs_grad and out is not None:
@@ -209,9 +215,7 @@ def linear_partials(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Ten
     consumer to add (``bertfast.kernels.add_layernorm.add_layernorm_partials``), when this case's
     plan is split-K and runs in place: no bias, nothing needs a gradient, row-major 16-byte aligned
     operands.  None otherwise: call :func:`linear`.  Same checks and plan as :func:`linear`."""
-    plan = _PLANS.plan(
-        lambda: (meta(x), meta(weight), meta(None), type(None), None, False, mode_key(x.dtype)),
-        lambda: _make_plan(x, weight, None, None, False))
+    plan = _plan_of(x, weight, None, None, False)
     g = plan.gemm
     if g is None or g.split_k <= 1 or not plan.kernel or x.data_ptr() % 16 or weight.data_ptr() % 16:
         return None

@@ -2,7 +2,6 @@
 kernel once, later calls hand the same arguments to the same compiled kernel's launcher.  Checked
 on CPU against Triton's dispatch itself, run in full against a stand-in sm_90 driver (``fake_gpu``:
 nothing compiled, the C launcher recorded)."""
-import contextlib
 import os
 import subprocess
 import sys
@@ -69,16 +68,6 @@ def test_flat_key_is_the_specializations():
     assert len(spec_of) > 10000
 
 
-@contextlib.contextmanager
-def _verify():
-    before = _launch.VERIFY[0]
-    _launch.VERIFY[0] = True
-    try:
-        yield
-    finally:
-        _launch.VERIFY[0] = before
-
-
 @compiled_only
 def test_planned_launch_remembers_per_alignment_and_verifies(direct):
     """``Kernel.planned``: a plan's memo holds one compiled kernel per tensor alignment (the second
@@ -103,7 +92,7 @@ def test_planned_launch_remembers_per_alignment_and_verifies(direct):
         assert len([k for k in memo if k != _launch._TENSOR_POSITIONS]) == 2 and len(launches) == 4
         keys = [launch[2] for launch in launches]
         assert keys[0] == keys[2] != keys[1] == keys[3]  # Triton's own cache keys
-        with _verify(), pytest.raises(AssertionError, match="not the one its arguments select"):
+        with _launch.verify_launches(), pytest.raises(AssertionError, match="not the one its arguments select"):
             kernel.planned(memo, (2,), args(buf[:1024], m=1), kw)
 
 
@@ -134,7 +123,7 @@ def test_model_forward_launches_what_triton_launches(direct, unpad):
     for on in (False, True):
         direct(on)
         # VERIFY: every launch a launch plan remembered (Kernel.planned) is checked against the full key
-        with torch.no_grad(), _launch.fake_gpu(keep_args=True) as launches, _verify():
+        with torch.no_grad(), _launch.fake_gpu(keep_args=True) as launches, _launch.verify_launches():
             for _ in range(2):
                 for mask in masks:
                     model(input_ids=ids, attention_mask=mask)
