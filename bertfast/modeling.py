@@ -90,14 +90,14 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from bertfast import backend, ops
+from bertfast import backend, ops, program
 from bertfast.activations import get_activation
 from bertfast.config import UNPAD_MODES, BertConfig, unpad_mode  # noqa: F401  (the one parser of unpad)
 from bertfast.masks import ForwardMask, additive_mask_from, build_forward_mask  # noqa: F401
@@ -146,6 +146,7 @@ class Forward:
     mask: Optional[ForwardMask]  # the padded batch's attention mask (None when packed)
     need_weights: bool = False  # collect attention probabilities (torch path only)
     attentions: Optional[List[torch.Tensor]] = None
+    program: Optional[program.ForwardPrograms] = None  # layer programs on (bertfast/program.py)
 
 
 # transformers' and bertfast's module trees name these differently
@@ -249,12 +250,41 @@ def output_block(out, h: torch.Tensor, residual: torch.Tensor, fwd: Forward) -> 
     return ops.add_layernorm(_dropout(y, drop, fwd.training), residual, ln, None, fwd.kernels, owned=True)
 
 
+def layer_parts(layer) -> Tuple[tuple, tuple]:
+    """What ``layer_ops`` reads from a layer: its parameters in a fixed order, and its other values
+    (heads, LayerNorm eps): the layer's part of a layer program's key (bertfast/program.py).
+    KeyError for a layer of another make (a quantized linear has no weight)."""
+    mods = layer._modules
+    attn = mods["attention"]._modules
+    s, o, out = attn["self"], attn["output"]._modules, mods["output"]._modules
+    sm = s._modules
+    params = []
+    for m in (sm["query"], sm["key"], sm["value"], o["dense"], mods["intermediate"]._modules["dense"], out["dense"],
+              o["LayerNorm"], out["LayerNorm"]):
+        p = m._parameters
+        params += (p["weight"], p["bias"])
+    return tuple(params), (num_heads(s), o["LayerNorm"].eps, out["LayerNorm"].eps)
+
+
 def layer_forward(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
-    """One post-LN BERT layer, x (B, S, C) / (T, C) -> same shape::
+    """One post-LN BERT layer, x (B, S, C) / (T, C) -> same shape: ``layer_ops``, replayed from a
+    layer program where the forward has them on (bertfast/program.py)."""
+    if fwd.program is not None:
+        try:
+            params, scalars = layer_parts(layer)
+        except KeyError:
+            return layer_ops(layer, x, fwd)
+        return program.run(functools.partial(layer_ops, layer, x, fwd), x, params, scalars, fwd.program)
+    return layer_ops(layer, x, fwd)
+
+
+def layer_ops(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
+    """One post-LN BERT layer through the ops, x (B, S, C) / (T, C) -> same shape::
 
         x = LN(x + dropout(Wo attention(x)))
         x = LN(x + dropout(W2 act(W1 x)))
-    """
+
+    Everything it reads from the layer is in ``layer_parts`` (a layer program's key)."""
     mods = layer._modules
     attn = mods["attention"]._modules
     a = self_attention(attn["self"], x, fwd)
@@ -320,6 +350,8 @@ def _encoder_forward(bert, plan, input_ids, token_type_ids, position_ids, inputs
                                   key_lengths=plan.key_lengths)
     fwd = Forward(kernels, bert.training, bert.config.hidden_act, causal, packing, mask,
                   need_weights=output_attentions, attentions=[] if output_attentions else None)
+    if kernels and not bert.training and not output_attentions:
+        fwd.program = program.for_forward(fwd.act, causal, packing, mask)
     emb = bert.embeddings  # bertfast's through its module call (forward hooks run); other trees functionally
     emb_fn = embed_fn or (emb if isinstance(emb, BertEmbeddings) else functools.partial(embed, emb))
     x = emb_fn(input_ids, token_type_ids, position_ids, inputs_embeds, fwd)  # (B, S, C) / (T, C)

@@ -168,6 +168,18 @@ def tf32_allowed(dtype: torch.dtype = torch.float32) -> bool:
 _NULL = contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def switched(flag: list, value):
+    """Run a block with a one-element switch list (``ENABLED = [True]``) set to ``value``; the
+    previous value is restored after, whatever happens."""
+    before = flag[0]
+    flag[0] = value
+    try:
+        yield
+    finally:
+        flag[0] = before
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints (``triton.cdiv`` costs microseconds per call on the host)."""
     return -(-a // b)

@@ -35,6 +35,7 @@ instead (``bertfast bench host`` measures the host path with it; the tests compa
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import os
@@ -42,38 +43,35 @@ from typing import Any, Optional
 
 import torch
 
-from bertfast.kernels._common import HAS_TRITON, INTERPRET
+from bertfast.kernels._common import HAS_TRITON, INTERPRET, switched
 
 # One switch, read once: BERTFAST_DIRECT_LAUNCH=0 sends every launch through Triton's dispatch.
 ENABLED = [os.environ.get("BERTFAST_DIRECT_LAUNCH", "1").strip().lower() not in ("0", "false", "no", "off")]
 
 
-@contextlib.contextmanager
 def direct_launches(on: bool):
     """Direct launches on (or off: Triton's dispatch) inside the block; the switch is restored after."""
-    before = ENABLED[0]
-    ENABLED[0] = on
-    try:
-        yield
-    finally:
-        ENABLED[0] = before
+    return switched(ENABLED, on)
 
 
 # Tests: check every launch remembered by a launch plan (``Kernel.planned``) against the full key.
 VERIFY = [False]
 
 
-@contextlib.contextmanager
 def verify_launches():
     """Inside the block every launch a launch plan remembered is checked against the full key
     (``VERIFY``); the switch is restored after."""
-    before = VERIFY[0]
-    VERIFY[0] = True
-    try:
-        yield
-    finally:
-        VERIFY[0] = before
+    return switched(VERIFY, True)
 
+
+# Launch observers (bertfast/program.py records one layer's launches): while set, every launch of
+# a Kernel, planned or not, is handed to it as ``observer(kernel, grid, args, kwargs, launch)``,
+# which returns ``launch()`` (the launch itself).
+OBSERVE = contextvars.ContextVar("bertfast_launch_observer", default=None)
+
+# Bumped by every Kernel.clear(): a layer program (bertfast/program.py) made before holds
+# compiled kernels that may be gone, so its key names an older epoch and is never found again.
+EPOCH = [0]
 
 _TENSOR_POSITIONS = "tensor positions"  # the memo entry that lists a call site's tensor arguments
 
@@ -157,6 +155,41 @@ def _hooks_set() -> bool:
     return False
 
 
+CONSTANTS: list = []  # private read-only tensors of the launchers (``constant``)
+
+
+def constant(*tensors: torch.Tensor) -> None:
+    """Declare tensors that a launcher passes to its launches and never changes (the attention
+    kernel's stand-in key lengths): a layer program (bertfast/program.py) passes them as they are."""
+    CONSTANTS.extend(tensors)
+
+
+def driver():
+    """Triton's active driver (the stand-in under ``fake_gpu``), or None where there is none (no
+    triton, no GPU)."""
+    if not HAS_TRITON:  # pragma: no cover
+        return None
+    try:
+        return _driver.active
+    except RuntimeError:  # no GPU driver on this machine
+        return None
+
+
+def current_device(kernel) -> Any:
+    """The device a direct launch of ``kernel`` would use now (its compiled kernels are kept per
+    device), or None when its launches go through Triton's dispatch."""
+    if not kernel._direct or not ENABLED[0]:
+        return None
+    d = driver()
+    return d.get_current_device() if d is not None else None
+
+
+def dispatch_only() -> bool:
+    """Launches must go through Triton's dispatch now: direct launches off, torch.compile
+    tracing, or a launch hook set (a profiler's)."""
+    return not ENABLED[0] or torch.compiler.is_compiling() or _hooks_set()
+
+
 class Kernel:
     """A launched ``triton.jit`` function with direct launches (module docstring).  Anything not
     about launching (``fn``, ``arg_names``, ``params``, ...) is the wrapped function's."""
@@ -178,9 +211,17 @@ class Kernel:
         return getattr(self.__dict__["fn"], name)
 
     def __getitem__(self, grid):
+        obs = OBSERVE.get()
+        if obs is not None:
+            return functools.partial(self._observed, obs, grid)
         if not self._direct or not ENABLED[0]:
             return self.fn[grid]
         return functools.partial(self._launch, grid)
+
+    def _observed(self, obs, grid, *args, **kwargs):
+        if not self._direct or not ENABLED[0]:
+            return obs(self, grid, args, kwargs, lambda: self.fn[grid](*args, **kwargs))
+        return obs(self, grid, args, kwargs, lambda: self._launch(grid, *args, **kwargs))
 
     def _launch(self, grid, *args, **kwargs):
         if type(grid) is not tuple or torch.compiler.is_compiling() or _hooks_set():
@@ -204,6 +245,12 @@ class Kernel:
         16-byte alignment of the tensor arguments, so a call computes that much of the key, not all
         of it.  The memo goes when its plan does (``PlanCache``); nothing in it is keyed on a tensor.  Under
         ``VERIFY[0]`` (tests) every remembered launch is checked against the full key."""
+        obs = OBSERVE.get()
+        if obs is not None:
+            return obs(self, grid, args, kwargs, functools.partial(self._planned, memo, grid, args, kwargs))
+        return self._planned(memo, grid, args, kwargs)
+
+    def _planned(self, memo: dict, grid: tuple, args: tuple, kwargs: dict):
         if not self._direct or not ENABLED[0] or torch.compiler.is_compiling() or _hooks_set():
             return self.fn[grid](*args, **kwargs)
         d = _driver.active
@@ -232,6 +279,17 @@ class Kernel:
                 return kernel
             memo[akey] = entry = full
         return self._run(entry, d, device, grid, args)
+
+    def compiled_for(self, device, args: tuple, kwargs: dict):
+        """The (compiled kernel, tail of arguments) that a direct launch of ``args`` / ``kwargs``
+        on ``device`` uses, or None when none is remembered (not launched yet, Triton's dispatch
+        only, an argument the key does not model)."""
+        if not self._direct:
+            return None
+        try:
+            return self._cache.get((device, tuple(kwargs.items()), _specs(args)))
+        except (_Unsupported, TypeError):
+            return None
 
     def _first(self, key, grid, args: tuple, kwargs: dict):
         """First call of this signature: Triton's dispatch (compiles if needed) and launch; the
@@ -266,6 +324,7 @@ class Kernel:
     def clear(self, device: Any = None) -> None:
         """Forget the remembered compiled kernels (of one device, or all; launch plans' memos too)."""
         self._epoch += 1  # every memo entry made before names an older epoch: never found again
+        EPOCH[0] += 1
         if device is None:
             self._cache.clear()
         else:

@@ -77,6 +77,7 @@ from bertfast.kernels._common import (
     tf32_allowed,
     use_triton,
 )
+from bertfast.kernels import _launch
 from bertfast.kernels._launch import launched
 
 if HAS_TRITON:
@@ -989,6 +990,7 @@ def _aux(q: torch.Tensor, plan: _Plan) -> tuple:
             if q.device.type == "cuda":
                 torch.cuda.current_stream(q.device).synchronize()  # once per device
             _SENTINEL[q.device] = sentinel
+            _launch.constant(*sentinel)  # layer programs (bertfast/program.py) may pass them as they are
     kvlen, skv = (plan.kvlen, 1) if plan.kvlen is not None else (sentinel[0], 0)
     cu, scu = (plan.cu, 1) if plan.cu is not None else (sentinel[1], 0)
     mask = plan.mask if plan.mask is not None else q

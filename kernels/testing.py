@@ -87,6 +87,7 @@ def record_launches():
 
         return launch
 
+    from bertfast.kernels import _launch
     from bertfast.kernels._launch import Kernel
 
     classes = [jit.JITFunction, Kernel]
@@ -101,7 +102,19 @@ def record_launches():
     token = _common._RECORDING.set(calls)
     for c in classes:
         c.__getitem__ = getitem
-    Kernel.planned = lambda self, memo, grid, args, kwargs: getitem(self, grid)(*args, **kwargs)
+
+    def kernel_getitem(self, grid):  # reported to a launch observer first (bertfast/program.py)
+        obs = _launch.OBSERVE.get()
+        if obs is None:
+            return getitem(self, grid)
+
+        def launch(*args, **kwargs):
+            return obs(self, grid, args, kwargs, lambda: getitem(self, grid)(*args, **kwargs))
+
+        return launch
+
+    Kernel.__getitem__ = kernel_getitem
+    Kernel.planned = lambda self, memo, grid, args, kwargs: kernel_getitem(self, grid)(*args, **kwargs)
     try:
         yield calls
     finally:

@@ -342,6 +342,25 @@ def tf32_matmul():
     return _tf32
 
 
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``n = count_calls(owner, "name")``: ``owner.name`` counts its calls in ``n[0]`` for the rest
+    of the test (restored after)."""
+
+    def count(owner, name):
+        calls = [0]
+        orig = getattr(owner, name)
+
+        def counted(*a, **k):
+            calls[0] += 1
+            return orig(*a, **k)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+
+    return count
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``):

@@ -104,9 +104,9 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert "| 2 x 16 | full |" in out and "launches" in out
     (js,) = tmp_path.glob("*_host.json")
     doc = json.loads(js.read_text())
-    assert doc["schema"] == "bertfast.bench.host/2" and doc["rows"][0]["launches"] == 1 + PER_LAYER * 6
+    assert doc["schema"] == "bertfast.bench.host/3" and doc["rows"][0]["launches"] == 1 + PER_LAYER * 6
     row = doc["rows"][0]
-    assert row["host_us"]["n"] == row["triton_dispatch_us"]["n"] == 30  # both launch paths, same rounds
+    assert row["host_us"]["n"] == row["ops_us"]["n"] == row["triton_dispatch_us"]["n"] == 30  # every path, same rounds
     # transformers measured the same way: same cases (inputs on the device, unpad default), same rounds
     assert [(r["B"], r["S"], r["lengths"]) for r in doc["transformers"]] == [(2, 16, "full"), (2, 16, "mixed")]
     assert all(r["host_us"]["n"] == 30 and r["host_us"]["median"] > 0 for r in doc["transformers"])

@@ -106,10 +106,14 @@ def _model(layers=2):
 
 @compiled_only
 @pytest.mark.parametrize("unpad", [True, False])
-def test_model_forward_launches_what_triton_launches(direct, unpad):
+def test_model_forward_launches_what_triton_launches(direct, unpad, monkeypatch):
     """Three forwards (full, right-padded, left-padded with a hole) under Triton's dispatch and
     under direct launches: the same kernels, grids, compiled kernels (Triton's cache keys) and
-    arguments, launch for launch; the direct path really ran (its launches are not Triton's)."""
+    arguments, launch for launch; the direct path really ran (its launches are not Triton's).
+    Through the ops (layer programs off: their launches are checked below)."""
+    from bertfast import program
+
+    monkeypatch.setattr(program, "ENABLED", [False])
     model = _model()
     model.set_backend("triton", unpad=unpad)
     ids = torch.randint(1, 1000, (3, 24), generator=torch.Generator().manual_seed(1))
@@ -270,3 +274,65 @@ def test_switch_off_by_environment():
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def _same_launches(ops_run, prog_run):
+    """Launch for launch: kernel, grid, Triton's cache key, and every argument but the addresses
+    (tensors through the ops, ints from a layer program; TMA descriptors compared but for their base)."""
+    assert len(ops_run) == len(prog_run)
+    for (n1, g1, k1, a1), (n2, g2, k2, a2) in zip(ops_run, prog_run):
+        assert (n1, g1, k1) == (n2, g2, k2)
+        assert len(a1) == len(a2), n1
+        for x, y in zip(a1, a2):
+            if isinstance(x, torch.Tensor):
+                assert type(y) is int or isinstance(y, torch.Tensor), (n1, x, y)
+            elif hasattr(x, "base") and hasattr(x, "block_shape"):
+                assert (x.shape, x.strides, x.block_shape) == (y.shape, y.strides, y.block_shape), n1
+            else:
+                assert type(x) is type(y) and x == y, (n1, x, y)
+
+
+@compiled_only
+@pytest.mark.parametrize("shape,unpad", [((3, 24), True), ((3, 24), False), ((32, 128), False)])
+def test_layer_programs_launch_what_the_ops_launch(direct, shape, unpad, monkeypatch, count_calls):
+    """Layer programs (bertfast/program.py) replayed with the compiled kernels, for three masks
+    (full, right-padded, left-padded with a hole; at (32, 128) the plain GEMMs take the TMA kernel,
+    whose descriptors are rebuilt through Triton's dispatch): the same kernels, grids, compiled
+    kernels (Triton's cache keys) and other arguments as the ops, launch for launch; under VERIFY
+    every address passed is the one of the view a launch through ``kernel[grid]`` passes (those
+    replays are checked bit for bit against the ops in tests/test_program.py); Triton's dispatch
+    runs only for the TMA launches."""
+    from triton.runtime.jit import JITFunction
+
+    from bertfast import program
+
+    monkeypatch.setattr(program, "_PROGRAMS", program.PlanCache())
+    monkeypatch.setattr(program, "ENABLED", [False])
+    replays = count_calls(program.Program, "run")
+    model = _model(layers=3)
+    model.set_backend("triton", unpad=unpad)
+    b, s = shape
+    ids = torch.randint(1, 1000, (b, s), generator=torch.Generator().manual_seed(1))
+    masks = [torch.ones(b, s, dtype=torch.long) for _ in range(3)]
+    masks[1][1, s // 2:] = 0
+    masks[1][2, 5:] = 0
+    masks[2][0, :7] = 0
+    masks[2][2, 10:12] = 0
+    direct(True)
+    with torch.no_grad(), _launch.fake_gpu(keep_args=True) as launches, _launch.verify_launches():
+        for mask in masks:
+            model(input_ids=ids, attention_mask=mask)
+        ops_run = list(launches)
+        program.ENABLED[0] = True
+        for _ in range(2):  # each case seen, recorded, replayed from the third layer on
+            for mask in masks:
+                model(input_ids=ids, attention_mask=mask)
+        n, replays[0] = len(launches), 0
+        jit = count_calls(JITFunction, "run")
+        for mask in masks:
+            model(input_ids=ids, attention_mask=mask)
+        prog_run = launches[n:]
+    assert replays[0] == 3 * 3  # every layer of the last round
+    _same_launches(ops_run, prog_run)
+    tma = sum(1 for launch in prog_run if launch[0] == "gemm_tma_kernel")
+    assert jit[0] == tma and (tma > 0) == (shape == (32, 128))

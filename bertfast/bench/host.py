@@ -19,10 +19,12 @@ per launch on a GPU host) is not in it.  Per forward it reports:
   ``bertfast.plan.to_device``, which checks them and reads the mask on the host before the copy,
   as SentenceEncoder does: no device read in the forward; ``to_device`` is inside the timed call,
   its read of the host tensors is not counted as a device read);
-* ``host_us``: wall time per forward (median, p10, p90, min over interleaved repeats), launching
-  the compiled kernels directly (``bertfast.kernels._launch``, the default); ``triton_dispatch_us``:
-  the same forward with every launch through Triton's JIT dispatch (``BERTFAST_DIRECT_LAUNCH=0``),
-  timed in the same rounds;
+* ``host_us``: wall time per forward (median, p10, p90, min over interleaved repeats) as the
+  model runs by default: layer programs replayed (bertfast/program.py) with the compiled kernels
+  launched directly (``bertfast.kernels._launch``); ``ops_us``: the same forward with every layer
+  through the ops (``BERTFAST_LAYER_PROGRAMS=0``: what the host did before layer programs);
+  ``triton_dispatch_us``: every launch through Triton's JIT dispatch
+  (``BERTFAST_DIRECT_LAUNCH=0``); all three timed in the same rounds;
   ``torch_cpu_us``: the CPU time of those PyTorch ops (real CPU compute here, an asynchronous
   launch on a GPU), so ``host_us - torch_cpu_us`` is the host cost a GPU would see, less
   Triton's and PyTorch's launch costs.
@@ -39,6 +41,7 @@ Writes ``<date>_host.json`` and ``.md`` into ``--out``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -46,15 +49,34 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-# PyTorch ops that do no device work (metadata, views, allocation): not counted as launches
-_NO_WORK = {
-    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view", "aten::reshape",
-    "aten::_reshape_alias", "aten::as_strided", "aten::select", "aten::slice", "aten::expand", "aten::unsqueeze",
-    "aten::squeeze", "aten::t", "aten::transpose", "aten::permute", "aten::detach", "aten::alias", "aten::lift_fresh",
-    "aten::split", "aten::split_with_sizes", "aten::narrow", "aten::unbind", "aten::resolve_conj", "aten::resolve_neg",
-    "aten::contiguous", "aten::result_type", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense",
-    "aten::to", "aten::dropout", "aten::lift", "aten::expand_as", "aten::view_as",
-}
+@functools.lru_cache(maxsize=None)
+def _no_work() -> frozenset:
+    """PyTorch ops that do no device work (views, metadata, allocations, host reads, no-op
+    conversions): not counted as launches."""
+    from bertfast.program import ALLOC_OPS, VIEW_OPS
+
+    return VIEW_OPS | ALLOC_OPS | {
+        "aten::reshape", "aten::contiguous", "aten::result_type", "aten::is_nonzero", "aten::item",
+        "aten::_local_scalar_dense", "aten::to", "aten::dropout", "aten::lift", "aten::lift_fresh"}
+
+
+# The timed paths, each in every round: (direct launches, layer programs) -> the row's keys
+# host_us, ops_us, triton_dispatch_us
+PATHS = {"direct": (True, True), "ops": (True, False), "triton": (False, True)}
+
+
+def _path(name: str):
+    """Context: the launch path and layer-program switch of timed path ``name`` (restored after)."""
+    import contextlib
+
+    from bertfast import program
+    from bertfast.kernels import _launch
+
+    direct, programs = PATHS[name]
+    stack = contextlib.ExitStack()
+    stack.enter_context(_launch.direct_launches(direct))
+    stack.enter_context(program.enabled(programs))
+    return stack
 
 
 def workloads(batches: Optional[List[int]], seqs: Optional[List[int]], quick: bool) -> List[Dict[str, Any]]:
@@ -111,7 +133,7 @@ def _count(model, case, ids, mask):
     class _Ops(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = "aten::" + func.__name__.split(".")[0]
-            if name not in _NO_WORK:
+            if name not in _no_work():
                 ops.append(name)
             return func(*args, **(kwargs or {}))
 
@@ -148,7 +170,7 @@ def _torch_cpu_us(forward, steps: int) -> float:
             forward()
     total = 0.0
     for evt in prof.key_averages():
-        if evt.key.startswith("aten::") and evt.key not in _NO_WORK:
+        if evt.key.startswith("aten::") and evt.key not in _no_work():
             total += evt.self_cpu_time_total
     return total / steps
 
@@ -200,8 +222,8 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
         for case in cases:
             model.set_backend("triton", unpad=case.get("unpad", True))
             ids, mask = _inputs(case, cfg.vocab_size, seed)
-            for direct in (True, False):
-                with _launch.direct_launches(direct):
+            for path in PATHS:
+                with _path(path):
                     for _ in range(warmup):
                         _call(model, case, ids, mask)
             launches, in_loop, ops, reads, loop_reads = _count(model, case, ids, mask)
@@ -210,7 +232,7 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
                          "launches": launches,
                          "launches_per_layer": in_loop / cfg.num_hidden_layers if in_loop is not None else None,
                          "torch_ops": len(ops), "torch_op_names": sorted(set(ops)),
-                         "reads": reads, "reads_in_layer_loop": loop_reads, "times_us": {"direct": [], "triton": []}})
+                         "reads": reads, "reads_in_layer_loop": loop_reads, "times_us": {p: [] for p in PATHS}})
             inputs.append((ids, mask))
         hf_rows = []
         if hf is not None:
@@ -225,8 +247,8 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
         for r in range(repeat):
             for row, (ids, mask) in zip(rows, inputs):
                 model.set_backend("triton", unpad=row["unpad"])
-                for path in ("direct", "triton"):
-                    with _launch.direct_launches(path == "direct"):
+                for path in PATHS:
+                    with _path(path):
                         t0 = time.perf_counter()
                         _call(model, row, ids, mask)
                         row["times_us"][path].append((time.perf_counter() - t0) * 1e6)
@@ -239,7 +261,7 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
     for row, (ids, mask) in zip(rows, inputs):
         model.set_backend("triton", unpad=row["unpad"])
         times = row.pop("times_us")
-        row["host_us"], row["triton_dispatch_us"] = _stats(times["direct"]), _stats(times["triton"])
+        row["host_us"], row["ops_us"], row["triton_dispatch_us"] = (_stats(times[p]) for p in PATHS)
         with torch.no_grad():
             row["torch_cpu_us"] = _torch_cpu_us(lambda: _call(model, row, ids, mask), steps=min(20, repeat))
         row["host_minus_torch_cpu_us"] = row["host_us"]["median"] - row["torch_cpu_us"]
@@ -250,7 +272,7 @@ def measure(config_name: str = "bert-base", cases=None, repeat: int = 200, warmu
             hrow["torch_cpu_us"] = _torch_cpu_us(lambda: hf(input_ids=ids, attention_mask=mask), steps=min(20, repeat))
         hrow["host_minus_torch_cpu_us"] = hrow["host_us"]["median"] - hrow["torch_cpu_us"]
         transformers.append(hrow)
-    return {"schema": "bertfast.bench.host/2", "model": config_name, "dtype": "float16",
+    return {"schema": "bertfast.bench.host/3", "model": config_name, "dtype": "float16",
             "layers": cfg.num_hidden_layers, "rows": rows, "transformers": transformers,
             "launch_path": "recorded at dispatch (TRITON_INTERPRET=1)" if INTERPRET else "stand-in sm_90 driver",
             "environment": _environment()}
@@ -292,9 +314,9 @@ def format_table(doc: Dict[str, Any]) -> str:
     lines = [f"bertfast bench host: {doc['model']} ({doc['layers']} layers, fp16), {where}; times per forward in us",
              "",
              "| B x S | lengths | unpad | inputs | tokens | launches | per layer | torch ops | reads | "
-             "reads in layers | host us, direct launch: median [p10, p90] | host us, Triton dispatch | "
-             "torch CPU us | direct - torch CPU us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "reads in layers | host us: median [p10, p90] | host us, through the ops | host us, Triton dispatch | "
+             "torch CPU us | host - torch CPU us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def span(h):
         return f"{h['median']:.0f} [{h['p10']:.0f}, {h['p90']:.0f}]"
@@ -304,7 +326,7 @@ def format_table(doc: Dict[str, Any]) -> str:
             f"| {r['B']} x {r['S']} | {r['lengths']} | {r['unpad']} | {r.get('inputs', 'device')} | {r['tokens']} | "
             f"{r['launches']} | "
             f"{_fmt(r['launches_per_layer'])} | {r['torch_ops']} | {r['reads']} | {_fmt(r['reads_in_layer_loop'])} | "
-            f"{span(r['host_us'])} | {span(r['triton_dispatch_us'])} | {r['torch_cpu_us']:.0f} | "
+            f"{span(r['host_us'])} | {span(r['ops_us'])} | {span(r['triton_dispatch_us'])} | {r['torch_cpu_us']:.0f} | "
             f"{r['host_minus_torch_cpu_us']:.0f} |")
     if doc.get("transformers"):
         lines += ["", "transformers, measured the same way (same layers and heads, 2 dims per head, fp32, SDPA, CPU: "

@@ -157,7 +157,8 @@ class instrument:
     the layer is called), so with ``functional=True`` the entry points it calls are wrapped too
     while the context is open: ``bertfast.modeling.layer_forward`` (-> ``bertfast.layerN``) and the
     ``bertfast.ops`` functions (-> ``bertfast.layerN.qkv`` / ``.attention`` / ``.attention.out_proj``
-    / ``.add_ln`` / ``.ffn``, ``bertfast.embeddings``).  Everything is restored on exit."""
+    / ``.add_ln`` / ``.ffn``, ``bertfast.embeddings``), and layer programs are off (a replay calls
+    no op: bertfast/program.py).  Everything is restored on exit."""
 
     def __init__(self, model: torch.nn.Module, prefix: str = PREFIX, nvtx: Optional[bool] = None,
                  functional: bool = True):
@@ -196,7 +197,7 @@ class instrument:
 
     def _patch_functional(self):
         import bertfast.modeling as fast
-        from bertfast import ops
+        from bertfast import ops, program
 
         index = self._layer_index()
         orig_layer = fast.layer_forward
@@ -213,6 +214,7 @@ class instrument:
                 inst._layer[0], inst._linears = prev
 
         self._patch(fast, "layer_forward", layer_forward)
+        self._patch(program, "ENABLED", [False])  # a replayed layer program calls no op: every op is named
         for op in _FUNCTIONAL_OPS:
             self._patch(ops, op, self._op_wrapper(op, getattr(ops, op)))
 
