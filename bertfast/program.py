@@ -184,10 +184,13 @@ class Program:
     @staticmethod
     def _launch_views(st: _Step, bases: list, byte0: list) -> None:
         a = list(st.args)
+        descs = False
         for (pos, src, off), (size, stride, dtype, desc) in zip(st.slots, st.views):
             v = _view(bases[src], byte0[src] + off, size, stride, dtype)
             a[pos] = v if desc is None else dataclasses.replace(desc, base=v)
-        st.kernel[st.grid](*a, **st.kwargs)
+            descs = descs or desc is not None
+        # TMA descriptors: Triton's dispatch builds them (what Kernel does with them too)
+        (st.kernel.fn if descs else st.kernel)[st.grid](*a, **st.kwargs)
 
     def run(self, x: torch.Tensor, ptrs: list, params: Sequence, fwd: ForwardPrograms, d, device) -> torch.Tensor:
         """Replay with the compiled kernels (a step without one, e.g. a launch with TMA descriptors,
@@ -244,10 +247,11 @@ class Program:
 
 def _view(base: torch.Tensor, byte_offset: int, size, stride, dtype) -> torch.Tensor:
     """The (size, stride, dtype) tensor at ``byte_offset`` bytes from ``base``'s first element."""
+    item = dtype.itemsize
     start = base.storage_offset() * base.element_size() + byte_offset
-    item = torch.empty((), dtype=dtype).element_size()
-    t = torch.empty(0, dtype=dtype, device=base.device)
-    return t.set_(base.untyped_storage(), start // item, size, stride)
+    if base.dtype == dtype:
+        return base.as_strided(size, stride, start // item)
+    return torch.empty(0, dtype=dtype, device=base.device).set_(base.untyped_storage(), start // item, size, stride)
 
 
 def _plan_workspace(sizes: List[int], lives: List[Tuple[int, int]]) -> Tuple[List[int], int]:

@@ -184,10 +184,14 @@ def current_device(kernel) -> Any:
     return d.get_current_device() if d is not None else None
 
 
+# Set while bertfast.kernels.testing.record_launches records every launch at ``kernel[grid]``.
+RECORDING_AT_DISPATCH = [False]
+
+
 def dispatch_only() -> bool:
-    """Launches must go through Triton's dispatch now: direct launches off, torch.compile
-    tracing, or a launch hook set (a profiler's)."""
-    return not ENABLED[0] or torch.compiler.is_compiling() or _hooks_set()
+    """Launches must go through ``kernel[grid]`` now: direct launches off, torch.compile tracing,
+    a launch hook set (a profiler's), or launches recorded there (``record_launches``)."""
+    return not ENABLED[0] or RECORDING_AT_DISPATCH[0] or torch.compiler.is_compiling() or _hooks_set()
 
 
 class Kernel:

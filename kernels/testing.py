@@ -115,9 +115,12 @@ def record_launches():
 
     Kernel.__getitem__ = kernel_getitem
     Kernel.planned = lambda self, memo, grid, args, kwargs: kernel_getitem(self, grid)(*args, **kwargs)
+    at_dispatch = _launch.RECORDING_AT_DISPATCH[0]
+    _launch.RECORDING_AT_DISPATCH[0] = True  # layer programs replay through kernel[grid] (recorded)
     try:
         yield calls
     finally:
+        _launch.RECORDING_AT_DISPATCH[0] = at_dispatch
         for c, orig in saved:
             if orig is None:
                 del c.__getitem__

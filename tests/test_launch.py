@@ -336,3 +336,18 @@ def test_layer_programs_launch_what_the_ops_launch(direct, shape, unpad, monkeyp
     _same_launches(ops_run, prog_run)
     tma = sum(1 for launch in prog_run if launch[0] == "gemm_tma_kernel")
     assert jit[0] == tma and (tma > 0) == (shape == (32, 128))
+
+
+@compiled_only
+def test_bench_host_counts_the_launches_of_replayed_layers():
+    """``bertfast bench host`` on the stand-in GPU (this process: compiled kernels): layers replayed
+    from their programs still count their launches (``record_launches`` sends a replay through
+    ``kernel[grid]``), 7 a layer, and the three timed paths run."""
+    from bertfast.bench.host import measure
+
+    cases = [{"B": 1, "S": 16, "lengths": "full", "inputs": "host"},
+             {"B": 2, "S": 16, "lengths": "mixed", "inputs": "device"}]
+    doc = measure("minilm", cases=cases, repeat=3, warmup=3, transformers_rows=False, num_hidden_layers=3)
+    for row in doc["rows"]:
+        assert row["launches"] == 1 + 7 * 3 and row["launches_per_layer"] == 7, row
+        assert row["host_us"]["n"] == row["ops_us"]["n"] == row["triton_dispatch_us"]["n"] == 3
