@@ -253,7 +253,7 @@ def output_block(out, h: torch.Tensor, residual: torch.Tensor, fwd: Forward) -> 
 def layer_parts(layer) -> Tuple[tuple, tuple]:
     """What ``layer_ops`` reads from a layer: its parameters in a fixed order, and its other values
     (heads, LayerNorm eps): the layer's part of a layer program's key (bertfast/program.py).
-    KeyError for a layer of another make (a quantized linear has no weight)."""
+    KeyError / AttributeError for a layer of another make (a quantized linear has no weight)."""
     mods = layer._modules
     attn = mods["attention"]._modules
     s, o, out = attn["self"], attn["output"]._modules, mods["output"]._modules
@@ -272,7 +272,7 @@ def layer_forward(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     if fwd.program is not None:
         try:
             params, scalars = layer_parts(layer)
-        except KeyError:
+        except (KeyError, AttributeError):
             return layer_ops(layer, x, fwd)
         return program.run(functools.partial(layer_ops, layer, x, fwd), x, params, scalars, fwd.program)
     return layer_ops(layer, x, fwd)

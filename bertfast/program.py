@@ -10,8 +10,8 @@ decided for one *case* and replays it:
   (``bertfast.kernels._launch.OBSERVE``) and a dispatch mode watching: every launch (kernel, grid,
   arguments, constexprs), every allocation, and whether anything else ran.  Each tensor argument
   is traced to its *source*: the layer input, a parameter, a tensor of the forward (the prepared
-  mask, ``cu_seqlens``), a private constant of the launchers (``bertfast.kernels._launch.constant``) or an allocation made
-  in the layer, with its byte offset.  A layer that did anything a replay cannot repeat (a PyTorch
+  mask, ``cu_seqlens``), a private constant of the launchers (``bertfast.kernels._launch.constant``)
+  or an allocation made in the layer, with its byte offset.  A layer that did anything a replay cannot repeat (a PyTorch
   op with device work (a copy, a ``cat``), a host read, a launch argument of another kind, an
   argument traced to nothing) gets no program: it keeps running through the ops.
 * **Key.**  Everything the ops' decisions depend on, read at every call, never a tensor's
@@ -20,9 +20,9 @@ decided for one *case* and replays it:
   host-known lengths (``for_forward``), the global switches of ``mode_key`` and the launchers'
   epoch.  Parameters that shared a storage when recorded (the fused QKV weight: query, key, value
   back to back) must still lie at the same distances (*guards*); else the ops run.
-* **Replay.**  The allocations of the layer's intermediates are planned into one workspace
-  (offsets from their lifetimes: the peak is what the ops' own allocations reach); the output gets
-  its own tensor.  Launches go straight to the compiled kernels' launchers with the addresses as
+* **Replay.**  The layer's intermediates are planned into one workspace, by lifetime: buffers
+  never alive at the same launch share memory, so the workspace is about the peak of the ops' own
+  allocations; the output gets its own tensor.  Launches go straight to the compiled kernels' launchers with the addresses as
   ints (``CompiledKernel.run``, as ``bertfast.kernels._launch`` does; Triton's launcher takes an
   int as a device pointer), or, where there are no compiled kernels to call (the interpreter,
   ``BERTFAST_DIRECT_LAUNCH=0``, a launch hook such as a profiler's, ``record_launches``),
@@ -49,6 +49,7 @@ from bertfast.kernels._common import PlanCache, launch_device, mode_key, switche
 # One switch, read once: BERTFAST_LAYER_PROGRAMS=0 runs every layer through the ops.
 ENABLED = [os.environ.get("BERTFAST_LAYER_PROGRAMS", "1").strip().lower() not in ("0", "false", "no", "off")]
 
+
 def enabled(on: bool):
     """Layer programs on (or off) inside the block; the switch is restored after."""
     return switched(ENABLED, on)
@@ -67,6 +68,7 @@ ALLOC_OPS = frozenset({"aten::empty", "aten::empty_strided", "aten::empty_like",
                        "aten::new_empty_strided"})
 
 _ALIGN = 256  # byte alignment of each buffer in a workspace (what CUDA's caching allocator gives)
+
 
 class _Skip(Exception):
     """The recorded layer did something a replay cannot repeat: no program for this case."""
@@ -113,7 +115,8 @@ def for_forward(act: str, causal: bool, packing, mask) -> Optional[ForwardProgra
 
 class _Watch(TorchDispatchMode):
     """Keeps every allocation (alive until the recording is traced, so that no two buffers share an
-    address) and raises ``_Skip`` on any other op with device work or a host read."""
+    address) and notes the first other op (device work or a host read: ``bad``), outside the
+    launches themselves (``paused``)."""
 
     def __init__(self):
         super().__init__()
