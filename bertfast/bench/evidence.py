@@ -706,9 +706,11 @@ def step_host() -> None:
     """Host vs device time per forward, interleaved: eager and graph replay, each with the mask
     on the device (the plan reads it: one device read) and with the mask from the host
     (``bertfast.plan.to_device`` inside the timed call: checked and read on the host, copied
-    without waiting; no device read)."""
+    without waiting; no device read); and eager with the host mask with layer programs off
+    (every layer through the ops: the before of bertfast/program.py)."""
     import torch
 
+    from bertfast import program
     from bertfast.bench import harness, suites
     from bertfast.plan import to_device
     from bertfast.kernels.testing import count_host_reads
@@ -734,18 +736,21 @@ def step_host() -> None:
         host = {"input_ids": torch.randint(1000, cfg.vocab_size, (B, S)) * host_mask, "attention_mask": host_mask}
         ids, mask = host["input_ids"].to(device), host_mask.to(device)
 
-        def run(graphs, from_host):
+        def run(graphs, from_host, programs=True):
             """(inputs, forward): a mode's call is forward(inputs()); its device reads are counted in
-            the forward (to_device reads the host tensors, never the device)."""
+            the forward (to_device reads the host tensors, never the device).  ``programs`` False:
+            every layer through the ops (bertfast/program.py off: the eager host path before them)."""
             def inputs():
                 return to_device(host, model) if from_host else {"input_ids": ids, "attention_mask": mask}
 
             def forward(kw):
                 model.set_backend(backend, graphs=graphs)
-                return model(**kw)
+                with program.enabled(programs):
+                    return model(**kw)
             return inputs, forward
 
-        modes = {"eager": run(False, False), "eager, host mask": run(False, True)}
+        modes = {"eager": run(False, False), "eager, host mask": run(False, True),
+                 "eager, host mask, through the ops": run(False, True, programs=False)}
         if cuda:
             modes.update({"graph replay": run(True, False), "graph replay, host mask": run(True, True)})
         samples: Dict[str, Dict[str, List[float]]] = {m: {"host_ms": [], "wall_ms": [], "device_ms": []}
