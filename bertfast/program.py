@@ -152,11 +152,10 @@ class Program:
     """One case's launches (module docstring).  Sources: 0 the layer input, 1.. the parameters,
     then the forward's tensors, the constants, and the buffers (workspace ones, then the output)."""
 
-    def __init__(self, device, steps: List[_Step], n_params: int, n_fwd: int, constants: list, buffers: list,
+    def __init__(self, device, steps: List[_Step], n_params: int, n_fwd: int, constants: list, out_spec: tuple,
                  offsets: list, ws_bytes: int, out_buf: int, out_view: tuple, guards: list, compiled: bool):
         self.device, self.steps, self.constants, self.guards = device, steps, constants, guards
-        self.n_params, self.n_fwd = n_params, n_fwd
-        self.buffers = buffers  # (size, stride, dtype) of each allocation, the output's at out_buf
+        self.out_spec = out_spec  # (size, stride, dtype) of the output's allocation
         self.offsets = offsets  # workspace byte offset per buffer (None: the output)
         self.ws_bytes, self.out_buf, self.out_view = ws_bytes, out_buf, out_view
         self.compiled = compiled  # some step has its compiled kernel (``entry``): ``run`` calls it
@@ -165,7 +164,7 @@ class Program:
     # -------------------------------------------------------------------- replay
     def _buffers(self, device) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=device) if self.ws_bytes else None
-        size, stride, dtype = self.buffers[self.out_buf]
+        size, stride, dtype = self.out_spec
         out = torch.empty_strided(size, stride, dtype=dtype, device=device)
         return ws, out
 
@@ -381,10 +380,8 @@ def _trace(y, x, params, fwd, launches, allocs) -> Program:
     # buffers: the ones launches use (and the output), the rest dropped
     keep = sorted(set(used) | {out_buf})
     renum = {b: i for i, b in enumerate(keep)}
-    buffers = []
-    for b in keep:
-        t = allocs[b]
-        buffers.append((tuple(t.shape), tuple(t.stride()), t.dtype))
+    t = allocs[out_buf]
+    out_spec = (tuple(t.shape), tuple(t.stride()), t.dtype)
     ws_ids = [b for b in keep if b != out_buf]
     offs, ws_bytes = _plan_workspace([allocs[b].untyped_storage().nbytes() for b in ws_ids],
                                      [tuple(used[b]) for b in ws_ids])
@@ -395,7 +392,7 @@ def _trace(y, x, params, fwd, launches, allocs) -> Program:
         st.slots = tuple((pos, first_buf + renum[src - first_buf] if src >= first_buf else src, off)
                          for pos, src, off in st.slots)
     compiled = any(st.entry is not None for st in steps)
-    return Program(device, steps, n_params, len(fwd.tensors), constants, buffers, offsets, ws_bytes,
+    return Program(device, steps, n_params, len(fwd.tensors), constants, out_spec, offsets, ws_bytes,
                    renum[out_buf], out_view, guards, compiled)
 
 

@@ -56,7 +56,7 @@ def _no_work() -> frozenset:
     from bertfast.program import ALLOC_OPS, VIEW_OPS
 
     return VIEW_OPS | ALLOC_OPS | {
-        "aten::reshape", "aten::contiguous", "aten::result_type", "aten::is_nonzero", "aten::item",
+        "aten::contiguous", "aten::result_type", "aten::is_nonzero", "aten::item",
         "aten::_local_scalar_dense", "aten::to", "aten::dropout", "aten::lift", "aten::lift_fresh"}
 
 
